@@ -1,0 +1,364 @@
+"""Shape arithmetic, parameter validation, the formula report and the output affine.
+
+This is the only module that knows the ConvTranspose3d size rule::
+
+    out = (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
+
+Everything else (engine, file layer, command line) asks it. It imports nothing
+heavier than NumPy so that ``convt3d shape`` stays instant.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ParameterError, ShapeError
+
+AXES = ("D", "H", "W")
+LAYER_OPTIONS = ("stride", "padding", "output_padding", "dilation", "groups")
+
+
+def as_triple(value, name):
+    """Turn an int or a sequence of one or three ints into a 3-tuple.
+
+    Parameters
+    ----------
+    value : int or sequence of int
+        ``2``, ``(2,)``, ``(2, 2, 1)`` or a NumPy array of those.
+    name : str
+        Parameter name used in the error message.
+
+    Returns
+    -------
+    tuple of int
+        Three Python ints.
+
+    Raises
+    ------
+    ParameterError
+        If ``value`` is not an integer or a sequence of 1 or 3 integers.
+    """
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if _is_int(value):
+        return (int(value),) * 3
+    try:
+        items = list(value)
+    except TypeError:
+        items = None
+    if items is not None and len(items) in (1, 3) and all(_is_int(v) for v in items):
+        if len(items) == 1:
+            items = items * 3
+        return tuple(int(v) for v in items)
+    raise ParameterError(name, f"{name} must be an integer or 3 integers, got {value!r}")
+
+
+def _is_int(value):
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    # Integer-valued floats come from HDF5 attributes and JSON; accept them, reject 1.5.
+    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """Validated, per-axis layer parameters of a ConvTranspose3d.
+
+    Build with :meth:`create`, which accepts ints or triples and checks every
+    rule that does not depend on the data (see ``CONTRACT.md`` §1).
+    """
+
+    kernel_size: tuple
+    stride: tuple = (1, 1, 1)
+    padding: tuple = (0, 0, 0)
+    output_padding: tuple = (0, 0, 0)
+    dilation: tuple = (1, 1, 1)
+    groups: int = 1
+
+    @classmethod
+    def create(cls, kernel_size, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
+        """Validate and normalise layer parameters.
+
+        Parameters
+        ----------
+        kernel_size, stride, padding, output_padding, dilation : int or 3 ints
+        groups : int
+
+        Returns
+        -------
+        LayerParams
+
+        Raises
+        ------
+        ParameterError
+            Naming the first parameter that breaks a rule.
+        """
+        k = as_triple(kernel_size, "kernel_size")
+        s = as_triple(stride, "stride")
+        p = as_triple(padding, "padding")
+        op = as_triple(output_padding, "output_padding")
+        d = as_triple(dilation, "dilation")
+        if not _is_int(groups):
+            raise ParameterError("groups", f"groups must be a positive integer, got {groups!r}")
+        groups = int(groups)
+        if min(k) < 1:
+            raise ParameterError("kernel_size", f"kernel_size must be >= 1, got {_fmt(k)}")
+        if min(s) < 1:
+            raise ParameterError("stride", f"stride must be >= 1, got {_fmt(s)}")
+        if min(d) < 1:
+            raise ParameterError("dilation", f"dilation must be >= 1, got {_fmt(d)}")
+        if min(p) < 0:
+            raise ParameterError("padding", f"padding must be >= 0, got {_fmt(p)}")
+        if min(op) < 0:
+            raise ParameterError("output_padding", f"output_padding must be >= 0, got {_fmt(op)}")
+        for axis, (op_i, s_i, d_i) in enumerate(zip(op, s, d)):
+            if op_i >= max(s_i, d_i):
+                raise ParameterError(
+                    "output_padding",
+                    f"output_padding must be smaller than max(stride, dilation) on every axis; "
+                    f"axis {AXES[axis]} has output_padding={op_i}, stride={s_i}, dilation={d_i}",
+                )
+        if groups < 1:
+            raise ParameterError("groups", f"groups must be >= 1, got {groups}")
+        return cls(k, s, p, op, d, groups)
+
+    def with_kernel(self, kernel_size):
+        """Return a copy with another kernel size (validated)."""
+        return LayerParams.create(kernel_size, self.stride, self.padding,
+                                  self.output_padding, self.dilation, self.groups)
+
+    def as_dict(self):
+        """Plain-JSON view: lists of ints and ``groups``."""
+        return {
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "output_padding": list(self.output_padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+        }
+
+    def short(self):
+        """Compact one-line description, short enough for NIfTI ``descrip`` (80 bytes)."""
+        return (f"convt3d k={_fmt(self.kernel_size)} s={_fmt(self.stride)} p={_fmt(self.padding)} "
+                f"op={_fmt(self.output_padding)} d={_fmt(self.dilation)} g={self.groups}")
+
+
+def _fmt(triple):
+    return str(triple[0]) if len(set(triple)) == 1 else ",".join(str(v) for v in triple)
+
+
+def output_size(n_in, kernel, stride, padding, output_padding, dilation):
+    """Output length along one axis (may be < 1 for invalid settings)."""
+    return (n_in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def output_spatial(in_spatial, params):
+    """Output ``(D, H, W)`` for input ``(D, H, W)``.
+
+    Raises
+    ------
+    ParameterError
+        (``padding``) if any axis would be empty.
+    ShapeError
+        If an input axis is empty.
+    """
+    out = []
+    for axis, n_in in enumerate(in_spatial):
+        if n_in < 1:
+            raise ShapeError(f"input axis {AXES[axis]} is empty (size {n_in})")
+        n_out = output_size(n_in, params.kernel_size[axis], params.stride[axis], params.padding[axis],
+                            params.output_padding[axis], params.dilation[axis])
+        if n_out < 1:
+            raise ParameterError(
+                "padding",
+                f"the output would be empty along {AXES[axis]}: "
+                f"{formula_line(axis, n_in, params)}; reduce padding",
+            )
+        out.append(n_out)
+    return tuple(out)
+
+
+def formula_line(axis, n_in, params):
+    """One formula line, e.g. ``D_out = (32 - 1) * 2 - 2 * 1 + 1 * (3 - 1) + 0 + 1 = 63``."""
+    k, s, p = params.kernel_size[axis], params.stride[axis], params.padding[axis]
+    op, d = params.output_padding[axis], params.dilation[axis]
+    value = output_size(n_in, k, s, p, op, d)
+    return f"{AXES[axis]}_out = ({n_in} - 1) * {s} - 2 * {p} + {d} * ({k} - 1) + {op} + 1 = {value}"
+
+
+def formula_lines(in_spatial, params):
+    """The three formula lines for input ``(D, H, W)``."""
+    return [formula_line(axis, n, params) for axis, n in enumerate(in_spatial)]
+
+
+def check_input_shape(shape):
+    """Validate an engine input shape; return it as ``(N, C, D, H, W)`` and whether it was batched."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) == 5:
+        return shape, True
+    if len(shape) == 4:
+        return (1,) + shape, False
+    raise ShapeError(f"input must be (N, C, D, H, W) or (C, D, H, W); got a {len(shape)}-D shape {shape}")
+
+
+def canonical_weight_shape(weight_shape, in_channels, groups):
+    """Check a weight shape against the input and return the grouped layout.
+
+    Accepts PyTorch's ``(Cin, Cout/groups, kD, kH, kW)`` and MegEngine's grouped
+    ``(groups, Cin/groups, Cout/groups, kD, kH, kW)``.
+
+    Returns
+    -------
+    tuple
+        ``(groups, Cin/groups, Cout/groups, kD, kH, kW)``.
+
+    Raises
+    ------
+    ParameterError
+        (``groups``) if ``in_channels % groups != 0``.
+    ShapeError
+        On a wrong rank or a channel mismatch.
+    """
+    weight_shape = tuple(int(v) for v in weight_shape)
+    if in_channels % groups:
+        raise ParameterError("groups", f"input channels ({in_channels}) must be divisible by groups ({groups})")
+    cin_g = in_channels // groups
+    if len(weight_shape) == 5:
+        if weight_shape[0] != in_channels:
+            raise ShapeError(
+                f"channel mismatch: the input has {in_channels} channels but the weight "
+                f"{weight_shape} (layout Cin, Cout/groups, kD, kH, kW) expects {weight_shape[0]}")
+        canonical = (groups, cin_g) + weight_shape[1:]
+    elif len(weight_shape) == 6:
+        if weight_shape[0] != groups:
+            raise ShapeError(
+                f"the grouped weight {weight_shape} (layout groups, Cin/groups, Cout/groups, kD, kH, kW) "
+                f"has {weight_shape[0]} groups but groups={groups}")
+        if weight_shape[1] != cin_g:
+            raise ShapeError(
+                f"channel mismatch: the input has {in_channels} channels ({cin_g} per group) but the "
+                f"grouped weight {weight_shape} expects {weight_shape[1]} per group")
+        canonical = weight_shape
+    else:
+        raise ShapeError(
+            f"weight must be 5-D (Cin, Cout/groups, kD, kH, kW) or 6-D "
+            f"(groups, Cin/groups, Cout/groups, kD, kH, kW); got shape {weight_shape}")
+    if min(canonical) < 1:
+        raise ShapeError(f"weight shape {weight_shape} has an empty axis")
+    return canonical
+
+
+def check_bias_shape(bias_shape, out_channels):
+    """Accept ``(Cout,)`` or ``(1, Cout, 1, 1, 1)``; raise :class:`ShapeError` otherwise."""
+    bias_shape = tuple(int(v) for v in bias_shape)
+    if bias_shape in ((out_channels,), (1, out_channels, 1, 1, 1)):
+        return
+    raise ShapeError(f"bias must have shape ({out_channels},) or (1, {out_channels}, 1, 1, 1); got {bias_shape}")
+
+
+def output_shape(input_shape, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+                 dilation=1, groups=1):
+    """Shape of ``conv_transpose3d`` output without computing anything.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(N, C, D, H, W)`` or ``(C, D, H, W)``.
+    out_channels : int
+    kernel_size, stride, padding, output_padding, dilation : int or 3 ints
+    groups : int
+
+    Returns
+    -------
+    tuple of int
+        Same rank as ``input_shape``.
+
+    Examples
+    --------
+    >>> output_shape((16, 3, 32, 32, 32), 64, 3, stride=2, padding=1)
+    (16, 64, 63, 63, 63)
+    """
+    params = LayerParams.create(kernel_size, stride, padding, output_padding, dilation, groups)
+    full, batched = check_input_shape(input_shape)
+    if full[1] % params.groups:
+        raise ParameterError("groups", f"input channels ({full[1]}) must be divisible by groups ({params.groups})")
+    if not _is_int(out_channels) or out_channels < 1 or out_channels % params.groups:
+        raise ParameterError("out_channels",
+                             f"out_channels must be a positive multiple of groups ({params.groups}), "
+                             f"got {out_channels!r}")
+    spatial = output_spatial(full[2:], params)
+    shape = (full[0], int(out_channels)) + spatial
+    return shape if batched else shape[1:]
+
+
+def output_affine(affine, params):
+    """Affine of the output grid: ``A_out = A_in @ T`` (CONTRACT §4).
+
+    Output voxel ``o`` lies at input index ``(o + p - d * (k - 1) / 2) / s``,
+    the centre of the kernel footprint that produced it.
+
+    Parameters
+    ----------
+    affine : array_like, shape (4, 4)
+        Voxel-to-world affine of the input (identity when the file has none).
+    params : LayerParams
+
+    Returns
+    -------
+    numpy.ndarray, shape (4, 4), float64
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ShapeError(f"an affine must be 4x4, got {affine.shape}")
+    k = np.asarray(params.kernel_size, dtype=np.float64)
+    s = np.asarray(params.stride, dtype=np.float64)
+    p = np.asarray(params.padding, dtype=np.float64)
+    d = np.asarray(params.dilation, dtype=np.float64)
+    transform = np.eye(4)
+    transform[:3, :3] = np.diag(1.0 / s)
+    transform[:3, 3] = (p - d * (k - 1) / 2.0) / s
+    return affine @ transform
+
+
+def output_zooms(zooms, params):
+    """Divide the three spatial zooms by the stride; keep any further (time) zooms."""
+    zooms = [float(z) for z in zooms]
+    return tuple(z / s for z, s in zip(zooms[:3], params.stride)) + tuple(zooms[3:])
+
+
+def input_window(out_start, out_stop, n_in, axis, params):
+    """Input index range ``[start, stop)`` that output indices ``[out_start, out_stop)`` read.
+
+    Used to cut input slabs (with their halo) for slab-wise computation. The
+    range is clipped to ``[0, n_in)`` and may be empty (then the output slab
+    holds only the bias).
+    """
+    k, s, p, d = (params.kernel_size[axis], params.stride[axis], params.padding[axis],
+                  params.dilation[axis])
+    lowest = out_start + p - (k - 1) * d          # smallest i * s that can contribute
+    start = max(0, -((-lowest) // s))              # ceil division
+    stop = min(n_in, (out_stop - 1 + p) // s + 1)
+    return start, max(start, stop)
+
+
+def padding_choices(n_in, target, kernel, stride, dilation):
+    """All ``(padding, output_padding)`` pairs that give ``target`` along one axis.
+
+    Returns
+    -------
+    list of tuple of int
+        Sorted by padding; empty when no valid choice exists.
+    """
+    base = (n_in - 1) * stride + dilation * (kernel - 1) + 1
+    choices = []
+    for op in range(max(stride, dilation)):
+        twice_p = base + op - target
+        if twice_p >= 0 and twice_p % 2 == 0:
+            choices.append((twice_p // 2, op))
+    return sorted(choices)

@@ -1,0 +1,262 @@
+"""A prepared layer: checked weights and bias plus the slab-wise compute driver.
+
+``PreparedLayer.run_slab`` computes output planes ``[out_start, out_stop)``
+along D from an input slab whose first plane is global index ``in_start``
+(see ``geometry.input_window``) into a preallocated buffer. Whole-volume calls
+are the one-slab case, so streaming reuses exactly the same arithmetic and
+gets bitwise-identical results.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import geometry
+from ..errors import ParameterError, ShapeError
+from . import _plan
+
+# Below this many multiply-adds per output voxel and tap (Cin/g * Cout/g), the direct
+# gather beats im2col + BLAS: GEMMs with tiny inner dimensions are memory bound.
+GEMM_MIN_CHANNEL_PRODUCT = 48
+
+# The GEMM path's scratch (im2col columns + GEMM result) per tile: big enough for BLAS
+# to run at full speed, small enough to stay cache-friendly and within the
+# "output + 10 %" memory budget.
+TILE_BYTES_MIN = 256 * 1024
+TILE_BYTES_MAX = 4 * 1024 * 1024
+TILE_SHARE_OF_OUTPUT = 0.05
+
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _kernels():
+    from . import _numba_env
+    return _numba_env.kernels()
+
+
+def compute_dtype(x_dtype, dtype):
+    """The dtype the engine computes in: ``dtype`` if given, else float64 for float64 input, else float32."""
+    if dtype is None:
+        return np.dtype(np.float64) if np.dtype(x_dtype) == np.float64 else np.dtype(np.float32)
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _DTYPES:
+        raise ParameterError("dtype", f"dtype must be float32 or float64, got {dtype!r}")
+    return np.dtype(_DTYPES[name])
+
+
+class PreparedLayer:
+    """Weights, bias and parameters checked against an input shape.
+
+    Parameters
+    ----------
+    input_shape : tuple
+        ``(N, C, D, H, W)`` or ``(C, D, H, W)`` of the whole input.
+    weight, bias : array_like
+    stride, padding, output_padding, dilation, groups
+        As for :func:`conv_transpose3d`.
+    dtype : numpy dtype
+        Compute dtype (float32 or float64).
+    """
+
+    def __init__(self, input_shape, weight, bias=None, stride=1, padding=0, output_padding=0,
+                 dilation=1, groups=1, dtype=np.float32):
+        self.input_shape, self.batched = geometry.check_input_shape(input_shape)
+        self.dtype = np.dtype(dtype)
+        weight = np.asarray(weight)
+        if weight.dtype.kind not in "biuf":
+            raise ShapeError(f"weight must be numeric, got dtype {weight.dtype}")
+        if not _is_int_like(groups):
+            raise ParameterError("groups", f"groups must be a positive integer, got {groups!r}")
+        if int(groups) < 1:
+            raise ParameterError("groups", f"groups must be >= 1, got {groups}")
+        canonical = geometry.canonical_weight_shape(weight.shape, self.input_shape[1], int(groups))
+        self.params = geometry.LayerParams.create(canonical[3:], stride, padding, output_padding,
+                                                  dilation, groups)
+        self.weight = np.ascontiguousarray(weight.reshape(canonical), dtype=self.dtype)
+        self.groups, self.cin_g, self.cout_g = canonical[:3]
+        self.out_channels = self.groups * self.cout_g
+        self.out_spatial = geometry.output_spatial(self.input_shape[2:], self.params)
+        if bias is None:
+            self.bias = np.zeros(self.out_channels, dtype=self.dtype)
+        else:
+            bias = np.asarray(bias)
+            if bias.dtype.kind not in "biuf":
+                raise ShapeError(f"bias must be numeric, got dtype {bias.dtype}")
+            geometry.check_bias_shape(bias.shape, self.out_channels)
+            self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype)
+        self.use_gemm = self.cin_g * self.cout_g >= GEMM_MIN_CHANNEL_PRODUCT
+        self._static = None
+
+    @property
+    def output_shape(self):
+        """Full output shape, ``(N, Cout, D, H, W)``."""
+        return (self.input_shape[0], self.out_channels) + self.out_spatial
+
+    def _static_tables(self):
+        # H and W tables do not depend on the slab; build them once per layer.
+        if self._static is None:
+            k, s, p, d = (self.params.kernel_size, self.params.stride, self.params.padding,
+                          self.params.dilation)
+            n_h, n_w = self.input_shape[3:]
+            o_h, o_w = self.out_spatial[1:]
+            self._static = {
+                "h_table": _plan.gather_table(0, o_h, n_h, k[1], s[1], p[1], d[1]),
+                "w_phases": _plan.phase_arrays(_plan.axis_phases(o_w, k[2], s[2], p[2], d[2])),
+                "phases_h": _plan.axis_phases(o_h, k[1], s[1], p[1], d[1]),
+                "phases_w": _plan.axis_phases(o_w, k[2], s[2], p[2], d[2]),
+                "phases_d": _plan.axis_phases(self.out_spatial[0], k[0], s[0], p[0], d[0]),
+            }
+        return self._static
+
+    def run_slab(self, x_slab, in_start, out_start, out_stop, out, progress=None):
+        """Compute output planes ``[out_start, out_stop)`` into ``out``.
+
+        Parameters
+        ----------
+        x_slab : ndarray, (N, Cin, d, H, W), compute dtype, C-contiguous
+            Input planes ``[in_start, in_start + d)``; must cover
+            ``geometry.input_window(out_start, out_stop, ...)``.
+        out : ndarray, (N, Cout, out_stop - out_start, Hout, Wout), compute dtype, C-contiguous
+        progress : callable(int), optional
+            Called with the number of output planes (N * D) finished since the last call.
+        """
+        if self.use_gemm:
+            self._run_gemm(x_slab, in_start, out_start, out_stop, out, progress)
+        else:
+            self._run_direct(x_slab, in_start, out_start, out_stop, out, progress)
+
+    def _run_direct(self, x_slab, in_start, out_start, out_stop, out, progress):
+        kern = _kernels()
+        k, s, p, d = (self.params.kernel_size, self.params.stride, self.params.padding,
+                      self.params.dilation)
+        static = self._static_tables()
+        n_batch = x_slab.shape[0]
+        # Chunks of D planes keep the progress bar moving without costing parallelism.
+        chunk = _progress_chunk(out_stop - out_start, n_batch * self.out_channels) if progress else out_stop - out_start
+        for o0 in range(out_start, out_stop, chunk):
+            o1 = min(out_stop, o0 + chunk)
+            d_table = _plan.gather_table(o0, o1, self.input_shape[2], k[0], s[0], p[0], d[0])
+            kern.direct_gather(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start],
+                               *d_table, *static["h_table"], *static["w_phases"], s[2], in_start)
+            if progress:
+                progress(n_batch * (o1 - o0))
+
+    def _run_gemm(self, x_slab, in_start, out_start, out_stop, out, progress):
+        kern = _kernels()
+        s = self.params.stride
+        static = self._static_tables()
+        groups, empty = _plan.phase_groups(static["phases_d"], static["phases_h"], static["phases_w"])
+        n_batch = x_slab.shape[0]
+        n_id = self.input_shape[2]
+        item = self.dtype.itemsize
+        out_bytes = item * n_batch * self.out_channels * (out_stop - out_start) * np.prod(self.out_spatial[1:])
+        budget = int(min(TILE_BYTES_MAX, max(TILE_BYTES_MIN, TILE_SHARE_OF_OUTPUT * out_bytes)))
+        # One reusable scratch buffer per role, sized for the largest group.
+        plans = []
+        for group in groups:
+            plan = self._group_plan(group, out_start, out_stop, budget)
+            if plan is not None:
+                plans.append(plan)
+        cols_size = max((pl["cols_rows"] * pl["tile_cols"] for pl in plans), default=0)
+        res_size = max((pl["res_rows"] * pl["tile_cols"] for pl in plans), default=0)
+        cols_buf = np.empty(cols_size, dtype=self.dtype)
+        res_buf = np.empty(res_size, dtype=self.dtype)
+        total_work = sum(pl["n_qd"] for pl in plans) or 1
+        for n in range(n_batch):
+            for g in range(self.groups if plans else 0):
+                x_g = x_slab[n, g * self.cin_g:(g + 1) * self.cin_g]
+                out_g = out[n, g * self.cout_g:(g + 1) * self.cout_g]
+                bias_g = self.bias[g * self.cout_g:(g + 1) * self.cout_g]
+                for pl in plans:
+                    w_mat = pl["weights"][g]
+                    for a0 in range(0, pl["n_qd"], pl["tile_qd"]):
+                        a1 = min(pl["n_qd"], a0 + pl["tile_qd"])
+                        n_cols = (a1 - a0) * pl["n_qh"] * pl["n_qw"]
+                        cols = cols_buf[:pl["cols_rows"] * n_cols].reshape(pl["cols_rows"], n_cols)
+                        res = res_buf[:pl["res_rows"] * n_cols].reshape(pl["res_rows"], n_cols)
+                        q0 = pl["q0_d"] + a0
+                        kern.im2col(x_g, cols, pl["shift_d"], pl["shift_h"], pl["shift_w"], q0, a1 - a0,
+                                    pl["n_qh"], pl["n_qw"], n_id, in_start)
+                        np.matmul(w_mat, cols, out=res)
+                        kern.scatter_phases(res, out_g, bias_g, *pl["scatter"], s[0], s[1], s[2], q0, a1 - a0,
+                                            pl["n_qh"], pl["n_qw"], out_start)
+                        if progress:
+                            progress(self._progress_units(a1 - a0, total_work, out_stop - out_start))
+        self._fill_bias_only(empty, out, out_start, out_stop)
+
+    def _progress_units(self, done_qd, total_qd, n_planes):
+        # Report in output planes so that both paths count the same unit.
+        return max(0.0, done_qd * n_planes / total_qd / self.groups)
+
+    def _group_plan(self, group, out_start, out_stop, budget):
+        """Tile geometry and stacked weights for one phase group within the slab."""
+        s = self.params.stride
+        ranges = [_plan.q_range(pd, out_start, out_stop, s[0]) for pd, _, _ in group.phases]
+        q0_d = min(lo for lo, hi in ranges if hi > lo) if any(hi > lo for lo, hi in ranges) else None
+        if q0_d is None:
+            return None
+        q1_d = max(hi for lo, hi in ranges)
+        n_qh = max(ph.count for _, ph, _ in group.phases)
+        n_qw = max(pw.count for _, _, pw in group.phases)
+        shift_d, shift_h, shift_w = (np.array(sh, dtype=np.int64) for sh in group.shifts)
+        taps = len(shift_d) * len(shift_h) * len(shift_w)
+        cols_rows = self.cin_g * taps
+        res_rows = len(group.phases) * self.cout_g
+        per_plane = (cols_rows + res_rows) * n_qh * n_qw * self.dtype.itemsize
+        tile_qd = max(1, min(q1_d - q0_d, budget // max(1, per_plane)))
+        # Stacked weights: row (phase, co), column (ci, jd, jh, jw), one matrix per group.
+        kd = np.array([pd.kernel for pd, _, _ in group.phases])
+        kh = np.array([ph.kernel for _, ph, _ in group.phases])
+        kw = np.array([pw.kernel for _, _, pw in group.phases])
+        w = self.weight  # (G, Cin_g, Cout_g, kD, kH, kW)
+        sel = w[:, :, :, kd[:, :, None, None], kh[:, None, :, None], kw[:, None, None, :]]
+        # sel: (G, Cin_g, Cout_g, P, Td, Th, Tw) -> (G, P, Cout_g, Cin_g, Td, Th, Tw)
+        weights = np.ascontiguousarray(sel.transpose(0, 3, 2, 1, 4, 5, 6)).reshape(
+            self.groups, res_rows, cols_rows)
+        scatter = (
+            np.array([pd.first for pd, _, _ in group.phases], dtype=np.int64),
+            np.array([ph.first for _, ph, _ in group.phases], dtype=np.int64),
+            np.array([pw.first for _, _, pw in group.phases], dtype=np.int64),
+            np.array([lo for lo, _ in ranges], dtype=np.int64),
+            np.array([hi for _, hi in ranges], dtype=np.int64),
+            np.array([ph.count for _, ph, _ in group.phases], dtype=np.int64),
+            np.array([pw.count for _, _, pw in group.phases], dtype=np.int64),
+        )
+        return {
+            "q0_d": q0_d, "n_qd": q1_d - q0_d, "n_qh": n_qh, "n_qw": n_qw, "tile_qd": tile_qd,
+            "tile_cols": tile_qd * n_qh * n_qw, "cols_rows": cols_rows, "res_rows": res_rows,
+            "shift_d": shift_d, "shift_h": shift_h, "shift_w": shift_w,
+            "weights": weights, "scatter": scatter,
+        }
+
+    def _fill_bias_only(self, empty, out, out_start, out_stop):
+        """Phases that no tap reaches (e.g. dilation a multiple of stride) hold only the bias."""
+        s = self.params.stride
+        bias = self.bias[None, :, None, None, None]
+        for pd, ph, pw in empty:
+            lo, hi = _plan.q_range(pd, out_start, out_stop, s[0])
+            if hi <= lo:
+                continue
+            first = pd.first + lo * s[0] - out_start
+            last = pd.first + (hi - 1) * s[0] - out_start + 1
+            out[:, :, first:last:s[0], ph.first::s[1], pw.first::s[2]] = bias
+
+
+def _progress_chunk(n_planes, planes_per_d):
+    # Aim for about 50 progress updates while keeping each chunk parallel-worthy.
+    return max(1, min(n_planes, -(-n_planes // 50)))
+
+
+def _is_int_like(value):
+    try:
+        return int(value) == value and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+def default_threads():
+    """Threads to use when the caller gives none: ``NUMBA_NUM_THREADS`` or all cores."""
+    env = os.environ.get("NUMBA_NUM_THREADS")
+    return int(env) if env and env.isdigit() else (os.cpu_count() or 1)

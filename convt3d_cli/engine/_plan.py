@@ -1,0 +1,138 @@
+"""Index planning for the kernels: which input taps feed which output positions.
+
+A transposed convolution places input index ``i`` at output ``i * s - p + k * d``.
+Read backwards (output-stationary), output ``o`` receives tap ``k`` from input
+``i = (o + p - k * d) / s`` when that is an integer inside ``[0, n_in)``.
+
+Grouping outputs by their *phase* ``r = (o + p) mod s`` makes the valid taps a
+fixed list per phase, so no multiply ever touches an inserted zero; within a
+phase consecutive outputs read consecutive inputs (``i = q + c``), which is what
+lets the inner loops and the GEMMs run on contiguous data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def gather_table(o_start, o_stop, n_in, k, s, p, d):
+    """Taps of every output index in ``[o_start, o_stop)`` along one axis.
+
+    Returns
+    -------
+    count : ndarray of int64, shape (n,)
+        Number of valid taps per output index.
+    taps : ndarray of int64, shape (n, max_taps)
+        Kernel index of each valid tap.
+    inputs : ndarray of int64, shape (n, max_taps)
+        Input index each valid tap reads.
+    """
+    n = o_stop - o_start
+    per_output = []
+    for o in range(o_start, o_stop):
+        pairs = []
+        for kj in range(k):
+            num = o + p - kj * d
+            if num % s == 0 and 0 <= num // s < n_in:
+                pairs.append((kj, num // s))
+        per_output.append(pairs)
+    width = max(1, max((len(pairs) for pairs in per_output), default=1))
+    count = np.zeros(n, dtype=np.int64)
+    taps = np.zeros((n, width), dtype=np.int64)
+    inputs = np.zeros((n, width), dtype=np.int64)
+    for row, pairs in enumerate(per_output):
+        count[row] = len(pairs)
+        for j, (kj, i) in enumerate(pairs):
+            taps[row, j] = kj
+            inputs[row, j] = i
+    return count, taps, inputs
+
+
+@dataclass(frozen=True)
+class AxisPhase:
+    """Outputs ``o = first + q * s`` (``q`` in ``[0, count)``) and their taps.
+
+    Tap ``j`` uses kernel index ``kernel[j]`` and reads input ``q + shift[j]``.
+    """
+
+    first: int
+    count: int
+    kernel: tuple
+    shift: tuple
+
+
+def axis_phases(n_out, k, s, p, d):
+    """The ``s`` phases of one axis, in phase order ``r = 0 .. s-1``."""
+    phases = []
+    for r in range(s):
+        first = (r - p) % s
+        count = 0 if first >= n_out else (n_out - first + s - 1) // s
+        kernel, shift = [], []
+        for kj in range(k):
+            num = first + p - kj * d
+            if num % s == 0:
+                kernel.append(kj)
+                shift.append(num // s)
+        phases.append(AxisPhase(first, count, tuple(kernel), tuple(shift)))
+    return phases
+
+
+def phase_arrays(phases):
+    """Pack one axis' phases for the direct kernel (first, count, ntaps, kernel, shift)."""
+    width = max(1, max(len(ph.kernel) for ph in phases))
+    first = np.array([ph.first for ph in phases], dtype=np.int64)
+    count = np.array([ph.count for ph in phases], dtype=np.int64)
+    ntaps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
+    kernel = np.zeros((len(phases), width), dtype=np.int64)
+    shift = np.zeros((len(phases), width), dtype=np.int64)
+    for r, ph in enumerate(phases):
+        kernel[r, :len(ph.kernel)] = ph.kernel
+        shift[r, :len(ph.shift)] = ph.shift
+    return first, count, ntaps, kernel, shift
+
+
+def q_range(phase, o_start, o_stop, s):
+    """Range of ``q`` whose output ``phase.first + q * s`` lies in ``[o_start, o_stop)``."""
+    lo = max(0, -((phase.first - o_start) // s))      # ceil((o_start - first) / s)
+    hi = min(phase.count, -((phase.first - o_stop) // s))
+    return lo, max(lo, hi)
+
+
+@dataclass
+class PhaseGroup:
+    """Output phases (one per axis combination) that read the same shifted inputs.
+
+    All phases of a group share the per-axis shift lists, so one im2col matrix
+    serves them all and one GEMM with the phases' weights stacked on its rows
+    computes them together (``k == s`` collapses to a single GEMM this way).
+    """
+
+    shifts: tuple          # (shift_d, shift_h, shift_w), each a tuple
+    phases: list           # list of (AxisPhase_d, AxisPhase_h, AxisPhase_w)
+
+
+def phase_groups(phases_d, phases_h, phases_w):
+    """Group 3-D phases by shift signature; phases without taps are returned apart.
+
+    Returns
+    -------
+    groups : list of PhaseGroup
+    empty : list of tuple
+        Phases (with at least one output) that receive no tap at all: they hold
+        only the bias.
+    """
+    groups = {}
+    empty = []
+    for pd in phases_d:
+        for ph in phases_h:
+            for pw in phases_w:
+                if not (pd.count and ph.count and pw.count):
+                    continue
+                if not (pd.kernel and ph.kernel and pw.kernel):
+                    empty.append((pd, ph, pw))
+                    continue
+                key = (pd.shift, ph.shift, pw.shift)
+                groups.setdefault(key, PhaseGroup(key, [])).phases.append((pd, ph, pw))
+    return list(groups.values()), empty

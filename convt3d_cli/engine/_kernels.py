@@ -3,7 +3,10 @@
 
 Every kernel is output-stationary: each parallel iteration owns a disjoint set
 of output rows, so ``prange`` needs no atomics and results do not depend on the
-thread count. Input slabs are addressed with ``in_start`` (the global index of
+thread count. ``im2col`` and ``scatter_phases`` are serial and release the GIL:
+the GEMM path runs whole tiles (im2col, BLAS, scatter) on its own worker
+threads, because nesting Numba's OpenMP pool with BLAS threads makes both spin
+against each other. Input slabs are addressed with ``in_start`` (the global index of
 their first plane along D) so the same kernels serve whole volumes and
 streamed slabs.
 """
@@ -66,7 +69,7 @@ def direct_gather(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h
                     out_row[first + q * stride_w] = acc[q]
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def im2col(x, cols, shift_d, shift_h, shift_w, q0_d, n_qd, n_qh, n_qw, n_id, in_start):
     """Columns of the shifted inputs one phase group reads, zero outside the volume.
 
@@ -74,6 +77,7 @@ def im2col(x, cols, shift_d, shift_h, shift_w, q0_d, n_qd, n_qh, n_qw, n_id, in_
     cols : (Cin_g * Td * Th * Tw, >= n_qd * n_qh * n_qw), row = (ci, jd, jh, jw).
     """
     cin_g = x.shape[0]
+    n_slab = x.shape[1]
     n_ih = x.shape[2]
     n_iw = x.shape[3]
     td = shift_d.shape[0]
@@ -81,7 +85,7 @@ def im2col(x, cols, shift_d, shift_h, shift_w, q0_d, n_qd, n_qh, n_qw, n_id, in_
     tw = shift_w.shape[0]
     n_rows = cin_g * td * th * tw
     plane = n_qh * n_qw
-    for job in prange(n_rows * n_qd):
+    for job in range(n_rows * n_qd):
         row = job // n_qd
         a = job - row * n_qd
         jw = row % tw
@@ -93,10 +97,12 @@ def im2col(x, cols, shift_d, shift_h, shift_w, q0_d, n_qd, n_qh, n_qw, n_id, in_
         col_row = cols[row]
         base = a * plane
         id_global = q0_d + a + shift_d[jd]
-        if id_global < 0 or id_global >= n_id:
+        id_local = id_global - in_start
+        # Outside the volume the columns are zero padding; outside the slab they belong to
+        # grid planes this slab does not output (tiles are fixed per layer), so any value works.
+        if id_global < 0 or id_global >= n_id or id_local < 0 or id_local >= n_slab:
             col_row[base:base + plane] = 0
             continue
-        id_local = id_global - in_start
         c = shift_w[jw]
         lo = min(n_qw, max(0, -c))
         hi = max(lo, min(n_qw, n_iw - c))
@@ -113,7 +119,7 @@ def im2col(x, cols, shift_d, shift_h, shift_w, q0_d, n_qd, n_qh, n_qw, n_id, in_
             col_row[seg + hi:seg + n_qw] = 0
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def scatter_phases(res, out, bias, first_d, first_h, first_w, lo_d, hi_d, count_h, count_w,
                    stride_d, stride_h, stride_w, q0_d, n_qd, n_qh, n_qw, out_start):
     """Write GEMM results (+ bias) to their phase positions in the output slab.
@@ -125,7 +131,7 @@ def scatter_phases(res, out, bias, first_d, first_h, first_w, lo_d, hi_d, count_
     n_phase = first_d.shape[0]
     cout_g = out.shape[0]
     plane = n_qh * n_qw
-    for job in prange(n_phase * cout_g * n_qd):
+    for job in range(n_phase * cout_g * n_qd):
         a = job % n_qd
         rest = job // n_qd
         co = rest % cout_g

@@ -10,6 +10,9 @@ gets bitwise-identical results.
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -150,54 +153,67 @@ class PreparedLayer:
         groups, empty = _plan.phase_groups(static["phases_d"], static["phases_h"], static["phases_w"])
         n_batch = x_slab.shape[0]
         n_id = self.input_shape[2]
-        item = self.dtype.itemsize
-        out_bytes = item * n_batch * self.out_channels * (out_stop - out_start) * np.prod(self.out_spatial[1:])
-        budget = int(min(TILE_BYTES_MAX, max(TILE_BYTES_MIN, TILE_SHARE_OF_OUTPUT * out_bytes)))
-        # One reusable scratch buffer per role, sized for the largest group.
-        plans = []
-        for group in groups:
-            plan = self._group_plan(group, out_start, out_stop, budget)
-            if plan is not None:
-                plans.append(plan)
+        workers = _threads()
+        # The tile size depends on the layer only, never on the slab: every voxel is then computed
+        # by an identically shaped GEMM at the same column, so streamed and in-memory results are
+        # bitwise equal (BLAS uses different edge kernels for different shapes).
+        out_bytes = self.dtype.itemsize * self.out_channels * int(np.prod(self.out_spatial))
+        budget = int(min(TILE_BYTES_MAX, max(TILE_BYTES_MIN, TILE_SHARE_OF_OUTPUT * out_bytes / workers)))
+        plans = [pl for pl in (self._group_plan(gr, out_start, out_stop, budget) for gr in groups) if pl]
+        # Work items are whole tiles of tile_qd grid planes starting at multiples of tile_qd;
+        # different tiles write disjoint output voxels.
+        items = [(n, g, pl, t * pl["tile_qd"])
+                 for n in range(n_batch) for g in range(self.groups) for pl in plans
+                 for t in range(pl["q_lo"] // pl["tile_qd"], -(-pl["q_hi"] // pl["tile_qd"]))]
         cols_size = max((pl["cols_rows"] * pl["tile_cols"] for pl in plans), default=0)
         res_size = max((pl["res_rows"] * pl["tile_cols"] for pl in plans), default=0)
-        cols_buf = np.empty(cols_size, dtype=self.dtype)
-        res_buf = np.empty(res_size, dtype=self.dtype)
-        total_work = sum(pl["n_qd"] for pl in plans) or 1
-        for n in range(n_batch):
-            for g in range(self.groups if plans else 0):
-                x_g = x_slab[n, g * self.cin_g:(g + 1) * self.cin_g]
-                out_g = out[n, g * self.cout_g:(g + 1) * self.cout_g]
-                bias_g = self.bias[g * self.cout_g:(g + 1) * self.cout_g]
-                for pl in plans:
-                    w_mat = pl["weights"][g]
-                    for a0 in range(0, pl["n_qd"], pl["tile_qd"]):
-                        a1 = min(pl["n_qd"], a0 + pl["tile_qd"])
-                        n_cols = (a1 - a0) * pl["n_qh"] * pl["n_qw"]
-                        cols = cols_buf[:pl["cols_rows"] * n_cols].reshape(pl["cols_rows"], n_cols)
-                        res = res_buf[:pl["res_rows"] * n_cols].reshape(pl["res_rows"], n_cols)
-                        q0 = pl["q0_d"] + a0
-                        kern.im2col(x_g, cols, pl["shift_d"], pl["shift_h"], pl["shift_w"], q0, a1 - a0,
-                                    pl["n_qh"], pl["n_qw"], n_id, in_start)
-                        np.matmul(w_mat, cols, out=res)
-                        kern.scatter_phases(res, out_g, bias_g, *pl["scatter"], s[0], s[1], s[2], q0, a1 - a0,
-                                            pl["n_qh"], pl["n_qw"], out_start)
-                        if progress:
-                            progress(self._progress_units(a1 - a0, total_work, out_stop - out_start))
-        self._fill_bias_only(empty, out, out_start, out_stop)
+        units_per_item = (out_stop - out_start) * n_batch / max(1, len(items))
+        lock = threading.Lock()
+        next_item = iter(items)
 
-    def _progress_units(self, done_qd, total_qd, n_planes):
-        # Report in output planes so that both paths count the same unit.
-        return max(0.0, done_qd * n_planes / total_qd / self.groups)
+        def work():
+            cols_buf = np.empty(cols_size, dtype=self.dtype)
+            res_buf = np.empty(res_size, dtype=self.dtype)
+            while True:
+                with lock:
+                    item = next(next_item, None)
+                if item is None:
+                    return
+                n, g, pl, q0 = item
+                n_qd = pl["tile_qd"]
+                n_cols = pl["tile_cols"]
+                cols = cols_buf[:pl["cols_rows"] * n_cols].reshape(pl["cols_rows"], n_cols)
+                res = res_buf[:pl["res_rows"] * n_cols].reshape(pl["res_rows"], n_cols)
+                x_g = x_slab[n, g * self.cin_g:(g + 1) * self.cin_g]
+                kern.im2col(x_g, cols, pl["shift_d"], pl["shift_h"], pl["shift_w"], q0, n_qd,
+                            pl["n_qh"], pl["n_qw"], n_id, in_start)
+                np.matmul(pl["weights"][g], cols, out=res)
+                kern.scatter_phases(res, out[n, g * self.cout_g:(g + 1) * self.cout_g],
+                                    self.bias[g * self.cout_g:(g + 1) * self.cout_g], *pl["scatter"],
+                                    s[0], s[1], s[2], q0, n_qd, pl["n_qh"], pl["n_qw"], out_start)
+                if progress:
+                    with lock:
+                        progress(units_per_item)
+
+        with _single_threaded_blas():
+            n_workers = min(workers, len(items))
+            if n_workers <= 1:
+                work()
+            else:
+                with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                    for future in [pool.submit(work) for _ in range(n_workers)]:
+                        future.result()
+        self._fill_bias_only(empty, out, out_start, out_stop)
 
     def _group_plan(self, group, out_start, out_stop, budget):
         """Tile geometry and stacked weights for one phase group within the slab."""
         s = self.params.stride
         ranges = [_plan.q_range(pd, out_start, out_stop, s[0]) for pd, _, _ in group.phases]
-        q0_d = min(lo for lo, hi in ranges if hi > lo) if any(hi > lo for lo, hi in ranges) else None
-        if q0_d is None:
+        if not any(hi > lo for lo, hi in ranges):
             return None
-        q1_d = max(hi for lo, hi in ranges)
+        q_lo = min(lo for lo, hi in ranges if hi > lo)
+        q_hi = max(hi for lo, hi in ranges)
+        n_qd_whole = max(pd.count for pd, _, _ in group.phases)
         n_qh = max(ph.count for _, ph, _ in group.phases)
         n_qw = max(pw.count for _, _, pw in group.phases)
         shift_d, shift_h, shift_w = (np.array(sh, dtype=np.int64) for sh in group.shifts)
@@ -205,7 +221,7 @@ class PreparedLayer:
         cols_rows = self.cin_g * taps
         res_rows = len(group.phases) * self.cout_g
         per_plane = (cols_rows + res_rows) * n_qh * n_qw * self.dtype.itemsize
-        tile_qd = max(1, min(q1_d - q0_d, budget // max(1, per_plane)))
+        tile_qd = max(1, min(n_qd_whole, budget // max(1, per_plane)))
         # Stacked weights: row (phase, co), column (ci, jd, jh, jw), one matrix per group.
         kd = np.array([pd.kernel for pd, _, _ in group.phases])
         kh = np.array([ph.kernel for _, ph, _ in group.phases])
@@ -225,7 +241,7 @@ class PreparedLayer:
             np.array([pw.count for _, _, pw in group.phases], dtype=np.int64),
         )
         return {
-            "q0_d": q0_d, "n_qd": q1_d - q0_d, "n_qh": n_qh, "n_qw": n_qw, "tile_qd": tile_qd,
+            "q_lo": q_lo, "q_hi": q_hi, "n_qh": n_qh, "n_qw": n_qw, "tile_qd": tile_qd,
             "tile_cols": tile_qd * n_qh * n_qw, "cols_rows": cols_rows, "res_rows": res_rows,
             "shift_d": shift_d, "shift_h": shift_h, "shift_w": shift_w,
             "weights": weights, "scatter": scatter,
@@ -256,7 +272,20 @@ def _is_int_like(value):
         return False
 
 
-def default_threads():
-    """Threads to use when the caller gives none: ``NUMBA_NUM_THREADS`` or all cores."""
-    env = os.environ.get("NUMBA_NUM_THREADS")
-    return int(env) if env and env.isdigit() else (os.cpu_count() or 1)
+def _threads():
+    """Worker count for the GEMM path: Numba's current thread setting (honours NUMBA_NUM_THREADS)."""
+    import numba
+    return max(1, numba.get_num_threads())
+
+
+@contextmanager
+def _single_threaded_blas():
+    """Keep BLAS to one thread while our workers run tiles in parallel (no oversubscription)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a declared dependency; degrade to oversubscription
+        limiter = nullcontext()
+    else:
+        limiter = threadpool_limits(limits=1, user_api="blas")
+    with limiter:
+        yield

@@ -1,0 +1,164 @@
+"""Engine benchmark: convt3d against PyTorch's CPU conv_transpose3d, same process, interleaved.
+
+Usage::
+
+    python benchmarks/bench_engine.py [--threads 2] [--repeat 3] [--only NAME] [--quick]
+
+Per case it prints the engine's median time, PyTorch's (when installed) with
+the same thread count, the speed-up, GFLOP/s and its share of this machine's
+sgemm rate (NumPy's BLAS, measured here), the output floor (allocating and
+writing the output once with all threads) and the engine's peak extra memory
+as a multiple of the output size (tracemalloc sees NumPy's allocations).
+Nothing here is a pass/fail test: timings on shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# name, N, Cin, Cout, spatial, kernel, stride, padding, output_padding, dilation, groups, dtype
+CASES = [
+    ("1ch 128^3 k3 s2 p1 op1", 1, 1, 1, (128,) * 3, 3, 2, 1, 1, 1, 1, "float32"),
+    ("1ch 128^3 k4 s2 p1", 1, 1, 1, (128,) * 3, 4, 2, 1, 0, 1, 1, "float32"),
+    ("1ch 192^3 k2 s2", 1, 1, 1, (192,) * 3, 2, 2, 0, 0, 1, 1, "float32"),
+    ("seed N16 3->64 32^3 k3 s2 p1", 16, 3, 64, (32,) * 3, 3, 2, 1, 0, 1, 1, "float32"),
+    ("unet 320->256 8^3 k2 s2", 1, 320, 256, (8,) * 3, 2, 2, 0, 0, 1, 1, "float32"),
+    ("unet 128->64 32^3 k2 s2", 1, 128, 64, (32,) * 3, 2, 2, 0, 0, 1, 1, "float32"),
+    ("unet 64->32 64^3 k2 s2", 1, 64, 32, (64,) * 3, 2, 2, 0, 0, 1, 1, "float32"),
+    ("unet 32->32 64^3 k3 s2 p1 op1", 1, 32, 32, (64,) * 3, 3, 2, 1, 1, 1, 1, "float32"),
+    ("depthwise 32ch g32 64^3 k3 s2 p1 op1", 1, 32, 32, (64,) * 3, 3, 2, 1, 1, 1, 32, "float32"),
+    ("dilation2 s1 8->8 48^3 k3 p2", 1, 8, 8, (48,) * 3, 3, 1, 2, 0, 2, 1, "float32"),
+    ("aniso k(1,3,3) s(1,2,2) 16->16 32x64x64", 1, 16, 16, (32, 64, 64), (1, 3, 3), (1, 2, 2),
+     (0, 1, 1), (0, 1, 1), 1, 1, "float32"),
+    ("float64 16->8 48^3 k3 s2 p1", 1, 16, 8, (48,) * 3, 3, 2, 1, 0, 1, 1, "float64"),
+    ("oneDNN N4 64->32 16^3 k4 s2 p1", 4, 64, 32, (16,) * 3, 4, 2, 1, 0, 1, 1, "float32"),
+    ("oneDNN N2 16->16 32^3 k3 s1 p1", 2, 16, 16, (32,) * 3, 3, 1, 1, 0, 1, 1, "float32"),
+]
+
+
+def triple(v):
+    return tuple(v) if isinstance(v, tuple) else (v, v, v)
+
+
+def sgemm_gflops(threads):
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def make_floor():
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def fill(flat):
+        for i in prange(flat.shape[0]):
+            flat[i] = 1.0
+
+    def floor(shape, dtype):
+        t = time.perf_counter()
+        out = np.empty(shape, dtype=dtype)
+        fill(out.reshape(-1))
+        return time.perf_counter() - t
+    floor((8,), np.float32)
+    floor((8,), np.float64)
+    return floor
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default=None, help="run cases whose name contains this text")
+    ap.add_argument("--quick", action="store_true", help="one repeat, no PyTorch")
+    args = ap.parse_args()
+
+    import numba
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    from convt3d_cli.engine import conv_transpose3d
+    try:
+        import torch
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        torch = None
+    if args.quick:
+        torch = None
+        args.repeat = 1
+
+    floor = make_floor()
+    gemm_rate = sgemm_gflops(args.threads)
+    print(f"# threads={args.threads} numpy sgemm {gemm_rate:.1f} GFLOP/s; torch "
+          f"{torch.__version__ if torch else 'not installed'}; numba {numba.__version__}")
+    header = (f"{'case':40s} {'engine ms':>10s} {'torch ms':>10s} {'speed-up':>8s} {'GFLOP/s':>8s} "
+              f"{'%sgemm':>7s} {'floor ms':>9s} {'x floor':>7s} {'peak/out':>8s}")
+    print(header)
+    print("-" * len(header))
+    ratios = []
+    rng = np.random.default_rng(0)
+    for name, n, cin, cout, spatial, k, s, p, op, d, g, dtype in CASES:
+        if args.only and args.only not in name:
+            continue
+        k3 = triple(k)
+        x = rng.standard_normal((n, cin) + spatial).astype(dtype)
+        w = (rng.standard_normal((cin, cout // g) + k3) * 0.1).astype(dtype)
+        b = rng.standard_normal(cout).astype(dtype)
+        kwargs = dict(stride=s, padding=p, output_padding=op, dilation=d, groups=g)
+        y = conv_transpose3d(x, w, b, **kwargs)   # compile / warm up
+        out_bytes = y.nbytes
+        del y
+        tracemalloc.start()
+        conv_transpose3d(x, w, b, **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        if torch is not None:
+            tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+            with torch.no_grad():
+                torch.nn.functional.conv_transpose3d(tx, tw, tb, **kwargs)
+        eng_times, torch_times = [], []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            y = conv_transpose3d(x, w, b, **kwargs)
+            eng_times.append(time.perf_counter() - t)
+            del y
+            if torch is not None:
+                with torch.no_grad():
+                    t = time.perf_counter()
+                    ty = torch.nn.functional.conv_transpose3d(tx, tw, tb, **kwargs)
+                    torch_times.append(time.perf_counter() - t)
+                del ty
+        eng = float(np.median(eng_times))
+        flops = 2.0 * n * cin * (cout // g) * np.prod(k3) * np.prod(spatial)
+        gflops = flops / eng / 1e9
+        line = f"{name:40s} {eng * 1e3:10.1f} "
+        if torch_times:
+            tt = float(np.median(torch_times))
+            ratios.append(tt / eng)
+            line += f"{tt * 1e3:10.1f} {tt / eng:7.2f}x "
+        else:
+            line += f"{'-':>10s} {'-':>8s} "
+        floor_t = min(floor(out_bytes // np.dtype(dtype).itemsize, dtype) for _ in range(2))
+        line += (f"{gflops:8.1f} {100 * gflops / gemm_rate:6.1f}% {floor_t * 1e3:9.1f} {eng / floor_t:6.1f}x "
+                 f"{peak / out_bytes:7.2f}x")
+        print(line, flush=True)
+    if ratios:
+        geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        print(f"\ngeometric-mean speed-up over PyTorch: {geo:.2f}x; slowest case: {min(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

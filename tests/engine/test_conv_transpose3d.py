@@ -1,0 +1,262 @@
+"""The engine against the slow NumPy reference, the Conv3d adjoint identity and PyTorch.
+
+Sizes stay tiny and the dtype/layout mix is fixed so that the Numba kernels
+compile once per dtype for the whole suite.
+"""
+
+import numpy as np
+import pytest
+
+from convt3d_cli import ConvTranspose3d, conv_transpose3d, output_shape
+from convt3d_cli.engine import _layer
+from convt3d_cli.errors import Convt3dError, ParameterError, ShapeError
+from reference import conv3d_ref, conv_transpose3d_ref
+
+
+def random_config(rng):
+    """One random, valid configuration across the whole parameter space (small sizes)."""
+    while True:
+        groups = int(rng.choice([1, 1, 1, 2, 3]))
+        cin = groups * int(rng.integers(1, 4))
+        cout = groups * int(rng.integers(1, 4))
+        per_axis = rng.random() < 0.5
+        def draw(lo, hi):
+            if per_axis:
+                return tuple(int(v) for v in rng.integers(lo, hi + 1, size=3))
+            return int(rng.integers(lo, hi + 1))
+        k = draw(1, 4)
+        s = draw(1, 3)
+        d = draw(1, 2)
+        p = draw(0, 2)
+        s3, d3 = (v if isinstance(v, tuple) else (v,) * 3 for v in (s, d))
+        op = tuple(int(rng.integers(0, max(si, di))) for si, di in zip(s3, d3))
+        if not per_axis and len(set(op)) == 1:
+            op = op[0]
+        spatial = tuple(int(v) for v in rng.integers(1, 6, size=3))
+        n = int(rng.integers(1, 3))
+        try:
+            output_shape((n, cin) + spatial, cout, k, s, p, op, d, groups)
+        except ParameterError:
+            continue  # empty output: draw again
+        return dict(n=n, cin=cin, cout=cout, spatial=spatial, kernel=k, stride=s, padding=p,
+                    output_padding=op, dilation=d, groups=groups, bias=bool(rng.random() < 0.7))
+
+
+def make_data(cfg, rng, dtype=np.float64):
+    k = cfg["kernel"] if isinstance(cfg["kernel"], tuple) else (cfg["kernel"],) * 3
+    x = rng.standard_normal((cfg["n"], cfg["cin"]) + cfg["spatial"]).astype(dtype)
+    w = rng.standard_normal((cfg["cin"], cfg["cout"] // cfg["groups"]) + k).astype(dtype)
+    b = rng.standard_normal(cfg["cout"]).astype(dtype) if cfg["bias"] else None
+    return x, w, b
+
+
+def layer_kwargs(cfg):
+    return {key: cfg[key] for key in ("stride", "padding", "output_padding", "dilation", "groups")}
+
+
+@pytest.fixture(params=["direct", "gemm"])
+def path(request, monkeypatch):
+    """Run a test once through each compute path, whatever the channel counts."""
+    monkeypatch.setattr(_layer, "GEMM_MIN_CHANNEL_PRODUCT", 0 if request.param == "gemm" else 10 ** 9)
+    return request.param
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_random_configs_match_reference(seed, path):
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    x, w, b = make_data(cfg, rng)
+    expected = conv_transpose3d_ref(x, w, b, **layer_kwargs(cfg))
+    got = conv_transpose3d(x, w, b, **layer_kwargs(cfg), dtype="float64")
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * max(1.0, np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("seed", range(1000, 1040))
+def test_float32_accuracy(seed, path):
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    x, w, b = make_data(cfg, rng)
+    expected = conv_transpose3d_ref(x, w, b, **layer_kwargs(cfg))
+    got = conv_transpose3d(x.astype(np.float32), w.astype(np.float32), None if b is None else b.astype(np.float32),
+                           **layer_kwargs(cfg))
+    assert got.dtype == np.float32
+    scale = max(1e-30, np.abs(expected).max())
+    assert np.abs(got - expected).max() <= 2e-5 * scale
+
+
+@pytest.mark.parametrize("seed", range(2000, 2030))
+def test_adjoint_of_conv3d(seed, path):
+    """<conv_transpose3d(x, w), y> == <x, conv3d(y, w)>: an identity independent of the reference."""
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    cfg["bias"] = False
+    x, w, _ = make_data(cfg, rng)
+    y_shape = output_shape(x.shape, cfg["cout"], w.shape[2:], **layer_kwargs(cfg))
+    y = rng.standard_normal(y_shape)
+    lhs = np.vdot(conv_transpose3d(x, w, **layer_kwargs(cfg), dtype="float64"), y)
+    back = conv3d_ref(y, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], in_spatial=x.shape[2:])
+    rhs = np.vdot(x, back)
+    assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
+
+
+def test_unbatched_input_and_megengine_grouped_weight(path):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 3, 4, 5))         # (C, D, H, W)
+    w = rng.standard_normal((6, 2, 2, 3, 2))      # PyTorch layout (Cin, Cout/g, k...), groups=3
+    b = rng.standard_normal(6)
+    expected = conv_transpose3d_ref(x[None], w, b, stride=2, padding=1, groups=3)[0]
+    got = conv_transpose3d(x, w, b, stride=2, padding=1, groups=3, dtype="float64")
+    assert got.shape == expected.shape == (6, 4, 7, 8)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    grouped = w.reshape(3, 2, 2, 2, 3, 2)         # MegEngine (groups, Cin/g, Cout/g, k...)
+    np.testing.assert_array_equal(
+        conv_transpose3d(x, grouped, b.reshape(1, 6, 1, 1, 1), stride=2, padding=1, groups=3, dtype="float64"), got)
+
+
+def test_integer_input_is_converted_and_dtype_follows_request():
+    x = np.arange(8, dtype=np.int16).reshape(1, 1, 2, 2, 2)
+    w = np.ones((1, 1, 2, 2, 2), dtype=np.int32)
+    y32 = conv_transpose3d(x, w, stride=2)
+    y64 = conv_transpose3d(x, w, stride=2, dtype="float64")
+    assert y32.dtype == np.float32 and y64.dtype == np.float64
+    np.testing.assert_array_equal(y32, np.repeat(np.repeat(np.repeat(x, 2, 2), 2, 3), 2, 4))
+    assert conv_transpose3d(x.astype(np.float64), w, stride=2).dtype == np.float64
+
+
+def test_slabs_are_bitwise_identical_to_whole_volume(path):
+    """The streaming contract: any split of the output along D gives the same bits."""
+    from convt3d_cli import geometry
+    from convt3d_cli.engine import PreparedLayer
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 4, 9, 5, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 2, 4)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    kwargs = dict(stride=(2, 1, 3), padding=(1, 0, 1), output_padding=(1, 0, 2), dilation=(1, 2, 1))
+    whole = conv_transpose3d(x, w, b, **kwargs)
+    layer = PreparedLayer(x.shape, w, b, dtype=np.float32, **kwargs)
+    n_out = whole.shape[2]
+    for cuts in ([0, 5, n_out], [0, 1, 2, 7, 11, n_out], [0, n_out - 1, n_out]):
+        pieces = []
+        for o0, o1 in zip(cuts[:-1], cuts[1:]):
+            i0, i1 = geometry.input_window(o0, o1, x.shape[2], 0, layer.params)
+            slab = np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)])
+            out = np.empty(whole.shape[:2] + (o1 - o0,) + whole.shape[3:], dtype=np.float32)
+            layer.run_slab(slab, i0, o0, o1, out)
+            pieces.append(out)
+        np.testing.assert_array_equal(np.concatenate(pieces, axis=2), whole)
+
+
+def test_out_buffer_and_progress():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 1, 4, 4, 4)).astype(np.float32)
+    w = rng.standard_normal((1, 1, 3, 3, 3)).astype(np.float32)
+    out = np.empty((2, 1, 8, 8, 8), dtype=np.float32)
+    calls = []
+    result = conv_transpose3d(x, w, stride=2, padding=1, output_padding=1, out=out,
+                              progress=lambda done, total: calls.append((done, total)))
+    assert result.base is out or result is out
+    np.testing.assert_allclose(out, conv_transpose3d_ref(x, w, stride=2, padding=1, output_padding=1), atol=1e-5)
+    assert calls and calls[-1] == (16, 16)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    with pytest.raises(ShapeError, match="out must be"):
+        conv_transpose3d(x, w, stride=2, out=np.empty((2, 1, 8, 8, 8), dtype=np.float64))
+
+
+def test_threads_option_gives_identical_results():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 8, 6, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3, 3)).astype(np.float32)
+    one = conv_transpose3d(x, w, stride=2, threads=1)
+    two = conv_transpose3d(x, w, stride=2, threads=2)
+    np.testing.assert_array_equal(one, two)
+    with pytest.raises(ParameterError, match="threads"):
+        conv_transpose3d(x, w, threads=0)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(stride=0), "stride"),
+    (dict(stride=(1, 2)), "stride"),
+    (dict(dilation=0), "dilation"),
+    (dict(padding=-1), "padding"),
+    (dict(stride=2, output_padding=2), "output_padding"),
+    (dict(output_padding=1), "output_padding"),
+    (dict(groups=0), "groups"),
+    (dict(groups=3), "groups"),
+    (dict(padding=5), "padding"),
+    (dict(stride=1.5), "stride"),
+    (dict(dtype="int8"), "dtype"),
+])
+def test_invalid_parameters_name_the_parameter(kwargs, param):
+    x = np.zeros((1, 2, 3, 3, 3), dtype=np.float32)
+    w = np.zeros((2, 1, 3, 3, 3), dtype=np.float32)
+    with pytest.raises(ParameterError) as info:
+        conv_transpose3d(x, w, **kwargs)
+    assert info.value.param == param
+    assert param in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, Convt3dError)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, b_shape, match", [
+    ((1, 2, 3, 3, 3), (3, 1, 3, 3, 3), None, "channel mismatch"),
+    ((2, 3, 3, 3), (3, 1, 2, 2), None, "weight must be 5-D"),
+    ((3, 3, 3), (1, 1, 2, 2, 2), None, "input must be"),
+    ((1, 1, 1, 2, 3, 3, 3), (1, 1, 2, 2, 2), None, "input must be"),
+    ((1, 2, 3, 3, 3), (2, 1, 2, 2, 2), (2,), "bias must have shape"),
+    ((1, 2, 3, 3, 3), (2, 1, 1, 2, 2, 2), None, "has 2 groups but groups=1"),
+    ((1, 2, 0, 3, 3), (2, 1, 2, 2, 2), None, "empty"),
+])
+def test_shape_errors(x_shape, w_shape, b_shape, match):
+    x = np.zeros(x_shape, dtype=np.float32)
+    w = np.zeros(w_shape, dtype=np.float32)
+    b = None if b_shape is None else np.zeros(b_shape, dtype=np.float32)
+    with pytest.raises(ShapeError, match=match):
+        conv_transpose3d(x, w, b)
+
+
+def test_module_matches_seed_example_and_functional():
+    m = ConvTranspose3d(3, 64, 3, stride=2, padding=1, seed=0)
+    assert m.output_shape((16, 3, 32, 32, 32)) == (16, 64, 63, 63, 63)
+    assert m.weight.shape == (3, 64, 3, 3, 3) and m.bias.shape == (64,)
+    assert m.weight.dtype == np.float32
+    bound = 1 / np.sqrt(64 * 27)
+    assert np.abs(m.weight).max() <= bound and np.abs(m.bias).max() <= bound
+    assert np.abs(m.weight).max() > 0.9 * bound  # uniform over the whole range, not a narrower one
+    x = np.random.default_rng(1).standard_normal((2, 3, 5, 4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(m(x), m.forward(x))
+    np.testing.assert_array_equal(m(x), conv_transpose3d(x, m.weight, m.bias, stride=2, padding=1))
+    assert m(x).shape == (2, 64, 9, 7, 11)
+    assert repr(m) == "ConvTranspose3d(3, 64, kernel_size=(3, 3, 3), stride=(2, 2, 2), padding=(1, 1, 1))"
+
+
+def test_module_seed_reproducible_and_options():
+    a = ConvTranspose3d(4, 6, (1, 2, 3), stride=(1, 2, 2), groups=2, bias=False, seed=42, dtype="float64")
+    b = ConvTranspose3d(4, 6, (1, 2, 3), stride=(1, 2, 2), groups=2, bias=False, rng=np.random.default_rng(42),
+                        dtype="float64")
+    np.testing.assert_array_equal(a.weight, b.weight)
+    assert a.bias is None and a.weight.shape == (4, 3, 1, 2, 3) and a.weight.dtype == np.float64
+    assert "groups=2" in repr(a) and "bias=False" in repr(a)
+    with pytest.raises(ParameterError, match="groups"):
+        ConvTranspose3d(3, 6, 3, groups=2)
+    with pytest.raises(ShapeError, match="channel mismatch"):
+        a.output_shape((1, 5, 4, 4, 4))
+
+
+def test_seed_example_full_size_shape_only():
+    assert output_shape((16, 3, 32, 32, 32), 64, 3, stride=2, padding=1) == (16, 64, 63, 63, 63)
+    assert output_shape((3, 32, 32, 32), 64, 3, stride=2, padding=1) == (64, 63, 63, 63)
+
+
+
+
+@pytest.mark.parametrize("seed", range(3000, 3060))
+def test_against_pytorch(seed, path):
+    torch_mod = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    x, w, b = make_data(cfg, rng)
+    kw = layer_kwargs(cfg)
+    expected = torch_mod.nn.functional.conv_transpose3d(
+        torch_mod.from_numpy(x), torch_mod.from_numpy(w), None if b is None else torch_mod.from_numpy(b), **kw).numpy()
+    got = conv_transpose3d(x, w, b, **kw, dtype="float64")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * max(1.0, np.abs(expected).max()))

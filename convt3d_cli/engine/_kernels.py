@@ -62,11 +62,17 @@ def direct_gather(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h
                                 c = w_shift[r, j]
                                 lo = max(0, -c)
                                 hi = min(nq, n_iw - c)
-                                for q in range(lo, hi):
-                                    acc[q] += wv * x_row[q + c]
-                first = w_first[r]
-                for q in range(nq):
-                    out_row[first + q * stride_w] = acc[q]
+                                if hi <= lo:
+                                    continue
+                                # Slices first, then a 0-based counter: Numba can prove the
+                                # index non-negative, drops wraparound checks and vectorises.
+                                dst = acc[lo:hi]
+                                src = x_row[lo + c:hi + c]
+                                for t in range(hi - lo):
+                                    dst[t] += wv * src[t]
+                dst_row = out_row[w_first[r]::stride_w]
+                for t in range(nq):
+                    dst_row[t] = acc[t]
 
 
 @njit(**_JIT)
@@ -112,31 +118,30 @@ def im2col(x, cols, shift_d, shift_h, shift_w, q0_d, n_qd, n_qh, n_qw, n_id, in_
             if ih < 0 or ih >= n_ih:
                 col_row[seg:seg + n_qw] = 0
                 continue
-            x_row = x[ci, id_local, ih]
             col_row[seg:seg + lo] = 0
-            for q in range(lo, hi):
-                col_row[seg + q] = x_row[q + c]
+            col_row[seg + lo:seg + hi] = x[ci, id_local, ih, lo + c:hi + c]
             col_row[seg + hi:seg + n_qw] = 0
 
 
 @njit(**_JIT)
 def scatter_phases(res, out, bias, first_d, first_h, first_w, lo_d, hi_d, count_h, count_w,
-                   stride_d, stride_h, stride_w, q0_d, n_qd, n_qh, n_qw, out_start):
+                   delta_d, off_h, off_w, stride_d, stride_h, stride_w, u0_d, n_ud, n_qh, n_qw, out_start):
     """Write GEMM results (+ bias) to their phase positions in the output slab.
 
-    res : (P * Cout_g, >= n_qd * n_qh * n_qw), row = (phase, co); out : (Cout_g, Dout_slab, Hout, Wout)
-    Phase ``p`` owns outputs ``first + q * stride``; only ``q_d`` in ``[lo_d, hi_d)`` belong to
-    this slab, and ``count_h``/``count_w`` may be shorter than the shared grid.
+    res : (P * Cout_g, >= n_ud * n_qh * n_qw), row = (phase, co), column = grid (u_d, u_h, u_w);
+    out : (Cout_g, Dout_slab, Hout, Wout). Phase ``p`` owns outputs ``first + q * stride``; its
+    ``q`` sits at grid ``u_d = q + delta_d[p]`` and grid columns ``q + off_h[p]``, ``q + off_w[p]``.
+    Only ``q_d`` in ``[lo_d, hi_d)`` belong to this slab.
     """
     n_phase = first_d.shape[0]
     cout_g = out.shape[0]
     plane = n_qh * n_qw
-    for job in range(n_phase * cout_g * n_qd):
-        a = job % n_qd
-        rest = job // n_qd
+    for job in range(n_phase * cout_g * n_ud):
+        a = job % n_ud
+        rest = job // n_ud
         co = rest % cout_g
         p = rest // cout_g
-        qd = q0_d + a
+        qd = u0_d + a - delta_d[p]
         if qd < lo_d[p] or qd >= hi_d[p]:
             continue
         od = first_d[p] + qd * stride_d - out_start
@@ -145,7 +150,8 @@ def scatter_phases(res, out, bias, first_d, first_h, first_w, lo_d, hi_d, count_
         fw = first_w[p]
         nw = count_w[p]
         for qh in range(count_h[p]):
-            out_row = out[co, od, first_h[p] + qh * stride_h]
-            src = a * plane + qh * n_qw
-            for qw in range(nw):
-                out_row[fw + qw * stride_w] = res_row[src + qw] + b
+            dst = out[co, od, first_h[p] + qh * stride_h, fw::stride_w]
+            start = a * plane + (qh + off_h[p]) * n_qw + off_w[p]
+            src = res_row[start:start + nw]
+            for t in range(nw):
+                dst[t] = src[t] + b

@@ -30,6 +30,7 @@ GEMM_MIN_CHANNEL_PRODUCT = 48
 TILE_BYTES_MIN = 256 * 1024
 TILE_BYTES_MAX = 4 * 1024 * 1024
 TILE_SHARE_OF_OUTPUT = 0.05
+GEMM_MIN_COLUMNS = 256
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -206,22 +207,38 @@ class PreparedLayer:
         self._fill_bias_only(empty, out, out_start, out_stop)
 
     def _group_plan(self, group, out_start, out_stop, budget):
-        """Tile geometry and stacked weights for one phase group within the slab."""
+        """Tile geometry and stacked weights for one phase group within the slab.
+
+        The im2col grid runs over anchors ``u = q + delta_P``; along H and W it
+        starts at ``u0 = min(delta_P)``, along D tiles start at multiples of
+        ``tile_qd`` (in ``u``) so tiles are the same for every slab.
+        """
         s = self.params.stride
+        delta_d, delta_h, delta_w = (np.array(group.delta(axis), dtype=np.int64) for axis in range(3))
         ranges = [_plan.q_range(pd, out_start, out_stop, s[0]) for pd, _, _ in group.phases]
-        if not any(hi > lo for lo, hi in ranges):
+        live = [(lo + dd, hi + dd) for (lo, hi), dd in zip(ranges, delta_d) if hi > lo]
+        if not live:
             return None
-        q_lo = min(lo for lo, hi in ranges if hi > lo)
-        q_hi = max(hi for lo, hi in ranges)
-        n_qd_whole = max(pd.count for pd, _, _ in group.phases)
-        n_qh = max(ph.count for _, ph, _ in group.phases)
-        n_qw = max(pw.count for _, _, pw in group.phases)
-        shift_d, shift_h, shift_w = (np.array(sh, dtype=np.int64) for sh in group.shifts)
+        u_lo = min(lo for lo, _ in live)
+        u_hi = max(hi for _, hi in live)
+        counts_d = np.array([pd.count for pd, _, _ in group.phases])
+        counts_h = np.array([ph.count for _, ph, _ in group.phases], dtype=np.int64)
+        counts_w = np.array([pw.count for _, _, pw in group.phases], dtype=np.int64)
+        n_ud_whole = int((delta_d + counts_d).max() - delta_d.min())
+        u0_h, u0_w = int(delta_h.min()), int(delta_w.min())
+        n_qh = int((delta_h + counts_h).max()) - u0_h
+        n_qw = int((delta_w + counts_w).max()) - u0_w
+        base_d, base_h, base_w = group.base
+        shift_d = np.array(base_d, dtype=np.int64)
+        shift_h = np.array(base_h, dtype=np.int64) + u0_h
+        shift_w = np.array(base_w, dtype=np.int64) + u0_w
         taps = len(shift_d) * len(shift_h) * len(shift_w)
         cols_rows = self.cin_g * taps
         res_rows = len(group.phases) * self.cout_g
         per_plane = (cols_rows + res_rows) * n_qh * n_qw * self.dtype.itemsize
-        tile_qd = max(1, min(n_qd_whole, budget // max(1, per_plane)))
+        # GEMMs narrower than a few hundred columns waste most of BLAS's time on packing.
+        min_planes = -(-GEMM_MIN_COLUMNS // (n_qh * n_qw))
+        tile_qd = max(1, min(n_ud_whole, max(min_planes, budget // max(1, per_plane))))
         # Stacked weights: row (phase, co), column (ci, jd, jh, jw), one matrix per group.
         kd = np.array([pd.kernel for pd, _, _ in group.phases])
         kh = np.array([ph.kernel for _, ph, _ in group.phases])
@@ -237,11 +254,10 @@ class PreparedLayer:
             np.array([pw.first for _, _, pw in group.phases], dtype=np.int64),
             np.array([lo for lo, _ in ranges], dtype=np.int64),
             np.array([hi for _, hi in ranges], dtype=np.int64),
-            np.array([ph.count for _, ph, _ in group.phases], dtype=np.int64),
-            np.array([pw.count for _, _, pw in group.phases], dtype=np.int64),
+            counts_h, counts_w, delta_d, delta_h - u0_h, delta_w - u0_w,
         )
         return {
-            "q_lo": q_lo, "q_hi": q_hi, "n_qh": n_qh, "n_qw": n_qw, "tile_qd": tile_qd,
+            "q_lo": u_lo, "q_hi": u_hi, "n_qh": n_qh, "n_qw": n_qw, "tile_qd": tile_qd,
             "tile_cols": tile_qd * n_qh * n_qw, "cols_rows": cols_rows, "res_rows": res_rows,
             "shift_d": shift_d, "shift_h": shift_h, "shift_w": shift_w,
             "weights": weights, "scatter": scatter,

@@ -102,19 +102,25 @@ def q_range(phase, o_start, o_stop, s):
 
 @dataclass
 class PhaseGroup:
-    """Output phases (one per axis combination) that read the same shifted inputs.
+    """Output phases (one per axis combination) that read the same pattern of shifted inputs.
 
-    All phases of a group share the per-axis shift lists, so one im2col matrix
-    serves them all and one GEMM with the phases' weights stacked on its rows
-    computes them together (``k == s`` collapses to a single GEMM this way).
+    Phase ``P`` reads input ``q + delta_P + base[j]`` for its output ``q``. Phases
+    with the same ``base`` lists (shift patterns relative to their smallest
+    shift) share one im2col matrix over the anchor ``u = q + delta_P``, and one
+    GEMM with all their weights stacked on its rows computes them together:
+    ``k == s`` collapses to a single GEMM, and so does ``k == 2 s``.
     """
 
-    shifts: tuple          # (shift_d, shift_h, shift_w), each a tuple
+    base: tuple            # (base_d, base_h, base_w): each a tuple of shifts, min 0
     phases: list           # list of (AxisPhase_d, AxisPhase_h, AxisPhase_w)
+
+    def delta(self, axis):
+        """Per-phase offset ``delta_P`` (the smallest shift) along ``axis``."""
+        return [min(phase[axis].shift) for phase in self.phases]
 
 
 def phase_groups(phases_d, phases_h, phases_w):
-    """Group 3-D phases by shift signature; phases without taps are returned apart.
+    """Group 3-D phases by relative shift pattern; phases without taps are returned apart.
 
     Returns
     -------
@@ -133,6 +139,6 @@ def phase_groups(phases_d, phases_h, phases_w):
                 if not (pd.kernel and ph.kernel and pw.kernel):
                     empty.append((pd, ph, pw))
                     continue
-                key = (pd.shift, ph.shift, pw.shift)
+                key = tuple(tuple(c - min(ax.shift) for c in ax.shift) for ax in (pd, ph, pw))
                 groups.setdefault(key, PhaseGroup(key, [])).phases.append((pd, ph, pw))
     return list(groups.values()), empty

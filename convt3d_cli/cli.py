@@ -1,0 +1,482 @@
+"""The ``convt3d`` command line: ``run``, ``shape`` and ``info``.
+
+The commands are thin: they parse options, call the library and map its
+errors. Every :class:`~convt3d_cli.errors.Convt3dError` becomes one
+``Error: ...`` line with the error's exit code (2 for bad parameters, 1 for
+data and file problems); ``--debug`` shows the traceback instead.
+
+Start-up matters (``convt3d --help`` should feel instant), so NumPy-heavy or
+slow modules (the engine and Numba, nibabel, h5py, the file layer) are
+imported inside the command functions, never at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import click
+
+from . import __version__
+from . import options as opt
+from .errors import Convt3dError, OutputError
+
+# Show a progress bar only for runs that last longer than this (seconds).
+PROGRESS_DELAY = 0.5
+
+
+class _CliError(click.ClickException):
+    """A one-line ``Error: ...`` with a chosen exit code."""
+
+    def __init__(self, message, exit_code=1):
+        # One line, whatever the library wrote: scripts grep for ``Error:``.
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = exit_code
+
+
+def _os_message(err):
+    """``x.nii: Permission denied`` rather than ``[Errno 13] Permission denied: 'x.nii'``."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.filename:
+        return f"{err.filename}: {reason}"
+    return reason
+
+
+class _Group(click.Group):
+    """Click group that turns library errors into one-line messages."""
+
+    def invoke(self, ctx):
+        debug = ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except Convt3dError as err:
+            if debug:
+                raise
+            raise _CliError(err, err.exit_code) from None
+        except MemoryError:
+            if debug:
+                raise
+            raise _CliError("out of memory; use a smaller input (--max-memory checks the size "
+                            "before computing)") from None
+        except OSError as err:
+            if debug:
+                raise
+            raise _CliError(_os_message(err)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="convt3d")
+@click.option("--debug", is_flag=True, default=False, help="Show tracebacks for errors.")
+def cli(debug):
+    """Upsample 3-D volumes (NIfTI, HDF5, npz, npy) with a transposed convolution.
+
+    Files are addressed as PATH or PATH:KEY (an HDF5 dataset or npz array),
+    e.g. vol.h5:/scan/data or model.npz:decoder.weight.
+    """
+
+
+def _echo_err(quiet):
+    """A function printing report lines on stderr, or nothing with ``-q``."""
+    if quiet:
+        return lambda line="": None
+    return lambda line="": click.echo(line, err=True)
+
+
+def _layer_cli(stride, padding, output_padding, dilation, groups):
+    return {"stride": stride, "padding": padding, "output_padding": output_padding,
+            "dilation": dilation, "groups": groups}
+
+
+def _check_layer_source(weights, kernel_name, layer_cli, bias=None, no_bias=False, numbers=None):
+    """Usage rules shared by ``run`` and ``shape``: exactly one layer source, matching options.
+
+    ``numbers`` is ``None`` where ``--out-channels/--kernel-size`` do not exist
+    (``run``), else whether they were given.
+    """
+    sources = [name for name, given in (("--weights", weights), ("--kernel", kernel_name),
+                                        ("--out-channels/--kernel-size", numbers)) if given]
+    if len(sources) > 1:
+        raise click.UsageError(f"{sources[0]} and {sources[1]} cannot be used together")
+    if not sources:
+        wanted = "--weights or --kernel" if numbers is None else \
+            "--weights, --kernel or --out-channels with --kernel-size"
+        raise click.UsageError(f"give the layer with {wanted}")
+    if bias is not None and no_bias:
+        raise click.UsageError("--bias and --no-bias cannot be used together")
+    if (bias is not None or no_bias) and not weights:
+        raise click.UsageError("--bias and --no-bias need --weights")
+    if kernel_name:
+        if layer_cli["stride"] is None:
+            raise click.UsageError("--kernel needs --stride (the integer upsampling factor)")
+        extra = [f"--{name.replace('_', '-')}" for name, value in layer_cli.items()
+                 if name != "stride" and value is not None]
+        if extra:
+            raise click.UsageError(f"{', '.join(extra)} cannot be used with --kernel "
+                                   f"(a built-in kernel derives its layer from --stride)")
+
+
+def _emit_plan(echo, plan, input_label, layer_label):
+    """The report lines every command prints before any data-dependent check."""
+    echo(f"input:   {input_label}")
+    echo(f"weights: {layer_label}")
+    echo(f"layer:   {plan.layer_line()}")
+    for line in plan.formula:
+        echo(line)
+
+
+def _shape_str(shape):
+    """``(8, 7, 6)``, and ``(2,)`` for one value, like Python prints shapes."""
+    return "(" + ", ".join(str(v) for v in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _input_label(spec, info):
+    """``vol.nii.gz (48, 48, 48) as (N, C, D, H, W) (1, 1, 48, 48, 48) int16``."""
+    shown = _shape_str(info.stored_shape)
+    if tuple(info.stored_shape) != tuple(info.engine_shape):
+        shown += f" as (N, C, D, H, W) {_shape_str(info.engine_shape)}"
+    return f"{spec} {shown} {info.dtype}"
+
+
+def _layer_label(plan, source=None, bias_source=None):
+    """``w.npz:weight (1, 2, 3, 3, 3), bias w.npz:bias (2,)``, or the built-in kernel."""
+    if plan.kernel:
+        return f"built-in {plan.kernel}, depthwise, weight {_shape_str(plan.weight_shape)}"
+    label = _shape_str(plan.weight_shape) if source is None else f"{source} {_shape_str(plan.weight_shape)}"
+    if plan.bias_shape is not None:
+        label += f", bias {bias_source} {_shape_str(plan.bias_shape)}"
+    return label
+
+
+def _check_output(output, inputs, overwrite, plan):
+    """Refuse an output that would lose data or cannot be written, before any work.
+
+    Parameters
+    ----------
+    output : str
+        ``PATH[:KEY]`` to write.
+    inputs : list of str or None
+        Every file the run reads (volume, weights, bias).
+    overwrite : bool
+    plan : report.LayerPlan
+        The validated layer (engine output shape, parameters).
+
+    Raises
+    ------
+    OutputError
+        The output is one of the inputs (however spelled; also with
+        ``--overwrite``, since the rename would destroy it), exists without
+        ``--overwrite``, is a folder, its folder is missing or read-only, or
+        the format cannot hold the result (suffix, key, batch).
+    """
+    from . import io
+    from .io._atomic import same_file
+
+    path, key = io.split_spec(output)
+    for spec in inputs:
+        if spec and same_file(path, io.split_spec(spec)[0]):
+            raise OutputError(f"the output {path} is the input file {spec}; choose another output name "
+                              f"(--overwrite never replaces an input)")
+    io.output_format(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"cannot write {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: it is a folder")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputError(f"{path} exists; use --overwrite to replace it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
+    # The format's own rules (a key where it holds one array, a batch into NIfTI)
+    # live in the file layer's ``prepare``; a dry run on a one-voxel stand-in of
+    # the result applies them now rather than after the computation.
+    import numpy as np
+
+    stand_in = np.zeros(tuple(plan.output_shape[:2]) + (1, 1, 1), dtype=np.float32)
+    io._format(path).prepare(key, stand_in, None, plan.params, plan.formula, None, None)
+
+
+class _Progress:
+    """Engine ``progress(done, total)`` callback drawing a bar on a terminal.
+
+    The bar appears only when stderr is a terminal and the computation has
+    been running for :data:`PROGRESS_DELAY` seconds, so quick runs and logs
+    stay clean.
+    """
+
+    def __init__(self, enabled):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.bar = None
+        self.shown = 0
+        self.lock = threading.Lock()
+
+    @property
+    def callback(self):
+        """The callable to hand to the engine, or ``None`` (no overhead) when disabled."""
+        return self if self.enabled else None
+
+    def __call__(self, done, total):
+        with self.lock:
+            if self.bar is None:
+                if time.monotonic() - self.start < PROGRESS_DELAY:
+                    return
+                self.bar = click.progressbar(length=total, label="computing", file=sys.stderr)
+                self.bar.__enter__()
+            self.bar.update(done - self.shown)
+            self.shown = done
+
+    def close(self):
+        """Finish the bar line, if one was drawn."""
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@cli.command()
+@click.argument("input", metavar="INPUT")
+@click.argument("output", metavar="OUTPUT")
+@opt.weights_opt
+@click.option("--bias", "-b", default=None, metavar="PATH[:KEY]",
+              help="Bias (Cout,) [default: a 'bias' array next to the weights, if any].")
+@click.option("--no-bias", is_flag=True, default=False, help="Ignore any bias stored with the weights.")
+@opt.kernel_opt
+@opt.layer_options
+@opt.dtype_opt
+@opt.max_memory_opt
+@opt.overwrite_opt
+@opt.json_opt
+@opt.quiet_opt
+def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, output_padding, dilation,
+        groups, dtype, max_memory, overwrite, as_json, quiet):
+    """Upsample INPUT into OUTPUT with a transposed convolution.
+
+    The layer comes from a weights file (--weights, with its stored stride,
+    padding, ... unless given here) or a built-in kernel (--kernel nearest|linear
+    with --stride). The output size formula is printed per axis before
+    computing. OUTPUT's suffix picks the format (.nii, .nii.gz, .h5, .npz, .npy).
+    """
+    from . import io, report
+
+    layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
+    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias)
+    echo = _echo_err(quiet)
+    started = time.perf_counter()
+
+    info = io.probe_volume(input)
+    loaded = io.read_weights(weights, bias, no_bias=no_bias) if weights else None
+    plan = report.plan_layer(
+        info.engine_shape, layer_cli, kernel=kernel_name,
+        weight_shape=None if loaded is None else loaded.weight.shape,
+        bias_shape=None if loaded is None or loaded.bias is None else loaded.bias.shape,
+        file_options=None if loaded is None else loaded.options)
+    # The formula comes first so that it is visible even if a later check fails.
+    layer_label = _layer_label(plan) if loaded is None else \
+        _layer_label(plan, loaded.source, loaded.bias_source)
+    _emit_plan(echo, plan, _input_label(input, info), layer_label)
+    plan.validate()
+    _check_output(output, [input, weights, bias], overwrite, plan)
+    itemsize = 8 if dtype == "float64" else 4
+    weight_bytes = 0 if loaded is None else loaded.weight.nbytes
+    limit = report.check_memory(report.working_set(plan, itemsize, weight_bytes), max_memory)
+    echo(f"output:  {_shape_str(plan.output_shape)} {dtype} -> {output}")
+
+    volume = io.read_volume(input, max_bytes=limit)
+    progress = _Progress(not quiet)
+    try:
+        if kernel_name:
+            from .builtin import apply_builtin
+
+            result = apply_builtin(volume.data, kernel_name, plan.params.stride, dtype=dtype,
+                                   progress=progress.callback)
+        else:
+            from .engine import conv_transpose3d
+
+            p = plan.params
+            result = conv_transpose3d(volume.data, loaded.weight, loaded.bias, p.stride, p.padding,
+                                      p.output_padding, p.dilation, p.groups, dtype=dtype,
+                                      progress=progress.callback)
+    finally:
+        progress.close()
+    written = io.write_volume(output, result, like=volume, params=plan.params, formula=plan.formula,
+                              overwrite=overwrite, source=input, dtype=dtype)
+    seconds = time.perf_counter() - started
+    echo(f"wrote {written} in {seconds:.2f} s")
+    if as_json:
+        from .geometry import output_affine
+
+        out = plan.as_dict()
+        out.update({
+            "input": input, "output": output, "dtype": dtype,
+            "weights": None if loaded is None else loaded.source,
+            "bias": None if loaded is None else loaded.bias_source,
+            "input_file_shape": list(info.stored_shape),
+            "output_file_shape": list(io.probe_volume(output).stored_shape),
+            "output_affine": output_affine(info.affine, plan.params).tolist(),
+            "seconds": round(seconds, 6),
+        })
+        click.echo(json.dumps(out, default=_json_default))
+
+
+@cli.command()
+@click.argument("input", metavar="[INPUT]", required=False)
+@click.option("--input-shape", callback=opt.shape_handler, default=None, metavar="N,C,D,H,W",
+              help="Input shape (N,C,D,H,W or C,D,H,W) instead of an INPUT file.")
+@click.option("--out-channels", type=click.IntRange(min=1), default=None, metavar="C",
+              help="Output channels (with --kernel-size, instead of --weights).")
+@click.option("--kernel-size", callback=opt.triple_handler, default=None, metavar="K",
+              help="Kernel size K or kD,kH,kW (with --out-channels).")
+@opt.weights_opt
+@opt.kernel_opt
+@opt.layer_options
+@click.option("--target", callback=opt.triple_handler, default=None, metavar="D,H,W",
+              help="Plan: list the padding/output-padding pairs giving this output size.")
+@opt.json_opt
+def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, stride, padding,
+          output_padding, dilation, groups, target, as_json):
+    """Print the output shape and the size formula without computing anything.
+
+    The input is a file (only its header is read) or --input-shape; the layer
+    is --weights, --kernel, or --out-channels with --kernel-size. With --target,
+    list the padding and output padding that give that size on each axis.
+    """
+    from . import report
+
+    if (input is None) == (input_shape is None):
+        raise click.UsageError("give either INPUT or --input-shape")
+    if (out_channels is None) != (kernel_size is None):
+        raise click.UsageError("--out-channels and --kernel-size go together")
+    layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
+    _check_layer_source(weights, kernel_name, layer_cli, numbers=out_channels is not None)
+    if target is not None and kernel_name:
+        raise click.UsageError("--target plans padding for --weights or --kernel-size, not --kernel")
+
+    info = loaded = None
+    if input is not None:
+        from . import io
+
+        info = io.probe_volume(input)
+        input_shape = tuple(info.engine_shape)
+    if weights:
+        from . import io
+
+        # Shape and stored options only: nothing but headers is read.
+        loaded = io.inspect_weights(weights)
+        weight_shape = loaded.shape
+    elif out_channels is not None:
+        weight_shape = report.weight_shape_for(input_shape[-4], out_channels, kernel_size, layer_cli)
+    else:
+        weight_shape = None
+    plan = report.plan_layer(input_shape, layer_cli, kernel=kernel_name, weight_shape=weight_shape,
+                             file_options=None if loaded is None else loaded.options)
+    echo = (lambda line="": None) if as_json else click.echo
+    _emit_plan(echo, plan, _input_label(input, info) if input else _shape_str(input_shape),
+               _layer_label(plan, loaded and loaded.source))
+    plan.validate()
+    echo(f"output:  {_shape_str(plan.output_shape)}")
+    out = plan.as_dict()
+    out["input"] = input
+    out["weights"] = loaded and loaded.source
+    missing = []
+    if target is not None:
+        axes = report.target_plan(input_shape[-3:], target, plan.params)
+        for line in report.target_lines(axes, plan.params):
+            echo(line)
+        out["target"] = axes
+        missing = [entry["axis"] for entry in axes if not entry["choices"]]
+    if as_json:
+        click.echo(json.dumps(out, default=_json_default))
+    if missing:
+        raise _CliError(f"no padding/output_padding reaches the target along {', '.join(missing)} "
+                        f"with this kernel size, stride and dilation")
+
+
+@cli.command()
+@click.argument("spec", metavar="PATH[:KEY]")
+@opt.json_opt
+def info(spec, as_json):
+    """Describe a volume or weights file: shape, dtype and how convt3d reads it.
+
+    NIfTI: the affine, zooms and codes; HDF5: the tree of datasets; npz: the arrays.
+    """
+    from . import io
+
+    description = io.describe(spec)
+    if as_json:
+        click.echo(json.dumps(description, default=_json_default))
+        return
+    for line in _pretty(description):
+        click.echo(line)
+
+
+def _json_default(value):
+    """Make NumPy scalars and arrays JSON-serialisable."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _pretty(value, indent=0):
+    """Indented ``key: value`` lines for nested dicts and lists from :func:`io.describe`."""
+    pad = "  " * indent
+    lines = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _is_leaf(item) or not item:
+                lines.append(f"{pad}{key}: {_leaf(item)}")
+            elif _is_matrix(item):
+                lines.append(f"{pad}{key}:")
+                width = max(len(f"{v:.6g}") for row in item for v in row)
+                lines.extend(f"{pad}  " + " ".join(f"{v:.6g}".rjust(width) for v in row) for row in item)
+            else:
+                lines.append(f"{pad}{key}:")
+                lines.extend(_pretty(item, indent + 1))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if _is_leaf(item):
+                lines.append(f"{pad}- {_leaf(item)}")
+            else:
+                sub = _pretty(item, indent + 1)
+                if sub:
+                    sub[0] = f"{pad}- " + sub[0].lstrip()
+                lines.extend(sub)
+    else:
+        lines.append(f"{pad}{_leaf(value)}")
+    return lines
+
+
+def _is_leaf(value):
+    if isinstance(value, dict):
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, (int, float, str, bool)) or v is None for v in value)
+    return True
+
+
+def _is_matrix(value):
+    return (isinstance(value, (list, tuple)) and value
+            and all(isinstance(row, (list, tuple)) and row and all(isinstance(v, (int, float)) for v in row)
+                    for row in value))
+
+
+def _leaf(value):
+    if isinstance(value, (list, tuple)):
+        return _shape_str([_leaf(v) for v in value]) if value else "-"
+    if isinstance(value, dict):
+        return "-"          # empty: nothing below it
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def main(argv=None):
+    """Entry point of the ``convt3d`` console script and ``python -m convt3d_cli``."""
+    cli.main(args=argv, prog_name="convt3d")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

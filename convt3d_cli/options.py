@@ -1,0 +1,181 @@
+"""Reusable click options and callbacks for the ``convt3d`` commands.
+
+Modelled on rasterio's ``rio/options.py``: every option is defined once here
+and shared by the commands, so ``run`` and ``shape`` cannot drift apart.
+
+The layer options (``--stride`` ...) default to ``None`` on purpose: a weights
+file may carry its own ``stride``/``padding``/... and those apply unless the
+command line gives a value (see :func:`merge_layer_options`). This module only
+imports click, so it keeps ``convt3d --help`` instant.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+# The values a layer takes when neither the command line nor a weights file sets them.
+LAYER_DEFAULTS = {"stride": 1, "padding": 0, "output_padding": 0, "dilation": 1, "groups": 1}
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_ints(value, count=None):
+    """Parse ``"2"`` or ``"2,2,1"`` into a tuple of ints.
+
+    Parameters
+    ----------
+    value : str
+        Comma-separated integers (spaces around the commas are allowed).
+    count : int or sequence of int, optional
+        Allowed numbers of values.
+
+    Returns
+    -------
+    tuple of int
+
+    Raises
+    ------
+    ValueError
+        With a message fit for :class:`click.BadParameter`.
+    """
+    parts = str(value).split(",")
+    try:
+        numbers = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a comma-separated list of integers") from None
+    if count is not None:
+        allowed = (count,) if isinstance(count, int) else tuple(count)
+        if len(numbers) not in allowed:
+            wanted = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"expected {wanted} integers, got {len(numbers)} in {value!r}")
+    return numbers
+
+
+def triple_handler(ctx, param, value):
+    """Click callback: ``2`` -> ``(2, 2, 2)``, ``2,2,1`` -> ``(2, 2, 1)``; ``None`` stays ``None``.
+
+    Range rules (stride >= 1, ...) are left to :meth:`geometry.LayerParams.create`
+    so that the library and the command line give the same messages.
+
+    Raises
+    ------
+    click.BadParameter
+        If the text is not one or three integers.
+    """
+    if value is None or isinstance(value, tuple):
+        return value
+    try:
+        numbers = parse_ints(value, count=(1, 3))
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return numbers * 3 if len(numbers) == 1 else numbers
+
+
+def shape_handler(ctx, param, value):
+    """Click callback for ``--input-shape``: 4 (C,D,H,W) or 5 (N,C,D,H,W) integers."""
+    if value is None:
+        return None
+    try:
+        return parse_ints(value, count=(4, 5))
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def parse_size(text):
+    """Parse a memory size such as ``256M``, ``2G``, ``1.5GiB`` or ``1000000`` into bytes.
+
+    Units are binary (``K`` = 1024 bytes); a trailing ``B`` or ``iB`` is accepted.
+
+    Raises
+    ------
+    ValueError
+        If the text is not a positive size.
+    """
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 512M, 2G or 1000000")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"{text!r} must be larger than 0")
+    return size
+
+
+def size_handler(ctx, param, value):
+    """Click callback wrapping :func:`parse_size`; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def merge_layer_options(cli_values, file_values=None):
+    """Combine layer options: command line over weights file over defaults.
+
+    Parameters
+    ----------
+    cli_values : dict
+        ``stride``, ``padding``, ... as parsed by click (``None`` = not given).
+    file_values : dict, optional
+        Options stored in the weights file (``Weights.options``).
+
+    Returns
+    -------
+    dict
+        Every key of :data:`LAYER_DEFAULTS` with a value.
+    """
+    merged = dict(LAYER_DEFAULTS)
+    merged.update({k: v for k, v in (file_values or {}).items() if k in LAYER_DEFAULTS and v is not None})
+    merged.update({k: v for k, v in cli_values.items() if k in LAYER_DEFAULTS and v is not None})
+    return merged
+
+
+_TRIPLE_HELP = "Integer or three integers D,H,W."
+
+stride_opt = click.option(
+    "--stride", "-s", callback=triple_handler, default=None, metavar="S",
+    help=f"Stride (upsampling factor). {_TRIPLE_HELP} [default: weights file, else 1]")
+padding_opt = click.option(
+    "--padding", "-p", callback=triple_handler, default=None, metavar="P",
+    help=f"Implicit padding removed from each side of the output. {_TRIPLE_HELP} [default: weights file, else 0]")
+output_padding_opt = click.option(
+    "--output-padding", callback=triple_handler, default=None, metavar="OP",
+    help=f"Extra size added to one side of the output. {_TRIPLE_HELP} [default: weights file, else 0]")
+dilation_opt = click.option(
+    "--dilation", callback=triple_handler, default=None, metavar="D",
+    help=f"Spacing between kernel taps. {_TRIPLE_HELP} [default: weights file, else 1]")
+groups_opt = click.option(
+    "--groups", type=click.IntRange(min=1), default=None, metavar="G",
+    help="Number of channel groups. [default: weights file, else 1]")
+dtype_opt = click.option(
+    "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+    help="Compute (and output) precision.")
+json_opt = click.option(
+    "--json", "as_json", is_flag=True, default=False,
+    help="Print one JSON object with the report on stdout.")
+quiet_opt = click.option(
+    "--quiet", "-q", is_flag=True, default=False,
+    help="Print nothing on stderr except errors (no report, no progress bar).")
+max_memory_opt = click.option(
+    "--max-memory", callback=size_handler, default=None, metavar="SIZE",
+    help="Refuse runs whose working set (input + output + weights) exceeds SIZE, e.g. 512M, 2G. "
+         "[default: the memory available]")
+overwrite_opt = click.option(
+    "--overwrite", is_flag=True, default=False, help="Replace an existing output file.")
+weights_opt = click.option(
+    "--weights", "-w", default=None, metavar="PATH[:KEY]",
+    help="Weight array (Cin, Cout/groups, kD, kH, kW) or (groups, Cin/groups, Cout/groups, kD, kH, kW).")
+kernel_opt = click.option(
+    "--kernel", "-k", "kernel_name", type=click.Choice(["nearest", "linear"]), default=None,
+    help="Built-in depthwise upsampling kernel instead of --weights (needs --stride).")
+
+
+def layer_options(func):
+    """Decorator adding ``--stride --padding --output-padding --dilation --groups``."""
+    for option in reversed((stride_opt, padding_opt, output_padding_opt, dilation_opt, groups_opt)):
+        func = option(func)
+    return func

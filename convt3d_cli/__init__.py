@@ -1,12 +1,11 @@
 """convt3d: upsample 3-D volumes with an exact, fast ConvTranspose3d.
 
-The engine (and with it Numba) is imported on first use so that the command
-line starts instantly.
+The engine (with Numba) and the geometry helpers (with NumPy) are imported on
+first use so that ``convt3d --help`` starts instantly.
 """
 
 from .errors import (Convt3dError, FileFormatError, KeyNotFoundError, MemoryLimitError,
                      OutputError, ParameterError, ShapeError)
-from .geometry import output_shape
 
 __version__ = "0.1.0"
 
@@ -21,4 +20,7 @@ def __getattr__(name):
     if name in ("conv_transpose3d", "ConvTranspose3d"):
         from . import engine
         return getattr(engine, name)
+    if name == "output_shape":
+        from .geometry import output_shape
+        return output_shape
     raise AttributeError(f"module 'convt3d_cli' has no attribute {name!r}")

@@ -61,6 +61,12 @@ class _Group(click.Group):
                 raise
             raise _CliError("out of memory; use a smaller input (--max-memory checks the size "
                             "before computing)") from None
+        except BrokenPipeError:
+            # The reader went away (`convt3d info x.nii | head`): stop quietly, like other
+            # Unix tools; point stdout at /dev/null so Python's exit-time flush stays silent.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)
         except OSError as err:
             if debug:
                 raise
@@ -150,54 +156,6 @@ def _layer_label(plan, source=None, bias_source=None):
     return label
 
 
-def _check_output(output, inputs, overwrite, plan):
-    """Refuse an output that would lose data or cannot be written, before any work.
-
-    Parameters
-    ----------
-    output : str
-        ``PATH[:KEY]`` to write.
-    inputs : list of str or None
-        Every file the run reads (volume, weights, bias).
-    overwrite : bool
-    plan : report.LayerPlan
-        The validated layer (engine output shape, parameters).
-
-    Raises
-    ------
-    OutputError
-        The output is one of the inputs (however spelled; also with
-        ``--overwrite``, since the rename would destroy it), exists without
-        ``--overwrite``, is a folder, its folder is missing or read-only, or
-        the format cannot hold the result (suffix, key, batch).
-    """
-    from . import io
-    from .io._atomic import same_file
-
-    path, key = io.split_spec(output)
-    for spec in inputs:
-        if spec and same_file(path, io.split_spec(spec)[0]):
-            raise OutputError(f"the output {path} is the input file {spec}; choose another output name "
-                              f"(--overwrite never replaces an input)")
-    io.output_format(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OutputError(f"cannot write {path}: the folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a folder")
-    if os.path.lexists(path) and not overwrite:
-        raise OutputError(f"{path} exists; use --overwrite to replace it")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
-    # The format's own rules (a key where it holds one array, a batch into NIfTI)
-    # live in the file layer's ``prepare``; a dry run on a one-voxel stand-in of
-    # the result applies them now rather than after the computation.
-    import numpy as np
-
-    stand_in = np.zeros(tuple(plan.output_shape[:2]) + (1, 1, 1), dtype=np.float32)
-    io._format(path).prepare(key, stand_in, None, plan.params, plan.formula, None, None)
-
-
 class _Progress:
     """Engine ``progress(done, total)`` callback drawing a bar on a terminal.
 
@@ -277,7 +235,8 @@ def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, out
         _layer_label(plan, loaded.source, loaded.bias_source)
     _emit_plan(echo, plan, _input_label(input, info), layer_label)
     plan.validate()
-    _check_output(output, [input, weights, bias], overwrite, plan)
+    io.check_output(output, plan.output_shape, params=plan.params, formula=plan.formula,
+                    inputs=[input, weights, bias], overwrite=overwrite)
     itemsize = 8 if dtype == "float64" else 4
     weight_bytes = 0 if loaded is None else loaded.weight.nbytes
     limit = report.check_memory(report.working_set(plan, itemsize, weight_bytes), max_memory)

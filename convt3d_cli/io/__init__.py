@@ -16,7 +16,7 @@ import importlib
 import numpy as np
 
 from ..errors import FileFormatError, OutputError, ParameterError, ShapeError
-from ._atomic import atomic_write, same_file
+from ._atomic import atomic_write, check_target, same_file
 from ._base import ArrayFormat
 from ._common import (BIAS, SUFFIXES, WEIGHT, Volume, VolumeInfo, Weights, WeightsInfo,
                       check_memory, check_numeric, choose_entry, dtype_name, find_bias,
@@ -25,7 +25,7 @@ from ._common import (BIAS, SUFFIXES, WEIGHT, Volume, VolumeInfo, Weights, Weigh
 __all__ = [
     "Volume", "VolumeInfo", "Weights", "WeightsInfo", "SUFFIXES", "split_spec", "format_of", "output_format",
     "read_volume", "probe_volume", "read_weights", "probe_weights", "inspect_weights",
-    "write_volume", "describe", "atomic_write", "same_file",
+    "write_volume", "check_output", "describe", "atomic_write", "same_file",
 ]
 
 
@@ -256,6 +256,42 @@ def read_weights(spec, bias_spec=None, *, no_bias=False):
 
 
 # --------------------------------------------------------------------------- writing
+
+def check_output(spec, out_shape, *, params, formula, inputs=(), overwrite=False):
+    """Refuse, before any computation, an output that :func:`write_volume` would refuse.
+
+    Parameters
+    ----------
+    spec : str
+        Output ``PATH[:KEY]``.
+    out_shape : tuple of int
+        The result's ``(N, Cout, D, H, W)``.
+    params : LayerParams
+    formula : list of str
+    inputs : iterable of str
+        Specs of every file the run reads; the output may be none of them, with
+        or without ``overwrite``, however the path is spelled.
+    overwrite : bool
+
+    Raises
+    ------
+    OutputError
+        Unsupported suffix, output is an input, existing output without
+        ``overwrite``, missing or read-only folder, or a result the format cannot
+        hold (a key for NIfTI/npy, a batch into NIfTI).
+    """
+    path, key = split_spec(spec)
+    for other in inputs:
+        if other and same_file(path, split_spec(other)[0]):
+            raise OutputError(f"the output {path} is the input file {other}; choose another output name "
+                              f"(--overwrite never replaces an input)")
+    output_format(path)
+    check_target(path, overwrite)
+    # The format's own rules live in ``prepare``; a dry run on a one-voxel stand-in
+    # of the result applies them now rather than after the computation.
+    stand_in = np.zeros(tuple(out_shape[:2]) + (1, 1, 1), dtype=np.float32)
+    _format(path).prepare(key, stand_in, None, params, list(formula), None, None)
+
 
 def write_volume(spec, data, *, like, params, formula, overwrite=False, source=None, dtype=None):
     """Write an engine result atomically; the format follows the output suffix.

@@ -57,6 +57,28 @@ def temp_path(target):
     return os.path.join(folder, f".{name[:100]}{TEMP_MARK}{token}.tmp{real_suffix(name)}")
 
 
+def check_target(path, overwrite=False):
+    """Refuse a target that cannot be written; return its folder.
+
+    Raises
+    ------
+    OutputError
+        The folder is missing or not writable, the target is a folder, or it
+        exists and ``overwrite`` is false.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"cannot write {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: it is a folder")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputError(f"{path} exists; use --overwrite to replace it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
+    return folder
+
+
 @contextmanager
 def atomic_write(path, overwrite=False):
     """Write ``path`` atomically.
@@ -89,13 +111,7 @@ def atomic_write(path, overwrite=False):
     SIGTERM raises :class:`Terminated` so that the same cleanup happens.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OutputError(f"cannot write {path}: the folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a folder")
-    if os.path.lexists(path) and not overwrite:
-        raise OutputError(f"{path} exists; use --overwrite to replace it")
+    folder = check_target(path, overwrite)
     with _sigterm_raises():
         tmp, created = None, False
         try:

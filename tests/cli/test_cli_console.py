@@ -75,3 +75,15 @@ def test_progress_bar_only_on_a_terminal_after_a_moment(monkeypatch):
         slow.callback(done, 4)
     slow.close()
     assert "100%" in sys.stderr.getvalue()
+
+
+def test_closed_pipe_is_quiet(sample_data):
+    """`convt3d info x | head -1`: no `Error:` line and no traceback when the reader leaves."""
+    proc = subprocess.Popen([str(_console_script()), "info", str(sample_data / "phantom.nii.gz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Error" not in stderr and "Traceback" not in stderr
+    assert proc.returncode in (0, 141)

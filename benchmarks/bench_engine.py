@@ -138,9 +138,9 @@ def main():
             if torch is not None:
                 with torch.no_grad():
                     t = time.perf_counter()
-                    ty = torch.nn.functional.conv_transpose3d(tx, tw, tb, **kwargs)
+                    torch.nn.functional.conv_transpose3d(tx, tw, tb, **kwargs)
                     torch_times.append(time.perf_counter() - t)
-                del ty
+
         eng = float(np.median(eng_times))
         flops = 2.0 * n * cin * (cout // g) * np.prod(k3) * np.prod(spatial)
         gflops = flops / eng / 1e9

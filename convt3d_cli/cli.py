@@ -22,7 +22,7 @@ import click
 
 from . import __version__
 from . import options as opt
-from .errors import Convt3dError, OutputError
+from .errors import Convt3dError
 
 # Show a progress bar only for runs that last longer than this (seconds).
 PROGRESS_DELAY = 0.5
@@ -124,38 +124,6 @@ def _check_layer_source(weights, kernel_name, layer_cli, bias=None, no_bias=Fals
                                    f"(a built-in kernel derives its layer from --stride)")
 
 
-def _emit_plan(echo, plan, input_label, layer_label):
-    """The report lines every command prints before any data-dependent check."""
-    echo(f"input:   {input_label}")
-    echo(f"weights: {layer_label}")
-    echo(f"layer:   {plan.layer_line()}")
-    for line in plan.formula:
-        echo(line)
-
-
-def _shape_str(shape):
-    """``(8, 7, 6)``, and ``(2,)`` for one value, like Python prints shapes."""
-    return "(" + ", ".join(str(v) for v in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _input_label(spec, info):
-    """``vol.nii.gz (48, 48, 48) as (N, C, D, H, W) (1, 1, 48, 48, 48) int16``."""
-    shown = _shape_str(info.stored_shape)
-    if tuple(info.stored_shape) != tuple(info.engine_shape):
-        shown += f" as (N, C, D, H, W) {_shape_str(info.engine_shape)}"
-    return f"{spec} {shown} {info.dtype}"
-
-
-def _layer_label(plan, source=None, bias_source=None):
-    """``w.npz:weight (1, 2, 3, 3, 3), bias w.npz:bias (2,)``, or the built-in kernel."""
-    if plan.kernel:
-        return f"built-in {plan.kernel}, depthwise, weight {_shape_str(plan.weight_shape)}"
-    label = _shape_str(plan.weight_shape) if source is None else f"{source} {_shape_str(plan.weight_shape)}"
-    if plan.bias_shape is not None:
-        label += f", bias {bias_source} {_shape_str(plan.bias_shape)}"
-    return label
-
-
 class _Progress:
     """Engine ``progress(done, total)`` callback drawing a bar on a terminal.
 
@@ -216,67 +184,20 @@ def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, out
     with --stride). The output size formula is printed per axis before
     computing. OUTPUT's suffix picks the format (.nii, .nii.gz, .h5, .npz, .npy).
     """
-    from . import io, report
+    from . import pipeline
 
     layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
     _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias)
-    echo = _echo_err(quiet)
-    started = time.perf_counter()
-
-    info = io.probe_volume(input)
-    loaded = io.read_weights(weights, bias, no_bias=no_bias) if weights else None
-    plan = report.plan_layer(
-        info.engine_shape, layer_cli, kernel=kernel_name,
-        weight_shape=None if loaded is None else loaded.weight.shape,
-        bias_shape=None if loaded is None or loaded.bias is None else loaded.bias.shape,
-        file_options=None if loaded is None else loaded.options)
-    # The formula comes first so that it is visible even if a later check fails.
-    layer_label = _layer_label(plan) if loaded is None else \
-        _layer_label(plan, loaded.source, loaded.bias_source)
-    _emit_plan(echo, plan, _input_label(input, info), layer_label)
-    plan.validate()
-    io.check_output(output, plan.output_shape, params=plan.params, formula=plan.formula,
-                    inputs=[input, weights, bias], overwrite=overwrite)
-    itemsize = 8 if dtype == "float64" else 4
-    weight_bytes = 0 if loaded is None else loaded.weight.nbytes
-    limit = report.check_memory(report.working_set(plan, itemsize, weight_bytes), max_memory)
-    echo(f"output:  {_shape_str(plan.output_shape)} {dtype} -> {output}")
-
-    volume = io.read_volume(input, max_bytes=limit)
     progress = _Progress(not quiet)
     try:
-        if kernel_name:
-            from .builtin import apply_builtin
-
-            result = apply_builtin(volume.data, kernel_name, plan.params.stride, dtype=dtype,
+        result = pipeline.run_file(input, output, weights=weights, bias=bias, no_bias=no_bias,
+                                   kernel=kernel_name, layer_options=layer_cli, dtype=dtype,
+                                   max_memory=max_memory, overwrite=overwrite, echo=_echo_err(quiet),
                                    progress=progress.callback)
-        else:
-            from .engine import conv_transpose3d
-
-            p = plan.params
-            result = conv_transpose3d(volume.data, loaded.weight, loaded.bias, p.stride, p.padding,
-                                      p.output_padding, p.dilation, p.groups, dtype=dtype,
-                                      progress=progress.callback)
     finally:
         progress.close()
-    written = io.write_volume(output, result, like=volume, params=plan.params, formula=plan.formula,
-                              overwrite=overwrite, source=input, dtype=dtype)
-    seconds = time.perf_counter() - started
-    echo(f"wrote {written} in {seconds:.2f} s")
     if as_json:
-        from .geometry import output_affine
-
-        out = plan.as_dict()
-        out.update({
-            "input": input, "output": output, "dtype": dtype,
-            "weights": None if loaded is None else loaded.source,
-            "bias": None if loaded is None else loaded.bias_source,
-            "input_file_shape": list(info.stored_shape),
-            "output_file_shape": list(io.probe_volume(output).stored_shape),
-            "output_affine": output_affine(info.affine, plan.params).tolist(),
-            "seconds": round(seconds, 6),
-        })
-        click.echo(json.dumps(out, default=_json_default))
+        click.echo(json.dumps(result, default=_json_default))
 
 
 @cli.command()
@@ -331,10 +252,10 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
     plan = report.plan_layer(input_shape, layer_cli, kernel=kernel_name, weight_shape=weight_shape,
                              file_options=None if loaded is None else loaded.options)
     echo = (lambda line="": None) if as_json else click.echo
-    _emit_plan(echo, plan, _input_label(input, info) if input else _shape_str(input_shape),
-               _layer_label(plan, loaded and loaded.source))
+    report.emit_plan(echo, plan, report.input_label(input, info) if input else report.shape_str(input_shape),
+               report.layer_label(plan, loaded and loaded.source))
     plan.validate()
-    echo(f"output:  {_shape_str(plan.output_shape)}")
+    echo(f"output:  {report.shape_str(plan.output_shape)}")
     out = plan.as_dict()
     out["input"] = input
     out["weights"] = loaded and loaded.source
@@ -422,7 +343,9 @@ def _is_matrix(value):
 
 def _leaf(value):
     if isinstance(value, (list, tuple)):
-        return _shape_str([_leaf(v) for v in value]) if value else "-"
+        from .report import shape_str
+
+        return shape_str([_leaf(v) for v in value]) if value else "-"
     if isinstance(value, dict):
         return "-"          # empty: nothing below it
     if value is None:

@@ -243,3 +243,37 @@ def check_memory(needed, max_memory=None, available=None):
             f"(--max-memory cannot raise this limit)")
     limits = [v for v in (max_memory, available) if v is not None]
     return min(limits) if limits else None
+
+
+# --------------------------------------------------------------------------- report lines
+
+def emit_plan(echo, plan, input_label, layer_label):
+    """The report lines every command prints before any data-dependent check."""
+    echo(f"input:   {input_label}")
+    echo(f"weights: {layer_label}")
+    echo(f"layer:   {plan.layer_line()}")
+    for line in plan.formula:
+        echo(line)
+
+
+def shape_str(shape):
+    """``(8, 7, 6)``, and ``(2,)`` for one value, like Python prints shapes."""
+    return "(" + ", ".join(str(v) for v in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def input_label(spec, info):
+    """``vol.nii.gz (48, 48, 48) as (N, C, D, H, W) (1, 1, 48, 48, 48) int16``."""
+    shown = shape_str(info.stored_shape)
+    if tuple(info.stored_shape) != tuple(info.engine_shape):
+        shown += f" as (N, C, D, H, W) {shape_str(info.engine_shape)}"
+    return f"{spec} {shown} {info.dtype}"
+
+
+def layer_label(plan, source=None, bias_source=None):
+    """``w.npz:weight (1, 2, 3, 3, 3), bias w.npz:bias (2,)``, or the built-in kernel."""
+    if plan.kernel:
+        return f"built-in {plan.kernel}, depthwise, weight {shape_str(plan.weight_shape)}"
+    label = shape_str(plan.weight_shape) if source is None else f"{source} {shape_str(plan.weight_shape)}"
+    if plan.bias_shape is not None:
+        label += f", bias {bias_source} {shape_str(plan.bias_shape)}"
+    return label

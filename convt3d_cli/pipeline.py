@@ -1,0 +1,109 @@
+"""One file in, one file out: the work behind ``convt3d run`` (and every file of a batch).
+
+The order matters for users and is kept here in one place: the formula is
+reported first, then every check that can fail (layer, channels, output path,
+memory) runs before any voxel is read or any file is created; only then the
+input is read, computed and written atomically.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import io, report
+
+
+def _silent(line=""):
+    return None
+
+
+def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=None, layer_options=None,
+             dtype="float32", max_memory=None, overwrite=False, echo=None, progress=None):
+    """Upsample one volume file into another.
+
+    Parameters
+    ----------
+    input, output : str
+        ``PATH[:KEY]`` specs; the output format follows its suffix.
+    weights, bias : str, optional
+        Weight and bias specs (``weights`` or ``kernel`` is required).
+    no_bias : bool
+        Ignore a bias stored beside the weights.
+    kernel : {"nearest", "linear"}, optional
+        Built-in kernel instead of weights.
+    layer_options : dict, optional
+        ``stride``, ``padding``, ``output_padding``, ``dilation``, ``groups``; ``None``
+        values fall back to the weights file's stored options, then to the defaults.
+    dtype : {"float32", "float64"}
+    max_memory : int, optional
+        Bytes the working set may take (default: what is available).
+    overwrite : bool
+        Replace an existing output (never an input).
+    echo : callable(str), optional
+        Receives the human-readable report lines (formula, shapes, timing).
+    progress : callable(done, total), optional
+        Engine progress callback.
+
+    Returns
+    -------
+    dict
+        The JSON report of CONTRACT §6 (shapes, layer options, formula, output, seconds, ...).
+
+    Raises
+    ------
+    Convt3dError
+        Any refusal; nothing has been written then.
+    """
+    echo = echo or _silent
+    layer_options = dict(layer_options or {})
+    started = time.perf_counter()
+
+    info = io.probe_volume(input)
+    loaded = io.read_weights(weights, bias, no_bias=no_bias) if weights else None
+    plan = report.plan_layer(
+        info.engine_shape, layer_options, kernel=kernel,
+        weight_shape=None if loaded is None else loaded.weight.shape,
+        bias_shape=None if loaded is None or loaded.bias is None else loaded.bias.shape,
+        file_options=None if loaded is None else loaded.options)
+    # The formula comes first so that it is visible even if a later check fails.
+    layer_label = report.layer_label(plan) if loaded is None else \
+        report.layer_label(plan, loaded.source, loaded.bias_source)
+    report.emit_plan(echo, plan, report.input_label(input, info), layer_label)
+    plan.validate()
+    io.check_output(output, plan.output_shape, params=plan.params, formula=plan.formula,
+                    inputs=[input, weights, bias], overwrite=overwrite)
+    itemsize = 8 if dtype == "float64" else 4
+    weight_bytes = 0 if loaded is None else loaded.weight.nbytes
+    limit = report.check_memory(report.working_set(plan, itemsize, weight_bytes), max_memory)
+    echo(f"output:  {report.shape_str(plan.output_shape)} {dtype} -> {output}")
+
+    volume = io.read_volume(input, max_bytes=limit)
+    if kernel:
+        from .builtin import apply_builtin
+
+        result = apply_builtin(volume.data, kernel, plan.params.stride, dtype=dtype, progress=progress)
+    else:
+        from .engine import conv_transpose3d
+
+        p = plan.params
+        result = conv_transpose3d(volume.data, loaded.weight, loaded.bias, p.stride, p.padding,
+                                  p.output_padding, p.dilation, p.groups, dtype=dtype, progress=progress)
+    volume.data = None  # the input is no longer needed: free it before writing
+    written = io.write_volume(output, result, like=volume, params=plan.params, formula=plan.formula,
+                              overwrite=overwrite, source=input, dtype=dtype)
+    seconds = time.perf_counter() - started
+    echo(f"wrote {written} in {seconds:.2f} s")
+
+    from .geometry import output_affine
+
+    out = plan.as_dict()
+    out.update({
+        "input": input, "output": output, "dtype": dtype,
+        "weights": None if loaded is None else loaded.source,
+        "bias": None if loaded is None else loaded.bias_source,
+        "input_file_shape": list(info.stored_shape),
+        "output_file_shape": list(io.probe_volume(output).stored_shape),
+        "output_affine": output_affine(info.affine, plan.params).tolist(),
+        "seconds": round(seconds, 6),
+    })
+    return out

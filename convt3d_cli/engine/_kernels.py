@@ -18,61 +18,121 @@ _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 
 
 @njit(parallel=True, **_JIT)
-def direct_gather(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_inputs,
-                  w_first, w_nq, w_ntaps, w_kernel, w_shift, stride_w, in_start):
-    """Few-channel path: per output row, accumulate each W-phase contiguously.
+def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_inputs,
+               w_kidx, stride_w, pad_w, in_start, chunk):
+    """Few-channel path: unit-stride FIR rows over repeat-upsampled input rows.
 
     x : (N, Cin, Dslab, H, W); w : (G, Cin/G, Cout/G, kD, kH, kW); bias : (Cout,)
-    out : (N, Cout, Dout_slab, Hout, Wout); D/H tables index the output slab rows.
+    out : (N, Cout, Dout_slab, Hout, Wout); D/H tables index the output slab rows
+    (global input indices); ``w_kidx`` comes from ``_plan.fir_taps``.
+
+    Along W, output ``o`` reads ``rep[o - m * s]`` for windows ``m`` where ``rep``
+    is the input row repeated ``s`` times, with a per-position coefficient (zero
+    where no tap lands). Every access is then unit-stride and vectorises, with
+    no strided scatter of phases. One job is a chunk of consecutive output planes
+    of one channel: it builds the repeated rows of the input planes it reads once.
     """
-    n_batch, c_out, n_od, n_oh, _ = out.shape
+    n_batch, c_out, n_od, n_oh, n_ow = out.shape
     cin_g = w.shape[1]
     cout_g = w.shape[2]
+    k_d = w.shape[3]
+    k_h = w.shape[4]
+    n_ih = x.shape[3]
     n_iw = x.shape[4]
-    n_phase = w_nq.shape[0]
-    nq_max = 1
-    for r in range(n_phase):
-        nq_max = max(nq_max, w_nq[r])
-    for job in prange(n_batch * c_out * n_od):
-        od = job % n_od
-        plane = job // n_od
+    n_win = w_kidx.shape[0]
+    lead = (n_win - 1) * stride_w
+    n_rep = lead + n_ow
+    n_chunks = (n_od + chunk - 1) // chunk
+    for job in prange(n_batch * c_out * n_chunks):
+        ch = job % n_chunks
+        plane = job // n_chunks
         co = plane % c_out
         n = plane // c_out
         g = co // cout_g
         co_g = co - g * cout_g
         b = bias[co]
-        acc = np.empty(nq_max, dtype=out.dtype)
-        for oh in range(n_oh):
-            out_row = out[n, co, od, oh]
-            for r in range(n_phase):
-                nq = w_nq[r]
-                if nq == 0:
-                    continue
-                acc[:nq] = b
+        od0 = ch * chunk
+        od1 = min(n_od, od0 + chunk)
+        id_lo = x.shape[2] + in_start
+        id_hi = -1
+        for od in range(od0, od1):
+            for a in range(d_count[od]):
+                id_lo = min(id_lo, d_inputs[od, a])
+                id_hi = max(id_hi, d_inputs[od, a])
+        n_id = max(0, id_hi - id_lo + 1)
+        rep = np.zeros((cin_g, n_id, n_ih, n_rep), dtype=out.dtype)
+        for ci in range(cin_g):
+            for di in range(n_id):
+                id_local = id_lo + di - in_start
+                for ih in range(n_ih):
+                    x_row = x[n, g * cin_g + ci, id_local, ih]
+                    r_row = rep[ci, di, ih]
+                    # rep[i * s + off] = x[i] for each of the s copies: one strided copy per copy.
+                    for jj in range(stride_w):
+                        off = lead - pad_w + jj
+                        i_lo = max(0, -(off // stride_w))
+                        i_hi = min(n_iw, -((off - n_rep) // stride_w))
+                        if i_hi <= i_lo:
+                            continue
+                        dst = r_row[off + i_lo * stride_w::stride_w]
+                        src_x = x_row[i_lo:i_hi]
+                        for i in range(i_hi - i_lo):
+                            dst[i] = src_x[i]
+        coef = np.zeros((cin_g, k_d, k_h, n_win, n_ow), dtype=out.dtype)
+        for ci in range(cin_g):
+            for kd in range(k_d):
+                for kh in range(k_h):
+                    for m in range(n_win):
+                        c_row = coef[ci, kd, kh, m]
+                        for t in range(n_ow):
+                            kw = w_kidx[m, t]
+                            if kw >= 0:
+                                c_row[t] = w[g, ci, co_g, kd, kh, kw]
+        # Each output row is a sum of (coefficient row x shifted repeated row) terms; applying
+        # them four at a time cuts loop overhead and output-row traffic fourfold.
+        rep2 = rep.reshape((cin_g * n_id * n_ih, n_rep))
+        coef2 = coef.reshape((cin_g * k_d * k_h * n_win, n_ow))
+        max_terms = d_taps.shape[1] * h_taps.shape[1] * cin_g * n_win
+        t_rep = np.empty(max_terms, dtype=np.int64)
+        t_coef = np.empty(max_terms, dtype=np.int64)
+        t_start = np.empty(max_terms, dtype=np.int64)
+        for od in range(od0, od1):
+            for oh in range(n_oh):
+                nt = 0
                 for a in range(d_count[od]):
                     kd = d_taps[od, a]
-                    id_local = d_inputs[od, a] - in_start
+                    di = d_inputs[od, a] - id_lo
                     for bb in range(h_count[oh]):
                         kh = h_taps[oh, bb]
                         ih = h_inputs[oh, bb]
                         for ci in range(cin_g):
-                            x_row = x[n, g * cin_g + ci, id_local, ih]
-                            for j in range(w_ntaps[r]):
-                                wv = w[g, ci, co_g, kd, kh, w_kernel[r, j]]
-                                c = w_shift[r, j]
-                                lo = max(0, -c)
-                                hi = min(nq, n_iw - c)
-                                if hi <= lo:
-                                    continue
-                                # Slices first, then a 0-based counter: Numba can prove the
-                                # index non-negative, drops wraparound checks and vectorises.
-                                dst = acc[lo:hi]
-                                src = x_row[lo + c:hi + c]
-                                for t in range(hi - lo):
-                                    dst[t] += wv * src[t]
-                dst_row = out_row[w_first[r]::stride_w]
-                for t in range(nq):
-                    dst_row[t] = acc[t]
+                            for m in range(n_win):
+                                t_rep[nt] = (ci * n_id + di) * n_ih + ih
+                                t_coef[nt] = ((ci * k_d + kd) * k_h + kh) * n_win + m
+                                t_start[nt] = lead - m * stride_w
+                                nt += 1
+                out_row = out[n, co, od, oh]
+                for t in range(n_ow):
+                    out_row[t] = b
+                j = 0
+                while j + 4 <= nt:
+                    c0 = coef2[t_coef[j]]
+                    c1 = coef2[t_coef[j + 1]]
+                    c2 = coef2[t_coef[j + 2]]
+                    c3 = coef2[t_coef[j + 3]]
+                    s0 = rep2[t_rep[j], t_start[j]:t_start[j] + n_ow]
+                    s1 = rep2[t_rep[j + 1], t_start[j + 1]:t_start[j + 1] + n_ow]
+                    s2 = rep2[t_rep[j + 2], t_start[j + 2]:t_start[j + 2] + n_ow]
+                    s3 = rep2[t_rep[j + 3], t_start[j + 3]:t_start[j + 3] + n_ow]
+                    for t in range(n_ow):
+                        out_row[t] += (c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t])
+                    j += 4
+                while j < nt:
+                    c0 = coef2[t_coef[j]]
+                    s0 = rep2[t_rep[j], t_start[j]:t_start[j] + n_ow]
+                    for t in range(n_ow):
+                        out_row[t] += c0[t] * s0[t]
+                    j += 1
 
 
 @njit(**_JIT)

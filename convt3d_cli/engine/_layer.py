@@ -31,6 +31,9 @@ TILE_BYTES_MAX = 4 * 1024 * 1024
 TILE_SHARE_OF_OUTPUT = 0.05
 GEMM_MIN_COLUMNS = 256
 
+# Repeated input rows one direct-kernel job keeps (per thread): about L2-sized.
+REP_BYTES = 1024 * 1024
+
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
@@ -106,7 +109,7 @@ class PreparedLayer:
             o_h, o_w = self.out_spatial[1:]
             self._static = {
                 "h_table": _plan.gather_table(0, o_h, n_h, k[1], s[1], p[1], d[1]),
-                "w_phases": _plan.phase_arrays(_plan.axis_phases(o_w, k[2], s[2], p[2], d[2])),
+                "w_fir": _plan.fir_taps(o_w, k[2], s[2], p[2], d[2]),
                 "phases_h": _plan.axis_phases(o_h, k[1], s[1], p[1], d[1]),
                 "phases_w": _plan.axis_phases(o_w, k[2], s[2], p[2], d[2]),
                 "phases_d": _plan.axis_phases(self.out_spatial[0], k[0], s[0], p[0], d[0]),
@@ -136,15 +139,30 @@ class PreparedLayer:
                       self.params.dilation)
         static = self._static_tables()
         n_batch = x_slab.shape[0]
-        # Chunks of D planes keep the progress bar moving without costing parallelism.
-        chunk = _progress_chunk(out_stop - out_start, n_batch * self.out_channels) if progress else out_stop - out_start
-        for o0 in range(out_start, out_stop, chunk):
-            o1 = min(out_stop, o0 + chunk)
+        n_planes = out_stop - out_start
+        # Progress needs several kernel calls; each call still spreads its planes over all threads.
+        step = -(-n_planes // 50) if progress else n_planes
+        for o0 in range(out_start, out_stop, step):
+            o1 = min(out_stop, o0 + step)
             d_table = _plan.gather_table(o0, o1, self.input_shape[2], k[0], s[0], p[0], d[0])
-            kern.direct_gather(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start],
-                               *d_table, *static["h_table"], *static["w_phases"], s[2], in_start)
+            kern.direct_fir(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start],
+                            *d_table, *static["h_table"], static["w_fir"], s[2], p[2], in_start,
+                            self._direct_chunk(o1 - o0, n_batch))
             if progress:
                 progress(n_batch * (o1 - o0))
+
+    def _direct_chunk(self, n_planes, n_batch):
+        """Output planes per direct-kernel job: the repeated input rows it caches stay
+        near ``REP_BYTES``, and there are enough jobs to keep every thread busy."""
+        k, s, d = self.params.kernel_size[0], self.params.stride[0], self.params.dilation[0]
+        n_win = self._static_tables()["w_fir"].shape[0]
+        rep_plane = self.cin_g * self.input_shape[3] * ((n_win - 1) * self.params.stride[2]
+                                                        + self.out_spatial[2]) * self.dtype.itemsize
+        in_planes = max(1, REP_BYTES // max(1, rep_plane))
+        by_memory = max(1, (in_planes - (k - 1) * d // s - 1) * s)
+        jobs_wanted = 4 * _threads()
+        by_balance = max(1, -(-(n_batch * self.out_channels * n_planes) // jobs_wanted) // max(1, n_batch * self.out_channels))
+        return int(max(1, min(n_planes, by_memory, by_balance)))
 
     def _run_gemm(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
@@ -273,11 +291,6 @@ class PreparedLayer:
             first = pd.first + lo * s[0] - out_start
             last = pd.first + (hi - 1) * s[0] - out_start + 1
             out[:, :, first:last:s[0], ph.first::s[1], pw.first::s[2]] = bias
-
-
-def _progress_chunk(n_planes, planes_per_d):
-    # Aim for about 50 progress updates while keeping each chunk parallel-worthy.
-    return max(1, min(n_planes, -(-n_planes // 50)))
 
 
 def _is_int_like(value):

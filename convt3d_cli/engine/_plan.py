@@ -79,20 +79,6 @@ def axis_phases(n_out, k, s, p, d):
     return phases
 
 
-def phase_arrays(phases):
-    """Pack one axis' phases for the direct kernel (first, count, ntaps, kernel, shift)."""
-    width = max(1, max(len(ph.kernel) for ph in phases))
-    first = np.array([ph.first for ph in phases], dtype=np.int64)
-    count = np.array([ph.count for ph in phases], dtype=np.int64)
-    ntaps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
-    kernel = np.zeros((len(phases), width), dtype=np.int64)
-    shift = np.zeros((len(phases), width), dtype=np.int64)
-    for r, ph in enumerate(phases):
-        kernel[r, :len(ph.kernel)] = ph.kernel
-        shift[r, :len(ph.shift)] = ph.shift
-    return first, count, ntaps, kernel, shift
-
-
 def q_range(phase, o_start, o_stop, s):
     """Range of ``q`` whose output ``phase.first + q * s`` lies in ``[o_start, o_stop)``."""
     lo = max(0, -((phase.first - o_start) // s))      # ceil((o_start - first) / s)
@@ -142,3 +128,27 @@ def phase_groups(phases_d, phases_h, phases_w):
                 key = tuple(tuple(c - min(ax.shift) for c in ax.shift) for ax in (pd, ph, pw))
                 groups.setdefault(key, PhaseGroup(key, [])).phases.append((pd, ph, pw))
     return list(groups.values()), empty
+
+
+def fir_taps(n_out, k, s, p, d):
+    """Kernel index per output position and window for the direct kernel's W axis.
+
+    Output ``o`` reads input ``floor((o + p) / s) - m`` for windows
+    ``m = 0 .. T-1``; with ``rep[j] = x[floor((j + p) / s)]`` (the input row
+    repeated ``s`` times) that is ``rep[o - m * s]``, a unit-stride access. The
+    tap used is ``(r + m * s) / d`` with ``r = (o + p) mod s`` when that is a
+    whole kernel index, else none (``-1``: the coefficient is zero).
+
+    Returns
+    -------
+    ndarray of int64, shape (T, n_out)
+    """
+    windows = (k - 1) * d // s + 1
+    table = np.full((windows, n_out), -1, dtype=np.int64)
+    for o in range(n_out):
+        r = (o + p) % s
+        for m in range(windows):
+            num = r + m * s
+            if num % d == 0 and num // d < k:
+                table[m, o] = num // d
+    return table

@@ -105,6 +105,33 @@ class PhaseGroup:
         return [min(phase[axis].shift) for phase in self.phases]
 
 
+def union_phases(phases):
+    """Align one axis' phases to the union of their relative shift windows.
+
+    Each phase keeps its anchor (smallest shift) and gets one tap per window
+    offset; offsets it has no tap for get kernel index ``-1`` (a zero weight).
+    All phases of the axis then share one shift pattern, so every 3-D phase
+    falls into one group: one im2col and one tall GEMM at the price of some
+    multiplications by zero.
+    """
+    window = sorted({c - min(ph.shift) for ph in phases if ph.kernel for c in ph.shift})
+    aligned = []
+    for ph in phases:
+        if not ph.kernel:
+            aligned.append(ph)
+            continue
+        anchor = min(ph.shift)
+        by_offset = {c - anchor: kj for kj, c in zip(ph.kernel, ph.shift)}
+        aligned.append(AxisPhase(ph.first, ph.count, tuple(by_offset.get(b, -1) for b in window),
+                                 tuple(anchor + b for b in window)))
+    return aligned
+
+
+def real_taps(phase_triple):
+    """Number of non-padding taps of a 3-D phase."""
+    return int(np.prod([sum(1 for kj in ax.kernel if kj >= 0) for ax in phase_triple]))
+
+
 def phase_groups(phases_d, phases_h, phases_w):
     """Group 3-D phases by relative shift pattern; phases without taps are returned apart.
 

@@ -101,6 +101,8 @@ class PreparedLayer:
             self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype)
         self.use_gemm = self.cin_g * self.cout_g >= GEMM_MIN_CHANNEL_PRODUCT
         self._static = None
+        self._groups = None
+        self._stacked = {}
 
     @property
     def output_shape(self):
@@ -238,6 +240,11 @@ class PreparedLayer:
         phases to a common tap window costs at most ``UNION_MAX_EXTRA`` times the
         useful multiplications, one tall GEMM over one im2col is faster.
         """
+        if self._groups is None:
+            self._groups = self._choose_groups()
+        return self._groups
+
+    def _choose_groups(self):
         static = self._static_tables()
         exact, empty = _plan.phase_groups(static["phases_d"], static["phases_h"], static["phases_w"])
         if len(exact) <= 1 or self.cin_g * self.cout_g > UNION_MAX_CHANNEL_PRODUCT:
@@ -249,6 +256,24 @@ class PreparedLayer:
         if len(padded) == 1 and computed <= UNION_MAX_EXTRA * useful:
             return padded, empty_union
         return exact, empty
+
+    def _stacked_weights(self, group):
+        """Row (phase, co), column (ci, jd, jh, jw) weight matrix per group; built once per layer."""
+        key = id(group)
+        if key not in self._stacked:
+            kd = np.array([pd.kernel for pd, _, _ in group.phases])
+            kh = np.array([ph.kernel for _, ph, _ in group.phases])
+            kw = np.array([pw.kernel for _, _, pw in group.phases])
+            w = self.weight  # (G, Cin_g, Cout_g, kD, kH, kW)
+            if min(kd.min(), kh.min(), kw.min()) < 0:
+                # A zero slice after each kernel axis: kernel index -1 (a padded tap) selects it.
+                w = np.pad(w, [(0, 0)] * 3 + [(0, 1)] * 3)
+            sel = w[:, :, :, kd[:, :, None, None], kh[:, None, :, None], kw[:, None, None, :]]
+            # sel: (G, Cin_g, Cout_g, P, Td, Th, Tw) -> (G, P, Cout_g, Cin_g, Td, Th, Tw)
+            rows = len(group.phases) * self.cout_g
+            self._stacked[key] = np.ascontiguousarray(sel.transpose(0, 3, 2, 1, 4, 5, 6)).reshape(
+                self.groups, rows, -1)
+        return self._stacked[key]
 
     def _group_plan(self, group, out_start, out_stop, budget):
         """Tile geometry and stacked weights for one phase group within the slab.
@@ -283,16 +308,7 @@ class PreparedLayer:
         # GEMMs narrower than a few hundred columns waste most of BLAS's time on packing.
         min_planes = -(-GEMM_MIN_COLUMNS // (n_qh * n_qw))
         tile_qd = max(1, min(n_ud_whole, max(min_planes, budget // max(1, per_plane))))
-        # Stacked weights: row (phase, co), column (ci, jd, jh, jw), one matrix per group.
-        kd = np.array([pd.kernel for pd, _, _ in group.phases])
-        kh = np.array([ph.kernel for _, ph, _ in group.phases])
-        kw = np.array([pw.kernel for _, _, pw in group.phases])
-        # A zero slice after each kernel axis: kernel index -1 (a padded tap) selects it.
-        w = np.pad(self.weight, [(0, 0)] * 3 + [(0, 1)] * 3)  # (G, Cin_g, Cout_g, kD+1, kH+1, kW+1)
-        sel = w[:, :, :, kd[:, :, None, None], kh[:, None, :, None], kw[:, None, None, :]]
-        # sel: (G, Cin_g, Cout_g, P, Td, Th, Tw) -> (G, P, Cout_g, Cin_g, Td, Th, Tw)
-        weights = np.ascontiguousarray(sel.transpose(0, 3, 2, 1, 4, 5, 6)).reshape(
-            self.groups, res_rows, cols_rows)
+        weights = self._stacked_weights(group)
         scatter = (
             np.array([pd.first for pd, _, _ in group.phases], dtype=np.int64),
             np.array([ph.first for _, ph, _ in group.phases], dtype=np.int64),

@@ -162,8 +162,11 @@ quiet_opt = click.option(
     help="Print nothing on stderr except errors (no report, no progress bar).")
 max_memory_opt = click.option(
     "--max-memory", callback=size_handler, default=None, metavar="SIZE",
-    help="Refuse runs whose working set (input + output + weights) exceeds SIZE, e.g. 512M, 2G. "
-         "[default: the memory available]")
+    help="Bound the working set to SIZE, e.g. 256M, 2G: larger runs are computed and written in "
+         "slabs (same result). [default: half of the memory available]")
+compress_level_opt = click.option(
+    "--compress-level", type=click.IntRange(0, 3), default=None, metavar="0-3",
+    help=".nii.gz outputs: gzip effort, 0 fastest to 3 smallest (ISA-L igzip). [default: 1]")
 overwrite_opt = click.option(
     "--overwrite", is_flag=True, default=False, help="Replace an existing output file.")
 weights_opt = click.option(

@@ -8,7 +8,10 @@ input is read, computed and written atomically.
 
 from __future__ import annotations
 
+import os
 import time
+
+import numpy as np
 
 from . import io, report
 
@@ -17,8 +20,15 @@ def _silent(line=""):
     return None
 
 
+def layer_output_shape(layer, transposed):
+    """Engine output ``(N, C, D, H, W)`` of an oriented layer (undoing the transposition)."""
+    shape = tuple(layer.output_shape)
+    return shape[:2] + tuple(reversed(shape[2:])) if transposed else shape
+
+
 def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=None, layer_options=None,
-             dtype="float32", max_memory=None, overwrite=False, echo=None, progress=None):
+             dtype="float32", max_memory=None, overwrite=False, echo=None, progress=None,
+             compress_level=None):
     """Upsample one volume file into another.
 
     Parameters
@@ -36,13 +46,17 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         values fall back to the weights file's stored options, then to the defaults.
     dtype : {"float32", "float64"}
     max_memory : int, optional
-        Bytes the working set may take (default: what is available).
+        Bytes the working set may take (default: half of the available memory). When the
+        whole volume does not fit, the output is computed and written in slabs
+        (:mod:`convt3d_cli.stream`); the result is byte for byte the same.
     overwrite : bool
         Replace an existing output (never an input).
     echo : callable(str), optional
         Receives the human-readable report lines (formula, shapes, timing).
     progress : callable(done, total), optional
-        Engine progress callback.
+        Progress over output planes; advances within and after every slab.
+    compress_level : int, optional
+        ``.nii.gz`` outputs: 0 (fastest) to 3 (smallest); default 1.
 
     Returns
     -------
@@ -72,25 +86,31 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     plan.validate()
     io.check_output(output, plan.output_shape, params=plan.params, formula=plan.formula,
                     inputs=[input, weights, bias], overwrite=overwrite)
-    itemsize = 8 if dtype == "float64" else 4
-    weight_bytes = 0 if loaded is None else loaded.weight.nbytes
-    limit = report.check_memory(report.working_set(plan, itemsize, weight_bytes), max_memory)
+    from . import stream
+
+    compute = np.dtype(np.float64 if dtype == "float64" else np.float32)
+    transposed = io.output_format(output) == "nifti"
+    p = plan.params
+    layer, pad = stream.oriented_layer(
+        info.engine_shape, None if loaded is None else loaded.weight,
+        None if loaded is None else loaded.bias, p, compute, transposed, kernel=kernel)
+    slabs = stream.plan_slabs(layer, pad, max_memory, resident=stream.source_resident_bytes(info),
+                              transposed=transposed)
     echo(f"output:  {report.shape_str(plan.output_shape)} {dtype} -> {output}")
+    if slabs.count > 1:
+        echo(f"stream:  {slabs.count} slabs along {slabs.axis}, about {io._common.human_bytes(slabs.needed)} "
+             f"each (budget {io._common.human_bytes(slabs.budget)})")
 
-    volume = io.read_volume(input, max_bytes=limit)
-    if kernel:
-        from .builtin import apply_builtin
-
-        result = apply_builtin(volume.data, kernel, plan.params.stride, dtype=dtype, progress=progress)
-    else:
-        from .engine import conv_transpose3d
-
-        p = plan.params
-        result = conv_transpose3d(volume.data, loaded.weight, loaded.bias, p.stride, p.padding,
-                                  p.output_padding, p.dilation, p.groups, dtype=dtype, progress=progress)
-    volume.data = None  # the input is no longer needed: free it before writing
-    written = io.write_volume(output, result, like=volume, params=plan.params, formula=plan.formula,
-                              overwrite=overwrite, source=input, dtype=dtype)
+    folder = os.path.dirname(os.path.abspath(io.split_spec(output)[0]))
+    source = stream.open_source(info, transposed, compute, pad, folder)
+    try:
+        with io.open_writer(output, layer_output_shape(layer, transposed), like=info, params=p,
+                            formula=plan.formula, overwrite=overwrite, source=input, dtype=compute,
+                            compress_level=compress_level) as writer:
+            stream.run_slabs(layer, source, writer, slabs, progress)
+    finally:
+        source.close()
+    written = io.split_spec(output)[0]
     seconds = time.perf_counter() - started
     echo(f"wrote {written} in {seconds:.2f} s")
 
@@ -105,5 +125,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         "output_file_shape": list(io.probe_volume(output).stored_shape),
         "output_affine": output_affine(info.affine, plan.params).tolist(),
         "seconds": round(seconds, 6),
+        "slabs": slabs.count,
+        "peak_memory_bytes": stream.peak_memory_bytes(),
     })
     return out

@@ -25,8 +25,15 @@ from ._common import (BIAS, SUFFIXES, WEIGHT, Volume, VolumeInfo, Weights, Weigh
 __all__ = [
     "Volume", "VolumeInfo", "Weights", "WeightsInfo", "SUFFIXES", "split_spec", "format_of", "output_format",
     "read_volume", "probe_volume", "read_weights", "probe_weights", "inspect_weights",
-    "write_volume", "check_output", "describe", "atomic_write", "same_file",
+    "write_volume", "check_output", "describe", "atomic_write", "same_file", "open_writer",
 ]
+
+
+def open_writer(spec, out_shape, **kwargs):
+    """Streaming writer for ``spec`` (see :func:`convt3d_cli.io._stream.open_writer`)."""
+    from ._stream import open_writer as _open_writer
+
+    return _open_writer(spec, out_shape, **kwargs)
 
 
 def _format(path):

@@ -8,7 +8,7 @@ inherit the header of a NIfTI input (codes, units, intent, extensions, ...).
 
 from __future__ import annotations
 
-import gzip
+import io as _io
 import math
 import os
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import FileFormatError, OutputError, ShapeError
 from ..geometry import output_affine, output_zooms
+from . import _gzip
 from ._common import (VolumeInfo, byte_order, check_nonempty, check_numeric, check_payload,
                       dtype_name, jsonable, native, reading, require_file)
 
@@ -104,7 +105,7 @@ def read_raw(path, shape, dtype, offset):
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
     raw = np.empty(math.prod(shape), dtype=dtype)
     buffer = memoryview(raw.view(np.uint8))
-    with gzip.open(path, "rb") as stream:
+    with _gzip.open_read(path) as stream:
         _skip(stream, offset)
         done = 0
         while done < len(buffer):
@@ -295,6 +296,49 @@ def _output_image(array, like, params):
         zooms.append(later[0] if later else 1.0)
     header.set_zooms(zooms)
     return image
+
+
+def output_array_shape(out_shape):
+    """NIfTI shape of an engine output ``(1, Cout, X, Y, Z)``: ``(X, Y, Z)`` or ``(X, Y, Z, Cout)``."""
+    channels = int(out_shape[1])
+    spatial = tuple(int(v) for v in out_shape[2:])
+    return spatial if channels == 1 else spatial + (channels,)
+
+
+def header_bytes(array_shape, dtype, like, params):
+    """Header (and extensions, padded to ``vox_offset``) of the single-file image nibabel would write.
+
+    Built without the data: the image holds a zero-strided stand-in of the
+    output. The steps mirror ``nibabel.save`` (``update_header``, the scaling
+    nibabel computes for float data, ``write_to``, zero padding to the data
+    offset), so a streamed ``.nii`` is byte for byte what nibabel writes.
+
+    Returns
+    -------
+    (bytes, int)
+        The bytes before the data and the data offset (their length).
+    """
+    from nibabel.arraywriters import get_slope_inter, make_array_writer
+
+    dtype = np.dtype(dtype)
+    stand_in = np.broadcast_to(np.zeros((), dtype=dtype), tuple(array_shape))
+    image = _output_image(stand_in, like, params)
+    image.get_data_dtype(finalize=True)
+    image.update_header()
+    header = image.header
+    slope = header["scl_slope"].item() if header.has_data_slope else np.nan
+    inter = header["scl_inter"].item() if header.has_data_intercept else np.nan
+    if np.all(np.isnan((slope, inter))):
+        writer = make_array_writer(np.zeros(1, dtype=dtype), header.get_data_dtype(),
+                                   header.has_data_slope, header.has_data_intercept)
+        header.set_slope_inter(*get_slope_inter(writer))
+    buffer = _io.BytesIO()
+    header.write_to(buffer)
+    offset = int(header.get_data_offset())
+    raw = buffer.getvalue()
+    if len(raw) > offset:  # pragma: no cover - nibabel sets vox_offset past the extensions
+        raise OutputError("cannot build the NIfTI header: the extensions overrun the data offset")
+    return raw + b"\0" * (offset - len(raw)), offset
 
 
 def _inherit_header(inherited, header_class):

@@ -1,4 +1,4 @@
-"""The ``convt3d`` command line: ``run``, ``shape`` and ``info``.
+"""The ``convt3d`` command line: ``run``, ``shape``, ``info`` and ``batch``.
 
 The commands are thin: they parse options, call the library and map its
 errors. Every :class:`~convt3d_cli.errors.Convt3dError` becomes one
@@ -172,11 +172,12 @@ class _Progress:
 @opt.layer_options
 @opt.dtype_opt
 @opt.max_memory_opt
+@opt.compress_level_opt
 @opt.overwrite_opt
 @opt.json_opt
 @opt.quiet_opt
 def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, output_padding, dilation,
-        groups, dtype, max_memory, overwrite, as_json, quiet):
+        groups, dtype, max_memory, compress_level, overwrite, as_json, quiet):
     """Upsample INPUT into OUTPUT with a transposed convolution.
 
     The layer comes from a weights file (--weights, with its stored stride,
@@ -193,7 +194,18 @@ def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, out
         result = pipeline.run_file(input, output, weights=weights, bias=bias, no_bias=no_bias,
                                    kernel=kernel_name, layer_options=layer_cli, dtype=dtype,
                                    max_memory=max_memory, overwrite=overwrite, echo=_echo_err(quiet),
-                                   progress=progress.callback)
+                                   progress=progress.callback, compress_level=compress_level)
+    except KeyboardInterrupt:
+        # The temporary output is already gone (atomic_write); say so on one line, exit 130.
+        progress.close()
+        raise _CliError(f"interrupted; {output} was not written", 130) from None
+    except SystemExit as stop:
+        from .io._atomic import Terminated
+
+        if not isinstance(stop, Terminated):
+            raise
+        progress.close()
+        raise _CliError(f"terminated (SIGTERM); {output} was not written", 143) from None
     finally:
         progress.close()
     if as_json:
@@ -289,6 +301,107 @@ def info(spec, as_json):
         return
     for line in _pretty(description):
         click.echo(line)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, metavar="[INPUT]...")
+@click.option("--out-dir", "-o", required=True, metavar="DIR",
+              help="Folder for the outputs; created if missing.")
+@click.option("--from-list", "from_list", type=click.File("r"), default=None, metavar="FILE",
+              help="Read more inputs from FILE ('-' for stdin): one per line, blank lines and "
+                   "lines starting with # ignored.")
+@click.option("--suffix", default="", metavar="TEXT",
+              help="Insert TEXT before the extension of every output name (_x2: a.nii.gz -> a_x2.nii.gz).")
+@click.option("--format", "out_format", type=click.Choice(["nii", "nii.gz", "h5", "npz", "npy"]),
+              default=None, help="Output format [default: each input's own].")
+@opt.weights_opt
+@click.option("--bias", "-b", default=None, metavar="PATH[:KEY]",
+              help="Bias (Cout,) [default: a 'bias' array next to the weights, if any].")
+@click.option("--no-bias", is_flag=True, default=False, help="Ignore any bias stored with the weights.")
+@opt.kernel_opt
+@opt.layer_options
+@opt.dtype_opt
+@opt.max_memory_opt
+@opt.compress_level_opt
+@opt.overwrite_opt
+@click.option("--skip-existing", is_flag=True, default=False,
+              help="Leave files whose output exists (resume an interrupted batch).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Files processed at once in separate processes, each with cores/N threads. [default: 1]")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on a Dask cluster (tcp://host:8786) instead of locally; needs "
+                   "convt3d[distributed] and a shared file system.")
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help="Print one JSON object per file on stdout (JSON Lines).")
+@opt.quiet_opt
+def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias, kernel_name, stride, padding,
+          output_padding, dilation, groups, dtype, max_memory, compress_level, overwrite, skip_existing, jobs,
+          scheduler, as_json, quiet):
+    """Upsample many files with one layer into --out-dir.
+
+    Every INPUT (and every line of --from-list) is processed as by `convt3d run`,
+    with the same layer options; its output is the input's file name inside
+    --out-dir (--suffix, --format change it). Outputs that would collide are
+    refused before any work. A failing file is reported and the others carry
+    on: one line per file and a summary on stderr, exit 1 if any file failed.
+    With -q only failures are printed. --scheduler runs the files on a Dask
+    cluster (not with --jobs).
+    """
+    from .batch import batch_exit_code, read_list, result_line, run_batch, summary_line
+
+    if from_list is None and not inputs:
+        raise click.UsageError("give INPUT files or --from-list")
+    layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
+    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias)
+    if skip_existing and overwrite:
+        raise click.UsageError("--skip-existing and --overwrite cannot be used together")
+    if scheduler and jobs is not None:
+        raise click.UsageError("--jobs is for local processes; with --scheduler the Dask workers "
+                               "decide how many files run at once")
+    if os.sep in suffix or "/" in suffix:
+        raise click.BadParameter("must not contain a path separator", param_hint="'--suffix'")
+    specs = list(inputs) + (read_list(from_list) if from_list is not None else [])
+
+    debug = click.get_current_context().find_root().params.get("debug", False)
+    bar = None
+    if not quiet and specs and sys.stderr.isatty():
+        bar = click.progressbar(length=len(specs), label="files", file=sys.stderr)
+        bar.__enter__()
+
+    finished = []
+
+    def on_result(result):
+        finished.append(result)
+        if as_json:
+            click.echo(json.dumps(result.as_json(), default=_json_default))
+        if result.status == "failed" or not quiet:
+            if bar is not None:
+                click.echo("\r\033[K", nl=False, err=True)   # the line goes where the bar was
+            click.echo(result_line(result), err=True)
+            if debug and result.traceback:
+                click.echo(result.traceback, err=True, nl=False)
+        if bar is not None:
+            bar.update(1)                                      # redraws the bar below the line
+
+    started = time.perf_counter()
+    try:
+        results = run_batch(specs, out_dir, suffix=suffix, format=out_format, jobs=jobs,
+                            skip_existing=skip_existing, overwrite=overwrite, scheduler=scheduler,
+                            on_result=on_result, weights=weights, bias=bias, no_bias=no_bias,
+                            kernel=kernel_name, layer_options=layer_cli, dtype=dtype, max_memory=max_memory,
+                            compress_level=compress_level)
+    except KeyboardInterrupt:
+        # Finished outputs are complete and kept; the files in progress left nothing behind.
+        raise _CliError(f"interrupted after {summary_line(finished, time.perf_counter() - started)}; "
+                        f"rerun with --skip-existing to resume", 130) from None
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if not quiet:
+        click.echo(summary_line(results, time.perf_counter() - started), err=True)
+    code = batch_exit_code(results)
+    if code:
+        click.get_current_context().exit(code)
 
 
 def _json_default(value):

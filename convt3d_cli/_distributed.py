@@ -1,0 +1,109 @@
+"""Run a batch on a ``dask.distributed`` cluster (``convt3d batch --scheduler ADDRESS``).
+
+Dask does the distribution (scheduling, worker failures, data locality, the
+dashboard); convt3d only submits one task per file, each calling
+:func:`convt3d_cli.batch.run_task` on a worker, and gathers the results as
+they complete. Workers need convt3d installed and see the files at the same
+absolute paths (a shared file system).
+
+Dask is an optional dependency (``pip install "convt3d[distributed]"``) and
+is imported only from the functions here, never when the command line starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+
+from . import batch
+
+# One file at a time per worker process. Numba already spreads a file over the
+# process' cores; two files computing at once in one process would oversubscribe
+# them (and Numba's workqueue threading layer aborts on concurrent launches).
+# Workers started with ``--nthreads 1`` never wait on this lock.
+_COMPUTE = threading.Lock()
+
+
+def require():
+    """Import ``distributed`` or raise a one-line error saying how to install it.
+
+    Returns
+    -------
+    module
+        ``distributed``.
+
+    Raises
+    ------
+    DistributedUnavailable
+    """
+    try:
+        import distributed
+    except ImportError as err:
+        raise batch.DistributedUnavailable(
+            f"--scheduler needs Dask ({err}); install it with: {batch.INSTALL_HINT}") from None
+    return distributed
+
+
+def run_on_worker(task):
+    """The Dask task: process one file on a worker (never raises for a bad file)."""
+    with _COMPUTE:
+        return batch.run_task(task)
+
+
+def _lost(task, error):
+    """The failed result for a task Dask could not complete."""
+    name = type(error).__name__
+    if isinstance(error, ImportError) and "convt3d" in str(error):
+        reason = f"the Dask worker cannot import convt3d ({error}); install convt3d on every worker"
+    elif name == "KilledWorker":
+        reason = ("the Dask workers running this file died (out of memory?); rerun with "
+                  "--skip-existing to resume")
+    else:
+        reason = f"the Dask task failed: {name}: {error}"
+    return batch.lost_result(task, " ".join(reason.split()))
+
+
+def run_on_scheduler(address, tasks, on_result):
+    """Submit one task per file to the scheduler at ``address`` and report results as they come.
+
+    Parameters
+    ----------
+    address : str
+        Scheduler address, e.g. ``tcp://10.0.0.5:8786``.
+    tasks : list of batch.Task
+    on_result : callable(batch.FileResult)
+        Called in this process, in completion order.
+
+    Raises
+    ------
+    SchedulerError
+        The scheduler cannot be reached.
+    """
+    distributed = require()
+    try:
+        client = distributed.Client(address, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise batch.SchedulerError(f"cannot reach the Dask scheduler at {address}: {err}") from None
+    with client:
+        token = uuid.uuid4().hex[:8]
+        futures = {}
+        for task in tasks:
+            # pure=False: a rerun must compute again (files may have changed); the key names the
+            # file's position for the dashboard; a higher priority for earlier files keeps the
+            # input order roughly, as locally.
+            future = client.submit(run_on_worker, task, key=f"convt3d-{token}-{task.index}", pure=False,
+                                   priority=-task.index)
+            futures[future] = task
+        try:
+            for future in distributed.as_completed(futures, loop=client.loop):
+                task = futures[future]
+                try:
+                    result = future.result()
+                except (Exception, asyncio.CancelledError) as err:   # run_task never raises: Dask lost it
+                    result = _lost(task, err)
+                on_result(result)
+        except BaseException:
+            # Ctrl-C or a failing callback: do not leave the remaining files queued on the cluster.
+            client.cancel(list(futures))
+            raise

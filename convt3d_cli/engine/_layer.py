@@ -30,6 +30,8 @@ TILE_BYTES_MIN = 256 * 1024
 TILE_BYTES_MAX = 4 * 1024 * 1024
 TILE_SHARE_OF_OUTPUT = 0.05
 GEMM_MIN_COLUMNS = 256
+# Below this many tiles per thread (whole layer), tiles run in order with multi-threaded BLAS.
+TILES_PER_WORKER = 2
 
 # Pad all phases to one tap window (one im2col, one tall GEMM) when that costs at most this
 # many times the useful multiply-adds (k=3, s=2 costs 64/27 = 2.37).
@@ -222,7 +224,16 @@ class PreparedLayer:
                     with lock:
                         progress(units_per_item)
 
-        with _single_threaded_blas():
+        # Few, large tiles (small layers): one tile after another, each GEMM on all threads.
+        # The choice depends on the whole layer, never on the slab, so streamed slabs
+        # run the same code path as the in-memory call.
+        whole_tiles = self.input_shape[0] * self.groups * sum(pl["tiles_whole"] for pl in plans)
+        if workers > 1 and whole_tiles < TILES_PER_WORKER * workers:
+            with _blas_threads(workers):
+                work()
+            self._fill_bias_only(empty, out, out_start, out_stop)
+            return
+        with _blas_threads(1):
             n_workers = min(workers, len(items))
             if n_workers <= 1:
                 work()
@@ -308,6 +319,8 @@ class PreparedLayer:
         # GEMMs narrower than a few hundred columns waste most of BLAS's time on packing.
         min_planes = -(-GEMM_MIN_COLUMNS // (n_qh * n_qw))
         tile_qd = max(1, min(n_ud_whole, max(min_planes, budget // max(1, per_plane))))
+        u_lo_whole = int(delta_d.min())
+        tiles_whole = -(-(u_lo_whole + n_ud_whole) // tile_qd) - u_lo_whole // tile_qd
         weights = self._stacked_weights(group)
         scatter = (
             np.array([pd.first for pd, _, _ in group.phases], dtype=np.int64),
@@ -318,7 +331,7 @@ class PreparedLayer:
             counts_h, counts_w, delta_d, delta_h - u0_h, delta_w - u0_w,
         )
         return {
-            "q_lo": u_lo, "q_hi": u_hi, "n_qh": n_qh, "n_qw": n_qw, "tile_qd": tile_qd,
+            "q_lo": u_lo, "q_hi": u_hi, "n_qh": n_qh, "n_qw": n_qw, "tile_qd": tile_qd, "tiles_whole": tiles_whole,
             "tile_cols": tile_qd * n_qh * n_qw, "cols_rows": cols_rows, "res_rows": res_rows,
             "shift_d": shift_d, "shift_h": shift_h, "shift_w": shift_w,
             "weights": weights, "scatter": scatter,
@@ -351,13 +364,14 @@ def _threads():
 
 
 @contextmanager
-def _single_threaded_blas():
-    """Keep BLAS to one thread while our workers run tiles in parallel (no oversubscription)."""
+def _blas_threads(count):
+    """Limit BLAS threads: 1 while our workers run tiles in parallel (no oversubscription),
+    or our thread count when tiles run one after another."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - a declared dependency; degrade to oversubscription
         limiter = nullcontext()
     else:
-        limiter = threadpool_limits(limits=1, user_api="blas")
+        limiter = threadpool_limits(limits=count, user_api="blas")
     with limiter:
         yield

@@ -151,7 +151,7 @@ def main():
             line += f"{tt * 1e3:10.1f} {tt / eng:7.2f}x "
         else:
             line += f"{'-':>10s} {'-':>8s} "
-        floor_t = min(floor(out_bytes // np.dtype(dtype).itemsize, dtype) for _ in range(2))
+        floor_t = min(floor(out_bytes // np.dtype(dtype).itemsize, dtype) for _ in range(5))
         line += (f"{gflops:8.1f} {100 * gflops / gemm_rate:6.1f}% {floor_t * 1e3:9.1f} {eng / floor_t:6.1f}x "
                  f"{peak / out_bytes:7.2f}x")
         print(line, flush=True)

@@ -165,9 +165,8 @@ class _Progress:
 @click.argument("input", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT")
 @opt.weights_opt
-@click.option("--bias", "-b", default=None, metavar="PATH[:KEY]",
-              help="Bias (Cout,) [default: a 'bias' array next to the weights, if any].")
-@click.option("--no-bias", is_flag=True, default=False, help="Ignore any bias stored with the weights.")
+@opt.bias_opt
+@opt.no_bias_opt
 @opt.kernel_opt
 @opt.layer_options
 @opt.dtype_opt
@@ -315,9 +314,8 @@ def info(spec, as_json):
 @click.option("--format", "out_format", type=click.Choice(["nii", "nii.gz", "h5", "npz", "npy"]),
               default=None, help="Output format [default: each input's own].")
 @opt.weights_opt
-@click.option("--bias", "-b", default=None, metavar="PATH[:KEY]",
-              help="Bias (Cout,) [default: a 'bias' array next to the weights, if any].")
-@click.option("--no-bias", is_flag=True, default=False, help="Ignore any bias stored with the weights.")
+@opt.bias_opt
+@opt.no_bias_opt
 @opt.kernel_opt
 @opt.layer_options
 @opt.dtype_opt

@@ -172,6 +172,13 @@ overwrite_opt = click.option(
 weights_opt = click.option(
     "--weights", "-w", default=None, metavar="PATH[:KEY]",
     help="Weight array (Cin, Cout/groups, kD, kH, kW) or (groups, Cin/groups, Cout/groups, kD, kH, kW).")
+bias_opt = click.option(
+    "--bias", "-b", default=None, metavar="PATH[:KEY]",
+    help="Bias (Cout,) [default: a 'bias' array next to the weights, if any].")
+
+no_bias_opt = click.option("--no-bias", is_flag=True, default=False,
+                           help="Ignore any bias stored with the weights.")
+
 kernel_opt = click.option(
     "--kernel", "-k", "kernel_name", type=click.Choice(["nearest", "linear"]), default=None,
     help="Built-in depthwise upsampling kernel instead of --weights (needs --stride).")

@@ -41,6 +41,7 @@ import numpy as np
 from . import geometry
 from .errors import MemoryLimitError
 from .io._common import available_memory, human_bytes, reading
+from .io.nifti import apply_scaling
 
 #: Share of the available memory a run may use when --max-memory is not given.
 DEFAULT_SHARE = 0.5
@@ -147,11 +148,7 @@ class Source:
         stage = np.empty(shape, dtype=self.read_dtype)
         np.copyto(stage, raw, casting="unsafe")
         del raw
-        if self.scaling is not None:
-            slope, inter = self.scaling
-            stage *= stage.dtype.type(slope)
-            if inter:
-                stage += stage.dtype.type(inter)
+        apply_scaling(stage, self.scaling)
         return np.ascontiguousarray(stage, dtype=self.dtype)
 
     def read(self, a, b):
@@ -449,30 +446,14 @@ def plan_slabs(layer, pad, max_memory=None, resident=0, transposed=False, availa
 
 # --------------------------------------------------------------------------- the loop
 
-class _PlaneProgress:
-    """Engine ``progress(units)`` per slab -> ``callback(done, total)`` over the whole run."""
-
-    def __init__(self, callback, total):
-        self.callback, self.total, self.done, self.shown = callback, total, 0.0, 0
-
-    def __call__(self, units):
-        self.done += units
-        whole = min(self.total, int(self.done + 1e-9))
-        if whole > self.shown:
-            self.shown = whole
-            self.callback(whole, self.total)
-
-    def slab_done(self, planes_so_far):
-        self.done = float(planes_so_far)
-        self(0)
-
-
 def run_slabs(layer, source, writer, plan, progress=None):
     """Compute every slab of ``plan`` and hand it to ``writer`` (which is then committed by the caller)."""
     params = layer.params
     n_in = layer.input_shape[2]
     n = layer.output_shape[0]
-    tracker = _PlaneProgress(progress, n * layer.output_shape[2]) if progress else None
+    from .engine import ProgressAdapter
+
+    tracker = ProgressAdapter(progress, n * layer.output_shape[2]) if progress else None
     for out_start, out_stop in plan.slabs:
         in_start, in_stop = geometry.input_window(out_start, out_stop, n_in, 0, params)
         if in_stop <= in_start:  # only the bias reaches these planes; the engine still wants a plane

@@ -15,7 +15,7 @@ from .. import geometry
 from ..errors import ParameterError, ShapeError
 from ._layer import PreparedLayer, compute_dtype
 
-__all__ = ["conv_transpose3d", "ConvTranspose3d", "PreparedLayer", "compute_dtype"]
+__all__ = ["conv_transpose3d", "ConvTranspose3d", "PreparedLayer", "ProgressAdapter", "compute_dtype"]
 
 
 def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
@@ -74,7 +74,7 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     else:
         result = _check_out(out, full_shape if layer.batched else full_shape[1:], ctype).reshape(full_shape)
     total = full_shape[0] * full_shape[2]
-    report = _ProgressAdapter(progress, total) if progress else None
+    report = ProgressAdapter(progress, total) if progress else None
     previous = None
     if threads is not None:
         if not isinstance(threads, (int, np.integer)) or threads < 1:
@@ -101,8 +101,12 @@ def _check_out(out, shape, dtype):
     return out
 
 
-class _ProgressAdapter:
-    """Turn the engine's fractional plane counts into ``progress(done, total)`` calls."""
+class ProgressAdapter:
+    """Turn the engine's fractional plane counts into ``progress(done, total)`` calls.
+
+    ``run_slab`` reports finished output planes as (fractional) units; callers
+    that drive several slabs keep one adapter for the whole run.
+    """
 
     def __init__(self, callback, total):
         self.callback, self.total, self.done, self.reported = callback, total, 0.0, 0
@@ -113,6 +117,11 @@ class _ProgressAdapter:
         if whole > self.reported:
             self.reported = whole
             self.callback(whole, self.total)
+
+    def slab_done(self, planes_so_far):
+        """Snap to an exact count after a slab (fractions may not add up exactly)."""
+        self.done = float(planes_so_far)
+        self(0)
 
     def finish(self):
         if self.reported < self.total:

@@ -178,7 +178,6 @@ class PreparedLayer:
     def _run_gemm(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
         s = self.params.stride
-        static = self._static_tables()
         groups, empty = self._gemm_groups()
         n_batch = x_slab.shape[0]
         n_id = self.input_shape[2]

@@ -68,6 +68,15 @@ def engine_view(raw):
     return np.moveaxis(raw, 3, 0)[None]
 
 
+def apply_scaling(array, scale):
+    """Apply ``(slope, inter)`` in place (no-op for ``None``), in the array's own dtype."""
+    if scale is not None:
+        slope, inter = scale
+        array *= array.dtype.type(slope)
+        if inter:
+            array += array.dtype.type(inter)
+
+
 def scaling(image):
     """``(slope, inter)`` when they change the values, else ``None``.
 
@@ -198,11 +207,7 @@ class NiftiFormat:
             # One pass converts type and byte order and makes the result C-ordered.
             np.copyto(out, engine_view(raw), casting="unsafe")
             del raw
-        if info.scaling is not None:
-            slope, inter = info.scaling
-            out *= out.dtype.type(slope)
-            if inter:
-                out += out.dtype.type(inter)
+        apply_scaling(out, info.scaling)
         return out
 
     # ---- writing --------------------------------------------------------------------

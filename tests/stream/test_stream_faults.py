@@ -79,6 +79,35 @@ def test_read_only_folder(run, tmp_path):
         locked.chmod(0o755)
 
 
+def test_unwritable_folder_simulated(run, monkeypatch):
+    """The same refusal as root (which writes anywhere): the folder reports no write access."""
+    real_access = os.access
+    folder = str(run.folder)
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if (
+        os.path.abspath(path) == folder and mode & os.W_OK) else real_access(path, mode, *a, **k))
+    result = run("run", "vol.npy", "out.nii.gz", *LINEAR, code=1)
+    assert "not writable" in result.stderr and "Traceback" not in result.stderr
+    assert _leftovers(run.folder) == []
+
+
+def test_permission_denied_creating_the_temporary(run, monkeypatch):
+    """A folder that refuses the file itself (ACLs, read-only mounts): one clear line, nothing left."""
+    from convt3d_cli.io import _atomic
+
+    real_open = os.open
+
+    def refuse_temporaries(path, *args, **kwargs):
+        if _atomic.TEMP_MARK in os.fspath(path):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_temporaries)
+    result = run("run", "vol.npy", "out.h5", *LINEAR, code=1)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Permission denied" in errors[0], result.stderr
+    assert _leftovers(run.folder) == []
+
+
 # Tiny fixed allowances (many slabs) and 30 ms per slab, so that the signal surely lands
 # mid-stream however loaded the machine is.
 SCRIPT = ("import sys, time; from convt3d_cli import stream; stream.FIXED_BYTES = 0; "

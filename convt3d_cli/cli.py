@@ -164,15 +164,7 @@ class _Progress:
 @cli.command()
 @click.argument("input", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT")
-@opt.weights_opt
-@opt.bias_opt
-@opt.no_bias_opt
-@opt.kernel_opt
-@opt.layer_options
-@opt.dtype_opt
-@opt.max_memory_opt
-@opt.compress_level_opt
-@opt.overwrite_opt
+@opt.job_options
 @opt.json_opt
 @opt.quiet_opt
 def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, output_padding, dilation,
@@ -313,15 +305,7 @@ def info(spec, as_json):
               help="Insert TEXT before the extension of every output name (_x2: a.nii.gz -> a_x2.nii.gz).")
 @click.option("--format", "out_format", type=click.Choice(["nii", "nii.gz", "h5", "npz", "npy"]),
               default=None, help="Output format [default: each input's own].")
-@opt.weights_opt
-@opt.bias_opt
-@opt.no_bias_opt
-@opt.kernel_opt
-@opt.layer_options
-@opt.dtype_opt
-@opt.max_memory_opt
-@opt.compress_level_opt
-@opt.overwrite_opt
+@opt.job_options
 @click.option("--skip-existing", is_flag=True, default=False,
               help="Leave files whose output exists (resume an interrupted batch).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",

@@ -189,3 +189,13 @@ def layer_options(func):
     for option in reversed((stride_opt, padding_opt, output_padding_opt, dilation_opt, groups_opt)):
         func = option(func)
     return func
+
+
+def job_options(func):
+    """Decorator adding everything that shapes one file's job, shared by ``run`` and ``batch``:
+    the layer source (``--weights --bias --no-bias --kernel``), the layer options, ``--dtype``,
+    ``--max-memory``, ``--compress-level`` and ``--overwrite``."""
+    for option in reversed((weights_opt, bias_opt, no_bias_opt, kernel_opt, layer_options, dtype_opt,
+                            max_memory_opt, compress_level_opt, overwrite_opt)):
+        func = option(func)
+    return func

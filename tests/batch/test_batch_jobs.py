@@ -4,21 +4,14 @@ import json
 import multiprocessing
 import os
 import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-
-import pytest
 
 from convt3d_cli import batch as batch_module
+from helpers import console_script
 
 
 def _console_script():
-    folder = Path(sys.executable).parent
-    for name in ("convt3d", "convt3d.exe"):
-        if (folder / name).exists():
-            return folder / name
-    pytest.skip("the convt3d console script is not installed next to this Python")
+    return console_script()
 
 
 def test_jobs_2_equals_jobs_1_bit_for_bit(kit, batch, scans, good_inputs):

@@ -7,15 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+from helpers import console_script
 
 
 def _console_script():
-    folder = Path(sys.executable).parent
-    for name in ("convt3d", "convt3d.exe"):
-        if (folder / name).exists():
-            return folder / name
-    pytest.skip("the convt3d console script is not installed next to this Python")
+    return console_script()
 
 
 def test_console_script_runs_on_the_sample_data(tmp_path, sample_data):

@@ -11,8 +11,11 @@ their first plane along D) so the same kernels serve whole volumes and
 streamed slabs.
 """
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 
@@ -215,3 +218,207 @@ def scatter_phases(res, out, bias, first_d, first_h, first_w, lo_d, hi_d, count_
             src = res_row[start:start + nw]
             for t in range(nw):
                 dst[t] = src[t] + b
+
+
+# Register block of ``blocked_phases``: CHANNEL_BLOCK output channels x POSITION_BLOCK
+# consecutive outputs of one phase row. 8 x 16 float32 accumulators are 8 AVX-512 (16 AVX2)
+# registers; each term then costs one vector load of inputs and 8 broadcast FMAs.
+CHANNEL_BLOCK = 8
+POSITION_BLOCK = 16
+_ACC = CHANNEL_BLOCK * POSITION_BLOCK
+
+
+@intrinsic
+def _stack_block(typingctx, dtype):
+    """A pointer to ``_ACC`` uninitialised elements on the stack.
+
+    Unlike a NumPy array (heap memory that LLVM must assume the inputs may
+    alias) a stack block indexed only by constants is promoted to registers.
+    """
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=_ACC)
+    return types.CPointer(dtype.dtype)(dtype), codegen
+
+
+@njit(parallel=True, **_JIT)
+def blocked_phases(x, w_packed, terms, bias, out, first_d, count_d, first_h, count_h, first_w, count_w,
+                   stride_d, stride_h, stride_w, d_chunk, h_tile, rows_per_block, shift_d_min, n_dp,
+                   shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start):
+    """Many-channel path: register-blocked gather, one output phase at a time.
+
+    x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout)
+    w_packed : (G, n_cob, Pd, Ph, Pw, T * CHANNEL_BLOCK) weights of each phase's terms
+        (ci, jd, jh, jw) for blocks of output channels (zero past Cout/G);
+    terms : (Pd, Ph, Pw, T + 1) offset of each term's input row segment in the job's padded
+        input block, ``-1`` after the last term (an uncountable loop: LLVM then vectorises
+        the register block instead of the term loop, which would need gathers);
+    first_*, count_* : per-phase first output and output count along each axis.
+    rows_per_block : > 1 only for rows shorter than a position block that need no W halo
+        (``n_wp`` = row length): one block then covers that many whole rows.
+
+    Phase ``r`` of an axis owns outputs ``first[r] + q * stride``. One job covers ``d_chunk``
+    values of ``q`` along D (all D phases) and ``h_tile`` along H, for one sample and group.
+    It copies the input it reads into a zero-padded block of ``n_dp`` planes x ``n_hp`` rows
+    x ``n_wp`` columns per input channel, starting at input plane ``q0 + shift_d_min``, row
+    ``qh0 + shift_h_min`` and column ``shift_w_min`` (so the inner loop has no bounds checks),
+    then for every block of CHANNEL_BLOCK channels x POSITION_BLOCK outputs accumulates all
+    terms in registers and writes each output once.
+    """
+    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    n_ih = x.shape[3]
+    n_iw = x.shape[4]
+    n_slab = x.shape[2]
+    groups = w_packed.shape[0]
+    n_cob = w_packed.shape[1]
+    cin_g = x.shape[1] // groups
+    cout_g = c_out // groups
+    n_qh = 0
+    n_qw = 0
+    q_lo = n_id + 1
+    q_hi = 0
+    for r in range(stride_d):
+        # q along D whose output lies in this slab.
+        lo = max(0, (out_start - first_d[r] + stride_d - 1) // stride_d)
+        hi = min(count_d[r], (out_start + n_od - first_d[r] + stride_d - 1) // stride_d)
+        if hi > lo:
+            q_lo = min(q_lo, lo)
+            q_hi = max(q_hi, hi)
+    for r in range(stride_h):
+        n_qh = max(n_qh, count_h[r])
+    for r in range(stride_w):
+        n_qw = max(n_qw, count_w[r])
+    if q_hi <= q_lo or n_qh == 0 or n_qw == 0:
+        return
+    n_chunks = (q_hi - q_lo + d_chunk - 1) // d_chunk
+    n_tiles = (n_qh + h_tile - 1) // h_tile
+    row_len = POSITION_BLOCK if rows_per_block == 1 else n_qw
+    block_w = POSITION_BLOCK if rows_per_block == 1 else n_qw
+    plane_size = n_hp * n_wp
+    n_xp = cin_g * n_dp * plane_size + POSITION_BLOCK
+    for job in prange(n_batch * groups * n_chunks * n_tiles):
+        tile = job % n_tiles
+        rest = job // n_tiles
+        chunk = rest % n_chunks
+        rest = rest // n_chunks
+        g = rest % groups
+        n = rest // groups
+        q0 = q_lo + chunk * d_chunk
+        q1 = min(q_hi, q0 + d_chunk)
+        qh0 = tile * h_tile
+        qh1 = min(n_qh, qh0 + h_tile)
+        xp = np.empty(n_xp, dtype=out.dtype)
+        xp[n_xp - POSITION_BLOCK:] = 0
+        c_lo = min(n_wp, max(0, -shift_w_min))
+        c_hi = max(c_lo, min(n_wp, n_iw - shift_w_min))
+        r_lo = min(n_hp, max(0, -(qh0 + shift_h_min)))
+        r_hi = max(r_lo, min(n_hp, n_ih - (qh0 + shift_h_min)))
+        for ci in range(cin_g):
+            for pl in range(n_dp):
+                plane = (ci * n_dp + pl) * n_hp
+                id_global = q0 + shift_d_min + pl
+                id_local = id_global - in_start
+                # Planes outside the slab only feed outputs of other slabs: zero is as good.
+                if id_global < 0 or id_global >= n_id or id_local < 0 or id_local >= n_slab:
+                    xp[plane * n_wp:(plane + n_hp) * n_wp] = 0
+                    continue
+                xp[plane * n_wp:(plane + r_lo) * n_wp] = 0
+                xp[(plane + r_hi) * n_wp:(plane + n_hp) * n_wp] = 0
+                src_plane = x[n, g * cin_g + ci, id_local]
+                for r in range(r_lo, r_hi):
+                    src = src_plane[qh0 + shift_h_min + r]
+                    dst = xp[(plane + r) * n_wp:(plane + r + 1) * n_wp]
+                    for c in range(c_lo):
+                        dst[c] = 0
+                    for c in range(c_lo, c_hi):
+                        dst[c] = src[c + shift_w_min]
+                    for c in range(c_hi, n_wp):
+                        dst[c] = 0
+        acc = numba.carray(_stack_block(out.dtype), _ACC)
+        # One block per W phase, padded so a full position block can be read at any row offset.
+        blocks = np.zeros((stride_w, _ACC + POSITION_BLOCK), dtype=out.dtype)
+        run = np.empty(2 * POSITION_BLOCK, dtype=out.dtype)
+        # Channel blocks outermost: consecutive blocks then write the same few output planes
+        # row after row (few TLB pages in use) while the input block stays in cache.
+        for cob in range(n_cob):
+            n_co = min(CHANNEL_BLOCK, cout_g - cob * CHANNEL_BLOCK)
+            for qd in range(q0, q1):
+                for rd in range(stride_d):
+                    od = first_d[rd] + qd * stride_d
+                    if qd >= count_d[rd] or od < out_start or od >= out_start + n_od:
+                        continue
+                    for qh in range(qh0, qh1, rows_per_block):
+                        for rh in range(stride_h):
+                            if qh >= count_h[rh]:
+                                continue
+                            for qw0 in range(0, n_qw, block_w):
+                                xbase = ((qd - q0) * n_hp + qh - qh0) * n_wp + qw0
+                                for rw in range(stride_w):
+                                    if count_w[rw] <= qw0:
+                                        continue
+                                    w_terms = w_packed[g, cob, rd, rh, rw]
+                                    term_rows = terms[rd, rh, rw]
+                                    for i in range(_ACC):
+                                        acc[i] = 0
+                                    j = 0
+                                    while True:
+                                        rel = term_rows[j]
+                                        if rel < 0:
+                                            break
+                                        xs = xp[xbase + rel:xbase + rel + POSITION_BLOCK]
+                                        ws = w_terms[j * CHANNEL_BLOCK:(j + 1) * CHANNEL_BLOCK]
+                                        for t in range(POSITION_BLOCK):
+                                            xv = xs[t]
+                                            for cb in range(CHANNEL_BLOCK):
+                                                acc[cb * POSITION_BLOCK + t] += xv * ws[cb]
+                                        j += 1
+                                    blk = blocks[rw]
+                                    for i in range(_ACC):
+                                        blk[i] = acc[i]
+                                for r in range(rows_per_block):
+                                    qh_r = qh + r
+                                    if qh_r >= qh1 or qh_r >= count_h[rh]:
+                                        break
+                                    oh = first_h[rh] + qh_r * stride_h
+                                    _store_rows(out, blocks, run, bias, n, g * cout_g + cob * CHANNEL_BLOCK,
+                                                n_co, od - out_start, oh, r * row_len, qw0, row_len, first_w,
+                                                count_w, stride_w)
+
+
+@njit(**_JIT)
+def _store_rows(out, blocks, run, bias, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
+                count_w, stride_w):
+    """Write one row's share of the W-phase blocks (+ bias) to the output row ``oh``."""
+    if stride_w == 2:
+        # The two W phases fill one contiguous output run: interleave them, then copy the run.
+        even = 0 if first_w[0] == 0 else 1
+        odd = 1 - even
+        n_even = max(0, min(row_len, count_w[even] - qw0))
+        n_odd = max(0, min(row_len, count_w[odd] - qw0))
+        length = n_even + n_odd
+        for cb in range(n_co):
+            b = bias[co0 + cb]
+            src_even = blocks[even, cb * POSITION_BLOCK + pos0:]
+            src_odd = blocks[odd, cb * POSITION_BLOCK + pos0:]
+            for t in range(POSITION_BLOCK):
+                run[2 * t] = src_even[t] + b
+                run[2 * t + 1] = src_odd[t] + b
+            seg = out[n, co0 + cb, od_local, oh, 2 * qw0:2 * qw0 + length]
+            for t in range(length):
+                seg[t] = run[t]
+        return
+    for cb in range(n_co):
+        b = bias[co0 + cb]
+        row = out[n, co0 + cb, od_local, oh]
+        for rw in range(stride_w):
+            n_pos = min(row_len, count_w[rw] - qw0)
+            if n_pos <= 0:
+                continue
+            src = blocks[rw, cb * POSITION_BLOCK + pos0:]
+            if stride_w == 1:
+                seg = row[first_w[rw] + qw0:first_w[rw] + qw0 + n_pos]
+                for t in range(n_pos):
+                    seg[t] = src[t] + b
+            else:
+                seg = row[first_w[rw] + qw0 * stride_w:]
+                for t in range(n_pos):
+                    seg[t * stride_w] = src[t] + b

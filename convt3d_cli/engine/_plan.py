@@ -179,3 +179,116 @@ def fir_taps(n_out, k, s, p, d):
             if num % d == 0 and num // d < k:
                 table[m, o] = num // d
     return table
+
+
+def _axis_arrays(phases):
+    """first, count, taps, shift (padded with zeros to the longest tap list) of one axis."""
+    width = max(1, max(len(ph.kernel) for ph in phases))
+    first = np.array([ph.first for ph in phases], dtype=np.int64)
+    count = np.array([ph.count for ph in phases], dtype=np.int64)
+    taps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
+    shift = np.zeros((len(phases), width), dtype=np.int64)
+    for r, ph in enumerate(phases):
+        shift[r, :len(ph.shift)] = ph.shift
+    return first, count, taps, shift
+
+
+def _shift_span(phases):
+    shifts = [c for ph in phases for c in ph.shift]
+    return (min(shifts), max(shifts)) if shifts else (0, 0)
+
+
+def blocked_plan(weight, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, channel_block,
+                 position_block, block_bytes, n_jobs_wanted=1, n_outer=1):
+    """Packed weights, term offsets and tables for ``_kernels.blocked_phases``.
+
+    Parameters
+    ----------
+    weight : ndarray, (G, Cin_g, Cout_g, kD, kH, kW)
+    phases_d, phases_h, phases_w : lists of AxisPhase
+    n_ih, n_iw : int
+        Input height and width.
+    itemsize : int
+    channel_block, position_block : int
+        The kernel's register block.
+    block_bytes : int
+        Target size of one job's padded input block (about half an L2 cache).
+    n_jobs_wanted, n_outer : int
+        Jobs wanted to keep every thread busy, and jobs there are without splitting D or H
+        (samples x groups).
+
+    Returns
+    -------
+    dict
+        ``w_packed``, ``terms`` and the scalar and table arguments of the kernel.
+    """
+    groups, cin_g, cout_g = weight.shape[:3]
+    # Phases in output order (first = 0, 1, ...): with stride 2 the kernel interleaves the
+    # even W phase (index 0) with the odd one (index 1).
+    phases_d, phases_h, phases_w = (sorted(ph, key=lambda a: a.first) for ph in (phases_d, phases_h, phases_w))
+    first_d, count_d, _, _ = _axis_arrays(phases_d)
+    first_h, count_h, _, _ = _axis_arrays(phases_h)
+    first_w, count_w, _, _ = _axis_arrays(phases_w)
+    sd_lo, sd_hi = _shift_span(phases_d)
+    sh_lo, sh_hi = _shift_span(phases_h)
+    sw_lo, sw_hi = _shift_span(phases_w)
+    n_qd = int(count_d.max())
+    n_qh = int(count_h.max())
+    n_qw = int(count_w.max())
+    if n_qw < position_block and sw_lo == sw_hi:
+        # Short rows without a W halo lie back to back in the padded block: one position
+        # block then covers several whole rows instead of wasting most of its lanes.
+        rows_per_block = position_block // n_qw
+        n_wp = n_qw
+    else:
+        rows_per_block = 1
+        n_wp = -(-n_qw // position_block) * position_block + sw_hi - sw_lo
+    # D chunk and H tile: the padded block (halo included) within block_bytes, about as many
+    # planes as rows so both halos are amortised, and enough jobs for all threads.
+    row_bytes = cin_g * n_wp * itemsize
+    rows_fit = max(1, block_bytes // row_bytes)
+    side = 1
+    while (side + 1 + sd_hi - sd_lo) * (side + 1 + sh_hi - sh_lo) <= rows_fit and side < max(n_qd, n_qh):
+        side += 1
+    d_chunk = max(1, min(n_qd, side))
+    h_tile = max(1, min(n_qh, max(side, rows_fit // (d_chunk + sd_hi - sd_lo) - (sh_hi - sh_lo))))
+    while n_outer * -(-n_qd // d_chunk) * -(-n_qh // h_tile) < n_jobs_wanted and (d_chunk > 1 or h_tile > 1):
+        if d_chunk >= h_tile:
+            d_chunk = -(-d_chunk // 2)
+        else:
+            h_tile = -(-h_tile // 2)
+    h_tile = -(-h_tile // rows_per_block) * rows_per_block
+    n_dp = d_chunk + sd_hi - sd_lo
+    n_hp = h_tile + sh_hi - sh_lo
+
+    n_cob = -(-cout_g // channel_block)
+    tap_max = cin_g * max(1, max(len(ph.kernel) for ph in phases_d)) * max(
+        1, max(len(ph.kernel) for ph in phases_h)) * max(1, max(len(ph.kernel) for ph in phases_w))
+    shape = (len(phases_d), len(phases_h), len(phases_w))
+    w_packed = np.zeros((groups, n_cob) + shape + (tap_max * channel_block,), dtype=weight.dtype)
+    terms = np.full(shape + (tap_max + 1,), -1, dtype=np.int64)
+    if cout_g % channel_block:
+        padded = np.zeros(weight.shape[:2] + (n_cob * channel_block,) + weight.shape[3:], dtype=weight.dtype)
+        padded[:, :, :cout_g] = weight
+    else:
+        padded = weight
+    for rd, pd in enumerate(phases_d):
+        for rh, ph in enumerate(phases_h):
+            for rw, pw in enumerate(phases_w):
+                if not (pd.kernel and ph.kernel and pw.kernel):
+                    continue  # no tap reaches this phase: its outputs are the bias
+                kd, kh, kw = (np.array(a.kernel) for a in (pd, ph, pw))
+                sel = padded[:, :, :, kd[:, None, None], kh[None, :, None], kw[None, None, :]]
+                # (G, Cin_g, Cout_p, td, th, tw) -> (G, n_cob, T, channel_block), T = (ci, jd, jh, jw)
+                sel = sel.reshape(groups, cin_g, n_cob, channel_block, -1).transpose(0, 2, 1, 4, 3)
+                n_terms = sel.shape[2] * sel.shape[3]
+                w_packed[:, :, rd, rh, rw, :n_terms * channel_block] = sel.reshape(groups, n_cob, -1)
+                planes = np.arange(cin_g)[:, None, None, None] * n_dp + (np.array(pd.shift) - sd_lo)[None, :, None, None]
+                rows = planes * n_hp + (np.array(ph.shift) - sh_lo)[None, None, :, None]
+                rel = rows * n_wp + (np.array(pw.shift) - sw_lo)[None, None, None, :]
+                terms[rd, rh, rw, :n_terms] = rel.reshape(-1)
+    return {
+        "w_packed": w_packed, "terms": terms,
+        "tables": (first_d, count_d, first_h, count_h, first_w, count_w),
+        "blocking": (d_chunk, h_tile, rows_per_block, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp),
+    }

@@ -381,19 +381,15 @@ _THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREA
 
 
 def _init_worker(threads):
-    """Initializer of every worker process: cap Numba and BLAS at ``threads``.
+    """Initializer of every worker process: cap Numba (and any BLAS) at ``threads``.
 
     In a spawned process this runs before NumPy or Numba are imported (this
     module imports neither), so the environment variables are what they read
-    at start-up. A main module that imported them already (re-imported by
-    spawn) is handled through threadpoolctl and ``numba.set_num_threads``.
+    at start-up. A main module that imported Numba already (re-imported by
+    spawn) is handled through ``numba.set_num_threads``.
     """
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)
-    if "numpy" in sys.modules:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=threads)  # not as a context: keep the limit for the process' life
     if "numba" in sys.modules:
         import numba
 

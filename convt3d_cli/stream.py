@@ -32,7 +32,6 @@ Python interpreter and its libraries (about 150-250 MiB resident) come on top.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 
@@ -350,19 +349,8 @@ def slab_bytes(planes, layer, in_plane_bytes, out_plane_bytes, fixed, pad):
 
 
 def engine_scratch(layer):
-    """Upper bound of the engine's own buffers (GEMM tiles per worker, stacked weights)."""
-    from .engine import _layer
-
-    weights = 3 * layer.weight.nbytes
-    if not layer.use_gemm:
-        return weights
-    try:
-        import numba
-
-        workers = max(1, numba.get_num_threads())
-    except Exception:  # noqa: BLE001
-        workers = os.cpu_count() or 1
-    return weights + workers * 2 * _layer.TILE_BYTES_MAX + layer.weight.nbytes * 8
+    """Upper bound of the engine's own buffers (packed weights, per-thread input blocks)."""
+    return layer.scratch_bytes()
 
 
 def default_budget():

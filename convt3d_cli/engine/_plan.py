@@ -7,7 +7,7 @@ Read backwards (output-stationary), output ``o`` receives tap ``k`` from input
 Grouping outputs by their *phase* ``r = (o + p) mod s`` makes the valid taps a
 fixed list per phase, so no multiply ever touches an inserted zero; within a
 phase consecutive outputs read consecutive inputs (``i = q + c``), which is what
-lets the inner loops and the GEMMs run on contiguous data.
+lets the inner loops run on contiguous data.
 """
 
 from __future__ import annotations
@@ -79,84 +79,6 @@ def axis_phases(n_out, k, s, p, d):
     return phases
 
 
-def q_range(phase, o_start, o_stop, s):
-    """Range of ``q`` whose output ``phase.first + q * s`` lies in ``[o_start, o_stop)``."""
-    lo = max(0, -((phase.first - o_start) // s))      # ceil((o_start - first) / s)
-    hi = min(phase.count, -((phase.first - o_stop) // s))
-    return lo, max(lo, hi)
-
-
-@dataclass
-class PhaseGroup:
-    """Output phases (one per axis combination) that read the same pattern of shifted inputs.
-
-    Phase ``P`` reads input ``q + delta_P + base[j]`` for its output ``q``. Phases
-    with the same ``base`` lists (shift patterns relative to their smallest
-    shift) share one im2col matrix over the anchor ``u = q + delta_P``, and one
-    GEMM with all their weights stacked on its rows computes them together:
-    ``k == s`` collapses to a single GEMM, and so does ``k == 2 s``.
-    """
-
-    base: tuple            # (base_d, base_h, base_w): each a tuple of shifts, min 0
-    phases: list           # list of (AxisPhase_d, AxisPhase_h, AxisPhase_w)
-
-    def delta(self, axis):
-        """Per-phase offset ``delta_P`` (the smallest shift) along ``axis``."""
-        return [min(phase[axis].shift) for phase in self.phases]
-
-
-def union_phases(phases):
-    """Align one axis' phases to the union of their relative shift windows.
-
-    Each phase keeps its anchor (smallest shift) and gets one tap per window
-    offset; offsets it has no tap for get kernel index ``-1`` (a zero weight).
-    All phases of the axis then share one shift pattern, so every 3-D phase
-    falls into one group: one im2col and one tall GEMM at the price of some
-    multiplications by zero.
-    """
-    window = sorted({c - min(ph.shift) for ph in phases if ph.kernel for c in ph.shift})
-    aligned = []
-    for ph in phases:
-        if not ph.kernel:
-            aligned.append(ph)
-            continue
-        anchor = min(ph.shift)
-        by_offset = {c - anchor: kj for kj, c in zip(ph.kernel, ph.shift)}
-        aligned.append(AxisPhase(ph.first, ph.count, tuple(by_offset.get(b, -1) for b in window),
-                                 tuple(anchor + b for b in window)))
-    return aligned
-
-
-def real_taps(phase_triple):
-    """Number of non-padding taps of a 3-D phase."""
-    return int(np.prod([sum(1 for kj in ax.kernel if kj >= 0) for ax in phase_triple]))
-
-
-def phase_groups(phases_d, phases_h, phases_w):
-    """Group 3-D phases by relative shift pattern; phases without taps are returned apart.
-
-    Returns
-    -------
-    groups : list of PhaseGroup
-    empty : list of tuple
-        Phases (with at least one output) that receive no tap at all: they hold
-        only the bias.
-    """
-    groups = {}
-    empty = []
-    for pd in phases_d:
-        for ph in phases_h:
-            for pw in phases_w:
-                if not (pd.count and ph.count and pw.count):
-                    continue
-                if not (pd.kernel and ph.kernel and pw.kernel):
-                    empty.append((pd, ph, pw))
-                    continue
-                key = tuple(tuple(c - min(ax.shift) for c in ax.shift) for ax in (pd, ph, pw))
-                groups.setdefault(key, PhaseGroup(key, [])).phases.append((pd, ph, pw))
-    return list(groups.values()), empty
-
-
 def fir_taps(n_out, k, s, p, d):
     """Kernel index per output position and window for the direct kernel's W axis.
 
@@ -223,9 +145,6 @@ def blocked_plan(weight, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, cha
         ``w_packed``, ``terms`` and the scalar and table arguments of the kernel.
     """
     groups, cin_g, cout_g = weight.shape[:3]
-    # Phases in output order (first = 0, 1, ...): with stride 2 the kernel interleaves the
-    # even W phase (index 0) with the odd one (index 1).
-    phases_d, phases_h, phases_w = (sorted(ph, key=lambda a: a.first) for ph in (phases_d, phases_h, phases_w))
     first_d, count_d, _, _ = _axis_arrays(phases_d)
     first_h, count_h, _, _ = _axis_arrays(phases_h)
     first_w, count_w, _, _ = _axis_arrays(phases_w)

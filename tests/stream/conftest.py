@@ -1,6 +1,6 @@
 """Fixtures for the streaming tests: tiny volumes in every format, slabs forced by a tiny budget.
 
-The planner's fixed allowances (gzip and HDF5 buffers, GEMM scratch per worker)
+The planner's fixed allowances (gzip and HDF5 buffers, per-thread input blocks)
 are megabytes; they are zeroed here so that volumes of a few thousand voxels
 already stream in many slabs under ``--max-memory 40K``.
 """
@@ -51,7 +51,7 @@ def volumes(tmp_path_factory):
     np.savez(folder / "w1.npz", weight=w1, bias=np.array([0.25, -1.0], np.float32))
     w2 = rng.normal(size=(2, 1, 3, 3, 3)).astype(np.float32)
     np.savez(folder / "w2.npz", weight=w2)
-    # Cin * Cout = 64 >= 48: the GEMM path.
+    # 64 output channels: the blocked path.
     w8 = rng.normal(size=(1, 64, 4, 3, 2)).astype(np.float32)
     np.save(folder / "w8.npy", w8)
     return folder

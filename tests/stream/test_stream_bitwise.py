@@ -80,7 +80,7 @@ def test_streamed_equals_in_memory_every_input(run, tiny_budget, source, output)
 
 
 @pytest.mark.parametrize("output", OUTPUTS)
-def test_streamed_gemm_path(run, tiny_budget, output):
+def test_streamed_blocked_path(run, tiny_budget, output):
     _compare(run, "vol.npy", "w8", output, budget="300K")
 
 

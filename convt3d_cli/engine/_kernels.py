@@ -157,7 +157,7 @@ def _stack_block(typingctx, dtype):
 
 
 @njit(parallel=True, **_JIT)
-def blocked_phases(x, w_packed, terms, bias, out, first_d, count_d, first_h, count_h, first_w, count_w,
+def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first_h, count_h, first_w, count_w,
                    stride_d, stride_h, stride_w, d_chunk, h_tile, rows_per_block, shift_d_min, n_dp,
                    shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start):
     """Many-channel path: register-blocked gather, one output phase at a time.
@@ -252,7 +252,7 @@ def blocked_phases(x, w_packed, terms, bias, out, first_d, count_d, first_h, cou
         acc = numba.carray(_stack_block(out.dtype), _ACC)
         # One block per W phase, padded so a full position block can be read at any row offset.
         blocks = np.zeros((stride_w, _ACC + POSITION_BLOCK), dtype=out.dtype)
-        run = np.empty(2 * POSITION_BLOCK, dtype=out.dtype)
+        pair_bits = np.empty(POSITION_BLOCK, dtype=np.uint64)
         # Channel blocks outermost: consecutive blocks then write the same few output planes
         # row after row (few TLB pages in use) while the input block stays in cache.
         for cob in range(n_cob):
@@ -273,8 +273,9 @@ def blocked_phases(x, w_packed, terms, bias, out, first_d, count_d, first_h, cou
                                         continue
                                     w_terms = w_packed[g, cob, rd, rh, rw]
                                     term_rows = terms[rd, rh, rw]
+                                    start = bias_blocks[g, cob]
                                     for i in range(_ACC):
-                                        acc[i] = 0
+                                        acc[i] = start[i]
                                     j = 0
                                     while True:
                                         rel = term_rows[j]
@@ -295,46 +296,44 @@ def blocked_phases(x, w_packed, terms, bias, out, first_d, count_d, first_h, cou
                                     if qh_r >= qh1 or qh_r >= count_h[rh]:
                                         break
                                     oh = first_h[rh] + qh_r * stride_h
-                                    _store_rows(out, blocks, run, bias, n, g * cout_g + cob * CHANNEL_BLOCK,
+                                    _store_rows(out, blocks, pair_bits, n, g * cout_g + cob * CHANNEL_BLOCK,
                                                 n_co, od - out_start, oh, r * row_len, qw0, row_len, first_w,
                                                 count_w, stride_w)
 
 
 @njit(**_JIT)
-def _store_rows(out, blocks, run, bias, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
+def _store_rows(out, blocks, pair_bits, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
                 count_w, stride_w):
-    """Write one row's share of the W-phase blocks (+ bias) to the output row ``oh``."""
-    if stride_w == 2:
-        # The two W phases fill one contiguous output run: interleave them, then copy the run.
+    """Copy one row's share of the W-phase blocks (bias included) to the output row ``oh``."""
+    if stride_w == 2 and out.itemsize == 4:
+        # The two W phases fill one contiguous output run. Interleave them as 64-bit words
+        # (little endian: the even value in the low half), which LLVM vectorises; a float
+        # interleave compiles to scalar stores.
         even = 0 if first_w[0] == 0 else 1
         odd = 1 - even
-        n_even = max(0, min(row_len, count_w[even] - qw0))
-        n_odd = max(0, min(row_len, count_w[odd] - qw0))
-        length = n_even + n_odd
+        length = (max(0, min(row_len, count_w[even] - qw0)) + max(0, min(row_len, count_w[odd] - qw0)))
+        bits = blocks.view(np.uint32)
+        words = pair_bits.view(out.dtype)
         for cb in range(n_co):
-            b = bias[co0 + cb]
-            src_even = blocks[even, cb * POSITION_BLOCK + pos0:]
-            src_odd = blocks[odd, cb * POSITION_BLOCK + pos0:]
+            src_even = bits[even, cb * POSITION_BLOCK + pos0:cb * POSITION_BLOCK + pos0 + POSITION_BLOCK]
+            src_odd = bits[odd, cb * POSITION_BLOCK + pos0:cb * POSITION_BLOCK + pos0 + POSITION_BLOCK]
             for t in range(POSITION_BLOCK):
-                run[2 * t] = src_even[t] + b
-                run[2 * t + 1] = src_odd[t] + b
+                pair_bits[t] = np.uint64(src_even[t]) | (np.uint64(src_odd[t]) << np.uint64(32))
             seg = out[n, co0 + cb, od_local, oh, 2 * qw0:2 * qw0 + length]
             for t in range(length):
-                seg[t] = run[t]
+                seg[t] = words[t]
         return
     for cb in range(n_co):
-        b = bias[co0 + cb]
         row = out[n, co0 + cb, od_local, oh]
         for rw in range(stride_w):
             n_pos = min(row_len, count_w[rw] - qw0)
             if n_pos <= 0:
                 continue
             src = blocks[rw, cb * POSITION_BLOCK + pos0:]
+            seg = row[first_w[rw] + qw0 * stride_w:]
             if stride_w == 1:
-                seg = row[first_w[rw] + qw0:first_w[rw] + qw0 + n_pos]
                 for t in range(n_pos):
-                    seg[t] = src[t] + b
+                    seg[t] = src[t]
             else:
-                seg = row[first_w[rw] + qw0 * stride_w:]
                 for t in range(n_pos):
-                    seg[t * stride_w] = src[t] + b
+                    seg[t * stride_w] = src[t]

@@ -165,6 +165,13 @@ class PreparedLayer:
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
                 kern.POSITION_BLOCK, BLOCK_BYTES, n_jobs_wanted=4 * _threads(),
                 n_outer=self.input_shape[0] * self.groups)
+            # Accumulator blocks start from the bias: (G, n_cob, channel_block * position_block),
+            # zero past Cout/G.
+            n_cob = self._blocked["w_packed"].shape[1]
+            bias_blocks = np.zeros((self.groups, n_cob * kern.CHANNEL_BLOCK), dtype=self.dtype)
+            bias_blocks[:, :self.cout_g] = self.bias.reshape(self.groups, self.cout_g)
+            self._blocked["bias_blocks"] = np.repeat(bias_blocks, kern.POSITION_BLOCK, axis=1).reshape(
+                self.groups, n_cob, -1)
         return self._blocked
 
     def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress):
@@ -176,7 +183,7 @@ class PreparedLayer:
         step = -(-n_planes // 50) if progress else n_planes
         for o0 in range(out_start, out_stop, step):
             o1 = min(out_stop, o0 + step)
-            kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], self.bias,
+            kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
                                 out[:, :, o0 - out_start:o1 - out_start], *plan["tables"], s[0], s[1], s[2],
                                 *plan["blocking"], in_start, self.input_shape[2], o0)
             if progress:

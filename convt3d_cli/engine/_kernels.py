@@ -301,6 +301,39 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
                                                 count_w, stride_w)
 
 
+@njit(parallel=True, **_JIT)
+def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, kernel_w):
+    """Each phase's weights in term order for ``blocked_phases``.
+
+    weight : (G, Cin_g, Cout_g, kD, kH, kW); w_packed : (G, n_cob, Pd, Ph, Pw, T * CHANNEL_BLOCK),
+    zero-filled; ``kernel_*[r, j]`` is the kernel index of tap ``j`` of phase ``r``
+    (``taps_*[r]`` taps). Term ``(ci, jd, jh, jw)`` holds the weights of CHANNEL_BLOCK
+    consecutive output channels.
+    """
+    groups, cin_g, cout_g = weight.shape[0], weight.shape[1], weight.shape[2]
+    n_cob = w_packed.shape[1]
+    p_d, p_h, p_w = w_packed.shape[2], w_packed.shape[3], w_packed.shape[4]
+    for job in prange(groups * n_cob):
+        g = job // n_cob
+        cob = job % n_cob
+        n_co = min(CHANNEL_BLOCK, cout_g - cob * CHANNEL_BLOCK)
+        for rd in range(p_d):
+            for rh in range(p_h):
+                for rw in range(p_w):
+                    dst = w_packed[g, cob, rd, rh, rw]
+                    j = 0
+                    for ci in range(cin_g):
+                        for jd in range(taps_d[rd]):
+                            for jh in range(taps_h[rh]):
+                                for jw in range(taps_w[rw]):
+                                    kd = kernel_d[rd, jd]
+                                    kh = kernel_h[rh, jh]
+                                    kw = kernel_w[rw, jw]
+                                    for cb in range(n_co):
+                                        dst[j * CHANNEL_BLOCK + cb] = weight[g, ci, cob * CHANNEL_BLOCK + cb, kd, kh, kw]
+                                    j += 1
+
+
 @njit(**_JIT)
 def _store_rows(out, blocks, pair_bits, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
                 count_w, stride_w):

@@ -165,6 +165,9 @@ class PreparedLayer:
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
                 kern.POSITION_BLOCK, BLOCK_BYTES, n_jobs_wanted=4 * _threads(),
                 n_outer=self.input_shape[0] * self.groups)
+            w_packed = np.zeros(self._blocked.pop("w_shape"), dtype=self.dtype)
+            kern.pack_weights(self.weight, w_packed, *self._blocked["kernel_tables"])
+            self._blocked["w_packed"] = w_packed
             # Accumulator blocks start from the bias: (G, n_cob, channel_block * position_block),
             # zero past Cout/G.
             n_cob = self._blocked["w_packed"].shape[1]

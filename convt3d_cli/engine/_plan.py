@@ -122,7 +122,7 @@ def _shift_span(phases):
 
 def blocked_plan(weight, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, channel_block,
                  position_block, block_bytes, n_jobs_wanted=1, n_outer=1):
-    """Packed weights, term offsets and tables for ``_kernels.blocked_phases``.
+    """Term offsets, blocking and tables for ``_kernels.blocked_phases``.
 
     Parameters
     ----------
@@ -142,7 +142,8 @@ def blocked_plan(weight, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, cha
     Returns
     -------
     dict
-        ``w_packed``, ``terms`` and the scalar and table arguments of the kernel.
+        ``terms``, the packed weights' shape and the tap tables to pack them with
+        (``_kernels.pack_weights``), and the scalar and table arguments of the kernel.
     """
     groups, cin_g, cout_g = weight.shape[:3]
     first_d, count_d, _, _ = _axis_arrays(phases_d)
@@ -184,30 +185,27 @@ def blocked_plan(weight, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, cha
     tap_max = cin_g * max(1, max(len(ph.kernel) for ph in phases_d)) * max(
         1, max(len(ph.kernel) for ph in phases_h)) * max(1, max(len(ph.kernel) for ph in phases_w))
     shape = (len(phases_d), len(phases_h), len(phases_w))
-    w_packed = np.zeros((groups, n_cob) + shape + (tap_max * channel_block,), dtype=weight.dtype)
     terms = np.full(shape + (tap_max + 1,), -1, dtype=np.int64)
-    if cout_g % channel_block:
-        padded = np.zeros(weight.shape[:2] + (n_cob * channel_block,) + weight.shape[3:], dtype=weight.dtype)
-        padded[:, :, :cout_g] = weight
-    else:
-        padded = weight
     for rd, pd in enumerate(phases_d):
         for rh, ph in enumerate(phases_h):
             for rw, pw in enumerate(phases_w):
                 if not (pd.kernel and ph.kernel and pw.kernel):
                     continue  # no tap reaches this phase: its outputs are the bias
-                kd, kh, kw = (np.array(a.kernel) for a in (pd, ph, pw))
-                sel = padded[:, :, :, kd[:, None, None], kh[None, :, None], kw[None, None, :]]
-                # (G, Cin_g, Cout_p, td, th, tw) -> (G, n_cob, T, channel_block), T = (ci, jd, jh, jw)
-                sel = sel.reshape(groups, cin_g, n_cob, channel_block, -1).transpose(0, 2, 1, 4, 3)
-                n_terms = sel.shape[2] * sel.shape[3]
-                w_packed[:, :, rd, rh, rw, :n_terms * channel_block] = sel.reshape(groups, n_cob, -1)
+                # Terms in (ci, jd, jh, jw) order, as ``_kernels.pack_weights`` packs the weights.
                 planes = np.arange(cin_g)[:, None, None, None] * n_dp + (np.array(pd.shift) - sd_lo)[None, :, None, None]
                 rows = planes * n_hp + (np.array(ph.shift) - sh_lo)[None, None, :, None]
                 rel = rows * n_wp + (np.array(pw.shift) - sw_lo)[None, None, None, :]
-                terms[rd, rh, rw, :n_terms] = rel.reshape(-1)
+                terms[rd, rh, rw, :rel.size] = rel.reshape(-1)
+    kernel_tables = []
+    for phases in (phases_d, phases_h, phases_w):
+        taps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
+        kernel = np.zeros((len(phases), max(1, int(taps.max()))), dtype=np.int64)
+        for r, ph in enumerate(phases):
+            kernel[r, :len(ph.kernel)] = ph.kernel
+        kernel_tables += [taps, kernel]
     return {
-        "w_packed": w_packed, "terms": terms,
+        "w_shape": (groups, n_cob) + shape + (tap_max * channel_block,),
+        "kernel_tables": tuple(kernel_tables), "terms": terms,
         "tables": (first_d, count_d, first_h, count_h, first_w, count_w),
         "blocking": (d_chunk, h_tile, rows_per_block, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp),
     }

@@ -57,7 +57,7 @@ def layer_kwargs(cfg):
 @pytest.fixture(params=["fir", "blocked"])
 def path(request, monkeypatch):
     """Run a test once through each compute path, whatever the channel counts."""
-    monkeypatch.setattr(_layer, "BLOCKED_MIN_OUT_CHANNELS", 1 if request.param == "blocked" else 10 ** 9)
+    monkeypatch.setattr(_layer, "choose_path", lambda cin_g, cout_g: request.param)
     return request.param
 
 
@@ -169,6 +169,14 @@ def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, monkeypatch)
     expected = conv_transpose3d_ref(x, w, b, **kwargs)
     got = conv_transpose3d(x, w, b, **kwargs)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def test_path_choice():
+    assert _layer.choose_path(1, 1) == "fir"            # depthwise
+    assert _layer.choose_path(1, 16) == "fir"
+    assert _layer.choose_path(3, 64) == "blocked"       # the seed example
+    assert _layer.choose_path(64, 1) == "blocked"
+    assert _layer.choose_path(8, 1) == "fir"
 
 
 def test_out_buffer_and_progress():

@@ -252,7 +252,6 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
         acc = numba.carray(_stack_block(out.dtype), _ACC)
         # One block per W phase, padded so a full position block can be read at any row offset.
         blocks = np.zeros((stride_w, _ACC + POSITION_BLOCK), dtype=out.dtype)
-        pair_bits = np.empty(POSITION_BLOCK, dtype=np.uint64)
         # Channel blocks outermost: consecutive blocks then write the same few output planes
         # row after row (few TLB pages in use) while the input block stays in cache.
         for cob in range(n_cob):
@@ -296,7 +295,7 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
                                     if qh_r >= qh1 or qh_r >= count_h[rh]:
                                         break
                                     oh = first_h[rh] + qh_r * stride_h
-                                    _store_rows(out, blocks, pair_bits, n, g * cout_g + cob * CHANNEL_BLOCK,
+                                    _store_rows(out, blocks, n, g * cout_g + cob * CHANNEL_BLOCK,
                                                 n_co, od - out_start, oh, r * row_len, qw0, row_len, first_w,
                                                 count_w, stride_w)
 
@@ -335,26 +334,26 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
 
 
 @njit(**_JIT)
-def _store_rows(out, blocks, pair_bits, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
+def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
                 count_w, stride_w):
     """Copy one row's share of the W-phase blocks (bias included) to the output row ``oh``."""
-    if stride_w == 2 and out.itemsize == 4:
-        # The two W phases fill one contiguous output run. Interleave them as 64-bit words
-        # (little endian: the even value in the low half), which LLVM vectorises; a float
-        # interleave compiles to scalar stores.
+    if stride_w == 2:
+        # The two W phases fill one contiguous output run. The pair loop has a run-time trip
+        # count so that LLVM vectorises it as an interleaved store (a constant count gets it
+        # unrolled into scalar stores first).
         even = 0 if first_w[0] == 0 else 1
         odd = 1 - even
-        length = (max(0, min(row_len, count_w[even] - qw0)) + max(0, min(row_len, count_w[odd] - qw0)))
-        bits = blocks.view(np.uint32)
-        words = pair_bits.view(out.dtype)
+        n_even = max(0, min(row_len, count_w[even] - qw0))
+        n_odd = max(0, min(row_len, count_w[odd] - qw0))
         for cb in range(n_co):
-            src_even = bits[even, cb * POSITION_BLOCK + pos0:cb * POSITION_BLOCK + pos0 + POSITION_BLOCK]
-            src_odd = bits[odd, cb * POSITION_BLOCK + pos0:cb * POSITION_BLOCK + pos0 + POSITION_BLOCK]
-            for t in range(POSITION_BLOCK):
-                pair_bits[t] = np.uint64(src_even[t]) | (np.uint64(src_odd[t]) << np.uint64(32))
-            seg = out[n, co0 + cb, od_local, oh, 2 * qw0:2 * qw0 + length]
-            for t in range(length):
-                seg[t] = words[t]
+            src_even = blocks[even, cb * POSITION_BLOCK + pos0:]
+            src_odd = blocks[odd, cb * POSITION_BLOCK + pos0:]
+            seg = out[n, co0 + cb, od_local, oh, 2 * qw0:2 * qw0 + n_even + n_odd]
+            for t in range(n_odd):
+                seg[2 * t] = src_even[t]
+                seg[2 * t + 1] = src_odd[t]
+            if n_even > n_odd:
+                seg[2 * n_odd] = src_even[n_odd]
         return
     for cb in range(n_co):
         row = out[n, co0 + cb, od_local, oh]

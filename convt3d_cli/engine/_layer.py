@@ -21,8 +21,12 @@ from . import _plan
 BLOCKED_MIN_CHANNEL_PRODUCT = 64
 BLOCKED_MIN_PRODUCT_FEW = 16
 BLOCKED_MIN_IN_CHANNELS_FEW = 3
-# Padded input block of one blocked-kernel job: about half an L2 cache.
+# Padded input block of one blocked-kernel job: about half an L2 cache, but for small outputs
+# no more than a few per cent of the output per thread (the "output + 10 %" memory budget);
+# below BLOCK_BYTES_MIN the halo copies start to cost more than that saves.
 BLOCK_BYTES = 512 * 1024
+BLOCK_BYTES_MIN = 96 * 1024
+BLOCK_SHARE_OF_OUTPUT = 0.04
 
 # Repeated input rows one direct-kernel job keeps (per thread): about L2-sized.
 REP_BYTES = 1024 * 1024
@@ -175,7 +179,7 @@ class PreparedLayer:
             self._blocked = _plan.blocked_plan(
                 self.weight, static["phases_d"], static["phases_h"], static["phases_w"],
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
-                kern.POSITION_BLOCK, BLOCK_BYTES, n_jobs_wanted=4 * _threads(),
+                kern.POSITION_BLOCK, self._block_bytes(), n_jobs_wanted=4 * _threads(),
                 n_outer=self.input_shape[0] * self.groups)
             w_packed = np.zeros(self._blocked.pop("w_shape"), dtype=self.dtype)
             kern.pack_weights(self.weight, w_packed, *self._blocked["kernel_tables"])
@@ -188,6 +192,11 @@ class PreparedLayer:
             self._blocked["bias_blocks"] = np.repeat(bias_blocks, kern.POSITION_BLOCK, axis=1).reshape(
                 self.groups, n_cob, -1)
         return self._blocked
+
+    def _block_bytes(self):
+        out_bytes = self.dtype.itemsize * self.out_channels * int(np.prod(self.out_spatial)) * self.input_shape[0]
+        share = int(BLOCK_SHARE_OF_OUTPUT * out_bytes / _threads())
+        return max(min(BLOCK_BYTES, BLOCK_BYTES_MIN), min(BLOCK_BYTES, share))
 
     def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()

@@ -241,14 +241,15 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
                 xp[(plane + r_hi) * n_wp:(plane + n_hp) * n_wp] = 0
                 src_plane = x[n, g * cin_g + ci, id_local]
                 for r in range(r_lo, r_hi):
-                    src = src_plane[qh0 + shift_h_min + r]
-                    dst = xp[(plane + r) * n_wp:(plane + r + 1) * n_wp]
-                    for c in range(c_lo):
-                        dst[c] = 0
-                    for c in range(c_lo, c_hi):
-                        dst[c] = src[c + shift_w_min]
-                    for c in range(c_hi, n_wp):
-                        dst[c] = 0
+                    row = (plane + r) * n_wp
+                    src = src_plane[qh0 + shift_h_min + r, c_lo + shift_w_min:c_hi + shift_w_min]
+                    dst = xp[row + c_lo:row + c_hi]
+                    # Slices first: indexing with c + shift (possibly negative to Numba) would add
+                    # a wraparound check per element and stop vectorisation.
+                    for c in range(c_hi - c_lo):
+                        dst[c] = src[c]
+                    xp[row:row + c_lo] = 0
+                    xp[row + c_hi:row + n_wp] = 0
         acc = numba.carray(_stack_block(out.dtype), _ACC)
         # One block per W phase, padded so a full position block can be read at any row offset.
         blocks = np.zeros((stride_w, _ACC + POSITION_BLOCK), dtype=out.dtype)

@@ -25,7 +25,7 @@ BLOCKED_MIN_IN_CHANNELS_FEW = 3
 # no more than a few per cent of the output per thread (the "output + 10 %" memory budget);
 # below BLOCK_BYTES_MIN the halo copies start to cost more than that saves.
 BLOCK_BYTES = 512 * 1024
-BLOCK_BYTES_MIN = 160 * 1024
+BLOCK_BYTES_MIN = 96 * 1024
 BLOCK_SHARE_OF_OUTPUT = 0.04
 
 # Repeated input rows one direct-kernel job keeps (per thread): about L2-sized.

@@ -68,6 +68,9 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                 for ih in range(n_ih):
                     x_row = x[n, g * cin_g + ci, id_local, ih]
                     r_row = rep[ci, di, ih]
+                    if stride_w == 2:
+                        _repeat_row_twice(x_row, r_row, lead - pad_w)
+                        continue
                     # rep[i * s + off] = x[i] for each of the s copies: one strided copy per copy.
                     for jj in range(stride_w):
                         off = lead - pad_w + jj
@@ -79,22 +82,24 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                         src_x = x_row[i_lo:i_hi]
                         for i in range(i_hi - i_lo):
                             dst[i] = src_x[i]
-        coef = np.zeros((cin_g, k_d, k_h, n_win, n_ow), dtype=out.dtype)
+        # One extra all-zero coefficient row pads every row's term list to a multiple of four.
+        coef = np.zeros((cin_g * k_d * k_h * n_win + 1, n_ow), dtype=out.dtype)
+        zero_row = cin_g * k_d * k_h * n_win
         for ci in range(cin_g):
             for kd in range(k_d):
                 for kh in range(k_h):
                     for m in range(n_win):
-                        c_row = coef[ci, kd, kh, m]
+                        c_row = coef[((ci * k_d + kd) * k_h + kh) * n_win + m]
                         for t in range(n_ow):
                             kw = w_kidx[m, t]
                             if kw >= 0:
                                 c_row[t] = w[g, ci, co_g, kd, kh, kw]
         # Each output row is a sum of (coefficient row x shifted repeated row) terms; applying
-        # them four at a time cuts loop overhead and output-row traffic fourfold.
+        # them four at a time, the first four together with the bias, cuts loop overhead and
+        # output-row traffic.
         rep2 = rep.reshape((cin_g * n_id * n_ih, n_rep))
-        coef2 = coef.reshape((cin_g * k_d * k_h * n_win, n_ow))
-        max_terms = d_taps.shape[1] * h_taps.shape[1] * cin_g * n_win
-        t_rep = np.empty(max_terms, dtype=np.int64)
+        max_terms = d_taps.shape[1] * h_taps.shape[1] * cin_g * n_win + 4
+        t_rep = np.zeros(max_terms, dtype=np.int64)
         t_coef = np.empty(max_terms, dtype=np.int64)
         t_start = np.empty(max_terms, dtype=np.int64)
         for od in range(od0, od1):
@@ -112,28 +117,50 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                                 t_coef[nt] = ((ci * k_d + kd) * k_h + kh) * n_win + m
                                 t_start[nt] = lead - m * stride_w
                                 nt += 1
+                while nt % 4 or nt == 0:
+                    t_rep[nt] = 0
+                    t_coef[nt] = zero_row
+                    t_start[nt] = 0
+                    nt += 1
                 out_row = out[n, co, od, oh]
-                for t in range(n_ow):
-                    out_row[t] = b
-                j = 0
-                while j + 4 <= nt:
-                    c0 = coef2[t_coef[j]]
-                    c1 = coef2[t_coef[j + 1]]
-                    c2 = coef2[t_coef[j + 2]]
-                    c3 = coef2[t_coef[j + 3]]
+                for j in range(0, nt, 4):
+                    c0 = coef[t_coef[j]]
+                    c1 = coef[t_coef[j + 1]]
+                    c2 = coef[t_coef[j + 2]]
+                    c3 = coef[t_coef[j + 3]]
                     s0 = rep2[t_rep[j], t_start[j]:t_start[j] + n_ow]
                     s1 = rep2[t_rep[j + 1], t_start[j + 1]:t_start[j + 1] + n_ow]
                     s2 = rep2[t_rep[j + 2], t_start[j + 2]:t_start[j + 2] + n_ow]
                     s3 = rep2[t_rep[j + 3], t_start[j + 3]:t_start[j + 3] + n_ow]
-                    for t in range(n_ow):
-                        out_row[t] += (c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t])
-                    j += 4
-                while j < nt:
-                    c0 = coef2[t_coef[j]]
-                    s0 = rep2[t_rep[j], t_start[j]:t_start[j] + n_ow]
-                    for t in range(n_ow):
-                        out_row[t] += c0[t] * s0[t]
-                    j += 1
+                    if j == 0:
+                        for t in range(n_ow):
+                            out_row[t] = b + ((c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t]))
+                    else:
+                        for t in range(n_ow):
+                            out_row[t] += (c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t])
+
+
+@njit(**_JIT)
+def _repeat_row_twice(src, dst, off):
+    """dst[2 i + off] = dst[2 i + off + 1] = src[i] where inside dst (the stride-2 repeat).
+
+    The main run is one loop with a run-time trip count, which LLVM vectorises as an
+    interleaved store; the two edge values are done one by one.
+    """
+    n_src = src.shape[0]
+    n_dst = dst.shape[0]
+    i_lo = min(n_src, max(0, (1 - off) // 2))              # 2 i + off >= 0
+    i_hi = max(i_lo, min(n_src, (n_dst - 1 - off) // 2))  # 2 i + off + 1 <= n_dst - 1
+    seg = dst[2 * i_lo + off:2 * i_hi + off]
+    run = src[i_lo:i_hi]
+    for i in range(i_hi - i_lo):
+        seg[2 * i] = run[i]
+        seg[2 * i + 1] = run[i]
+    for i in (i_lo - 1, i_hi):
+        if 0 <= i < n_src:
+            for j in (2 * i + off, 2 * i + off + 1):
+                if 0 <= j < n_dst:
+                    dst[j] = src[i]
 
 
 # Register block of ``blocked_phases``: CHANNEL_BLOCK output channels x POSITION_BLOCK

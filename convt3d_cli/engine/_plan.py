@@ -29,24 +29,15 @@ def gather_table(o_start, o_stop, n_in, k, s, p, d):
     inputs : ndarray of int64, shape (n, max_taps)
         Input index each valid tap reads.
     """
-    n = o_stop - o_start
-    per_output = []
-    for o in range(o_start, o_stop):
-        pairs = []
-        for kj in range(k):
-            num = o + p - kj * d
-            if num % s == 0 and 0 <= num // s < n_in:
-                pairs.append((kj, num // s))
-        per_output.append(pairs)
-    width = max(1, max((len(pairs) for pairs in per_output), default=1))
-    count = np.zeros(n, dtype=np.int64)
-    taps = np.zeros((n, width), dtype=np.int64)
-    inputs = np.zeros((n, width), dtype=np.int64)
-    for row, pairs in enumerate(per_output):
-        count[row] = len(pairs)
-        for j, (kj, i) in enumerate(pairs):
-            taps[row, j] = kj
-            inputs[row, j] = i
+    num = np.arange(o_start, o_stop, dtype=np.int64)[:, None] + p - np.arange(k, dtype=np.int64)[None, :] * d
+    valid = (num % s == 0) & (num >= 0) & (num // s < n_in)
+    count = valid.sum(axis=1).astype(np.int64)
+    width = max(1, int(count.max(initial=0)))
+    # Valid taps first, in kernel order (a stable sort of the "invalid" flags).
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :width]
+    used = np.arange(width)[None, :] < count[:, None]
+    taps = np.where(used, order, 0).astype(np.int64)
+    inputs = np.where(used, np.take_along_axis(num // s, order, axis=1), 0).astype(np.int64)
     return count, taps, inputs
 
 
@@ -93,14 +84,8 @@ def fir_taps(n_out, k, s, p, d):
     ndarray of int64, shape (T, n_out)
     """
     windows = (k - 1) * d // s + 1
-    table = np.full((windows, n_out), -1, dtype=np.int64)
-    for o in range(n_out):
-        r = (o + p) % s
-        for m in range(windows):
-            num = r + m * s
-            if num % d == 0 and num // d < k:
-                table[m, o] = num // d
-    return table
+    num = (np.arange(n_out, dtype=np.int64)[None, :] + p) % s + np.arange(windows, dtype=np.int64)[:, None] * s
+    return np.where((num % d == 0) & (num // d < k), num // d, -1).astype(np.int64)
 
 
 def _axis_arrays(phases):

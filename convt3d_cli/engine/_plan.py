@@ -148,21 +148,18 @@ def blocked_plan(weight, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, cha
     else:
         rows_per_block = 1
         n_wp = -(-n_qw // position_block) * position_block + sw_hi - sw_lo
-    # D chunk and H tile: the padded block (halo included) within block_bytes, about as many
-    # planes as rows so both halos are amortised, and enough jobs for all threads.
+    # H tile first: enough jobs for all threads from samples x groups x H tiles alone, so a
+    # streamed slab of only a few planes still keeps every thread busy. Then about as many
+    # planes as rows (both halos amortised) within block_bytes, halo included.
     row_bytes = cin_g * n_wp * itemsize
     rows_fit = max(1, block_bytes // row_bytes)
+    tiles_wanted = max(1, -(-n_jobs_wanted // max(1, n_outer)))
+    h_cap = max(1, n_qh // tiles_wanted)
     side = 1
-    while (side + 1 + sd_hi - sd_lo) * (side + 1 + sh_hi - sh_lo) <= rows_fit and side < max(n_qd, n_qh):
+    while (side + 1 + sd_hi - sd_lo) * (min(side + 1, h_cap) + sh_hi - sh_lo) <= rows_fit and side < max(n_qd, n_qh):
         side += 1
-    d_chunk = max(1, min(n_qd, side))
-    h_tile = max(1, min(n_qh, max(side, rows_fit // (d_chunk + sd_hi - sd_lo) - (sh_hi - sh_lo))))
-    while n_outer * -(-n_qd // d_chunk) * -(-n_qh // h_tile) < n_jobs_wanted and (d_chunk > 1 or h_tile > 1):
-        if d_chunk >= h_tile:
-            d_chunk = -(-d_chunk // 2)
-        else:
-            h_tile = -(-h_tile // 2)
-    h_tile = -(-h_tile // rows_per_block) * rows_per_block
+    h_tile = -(-max(1, min(n_qh, h_cap, side)) // rows_per_block) * rows_per_block
+    d_chunk = max(1, min(n_qd, rows_fit // (h_tile + sh_hi - sh_lo) - (sd_hi - sd_lo)))
     n_dp = d_chunk + sd_hi - sd_lo
     n_hp = h_tile + sh_hi - sh_lo
 

@@ -61,7 +61,9 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                 id_lo = min(id_lo, d_inputs[od, a])
                 id_hi = max(id_hi, d_inputs[od, a])
         n_id = max(0, id_hi - id_lo + 1)
-        rep = np.zeros((cin_g, n_id, n_ih, n_rep), dtype=out.dtype)
+        # One extra all-zero row at the end: the padding terms read it (0 * 0, never 0 * inf).
+        rep2 = np.zeros((cin_g * n_id * n_ih + 1, n_rep), dtype=out.dtype)
+        rep = rep2[:cin_g * n_id * n_ih].reshape((cin_g, n_id, n_ih, n_rep))
         for ci in range(cin_g):
             for di in range(n_id):
                 id_local = id_lo + di - in_start
@@ -97,7 +99,6 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
         # Each output row is a sum of (coefficient row x shifted repeated row) terms; applying
         # them four at a time, the first four together with the bias, cuts loop overhead and
         # output-row traffic.
-        rep2 = rep.reshape((cin_g * n_id * n_ih, n_rep))
         max_terms = d_taps.shape[1] * h_taps.shape[1] * cin_g * n_win + 4
         t_rep = np.zeros(max_terms, dtype=np.int64)
         t_coef = np.empty(max_terms, dtype=np.int64)
@@ -118,7 +119,7 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                                 t_start[nt] = lead - m * stride_w
                                 nt += 1
                 while nt % 4 or nt == 0:
-                    t_rep[nt] = 0
+                    t_rep[nt] = cin_g * n_id * n_ih
                     t_coef[nt] = zero_row
                     t_start[nt] = 0
                     nt += 1

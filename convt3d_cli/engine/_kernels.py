@@ -334,9 +334,9 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
     """Each phase's weights in term order for ``blocked_phases``.
 
     weight : (G, Cin_g, Cout_g, kD, kH, kW); w_packed : (G, n_cob, Pd, Ph, Pw, T * CHANNEL_BLOCK),
-    zero-filled; ``kernel_*[r, j]`` is the kernel index of tap ``j`` of phase ``r``
-    (``taps_*[r]`` taps). Term ``(ci, jd, jh, jw)`` holds the weights of CHANNEL_BLOCK
-    consecutive output channels.
+    any content (every element is written); ``kernel_*[r, j]`` is the kernel index of tap ``j``
+    of phase ``r`` (``taps_*[r]`` taps). Term ``(ci, jd, jh, jw)`` holds the weights of
+    CHANNEL_BLOCK consecutive output channels, zero past Cout_g and past the phase's terms.
     """
     groups, cin_g, cout_g = weight.shape[0], weight.shape[1], weight.shape[2]
     n_cob = w_packed.shape[1]
@@ -359,7 +359,10 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
                                     kw = kernel_w[rw, jw]
                                     for cb in range(n_co):
                                         dst[j * CHANNEL_BLOCK + cb] = weight[g, ci, cob * CHANNEL_BLOCK + cb, kd, kh, kw]
+                                    for cb in range(n_co, CHANNEL_BLOCK):
+                                        dst[j * CHANNEL_BLOCK + cb] = 0
                                     j += 1
+                    dst[j * CHANNEL_BLOCK:] = 0
 
 
 @njit(**_JIT)

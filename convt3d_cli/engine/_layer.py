@@ -108,20 +108,20 @@ class PreparedLayer:
         return (self.input_shape[0], self.out_channels) + self.out_spatial
 
     def _static_tables(self):
-        # H and W tables do not depend on the slab; build them once per layer.
+        """The FIR kernel's H and W tables; they do not depend on the slab, so once per layer."""
         if self._static is None:
             k, s, p, d = (self.params.kernel_size, self.params.stride, self.params.padding,
                           self.params.dilation)
-            n_h, n_w = self.input_shape[3:]
-            o_h, o_w = self.out_spatial[1:]
             self._static = {
-                "h_table": _plan.gather_table(0, o_h, n_h, k[1], s[1], p[1], d[1]),
-                "w_fir": _plan.fir_taps(o_w, k[2], s[2], p[2], d[2]),
-                "phases_h": _plan.axis_phases(o_h, k[1], s[1], p[1], d[1]),
-                "phases_w": _plan.axis_phases(o_w, k[2], s[2], p[2], d[2]),
-                "phases_d": _plan.axis_phases(self.out_spatial[0], k[0], s[0], p[0], d[0]),
+                "h_table": _plan.gather_table(0, self.out_spatial[1], self.input_shape[3], k[1], s[1], p[1], d[1]),
+                "w_fir": _plan.fir_taps(self.out_spatial[2], k[2], s[2], p[2], d[2]),
             }
         return self._static
+
+    def _phases(self):
+        """Per-axis output phases (the blocked kernel's tables)."""
+        k, s, p, d = (self.params.kernel_size, self.params.stride, self.params.padding, self.params.dilation)
+        return [_plan.axis_phases(n, *args) for n, args in zip(self.out_spatial, zip(k, s, p, d))]
 
     def run_slab(self, x_slab, in_start, out_start, out_stop, out, progress=None):
         """Compute output planes ``[out_start, out_stop)`` into ``out``.
@@ -175,13 +175,12 @@ class PreparedLayer:
     def _blocked_plan(self):
         if self._blocked is None:
             kern = _kernels()
-            static = self._static_tables()
             self._blocked = _plan.blocked_plan(
-                self.weight, static["phases_d"], static["phases_h"], static["phases_w"],
+                self.weight, *self._phases(),
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
                 kern.POSITION_BLOCK, self._block_bytes(), n_jobs_wanted=4 * _threads(),
                 n_outer=self.input_shape[0] * self.groups)
-            w_packed = np.zeros(self._blocked.pop("w_shape"), dtype=self.dtype)
+            w_packed = np.empty(self._blocked.pop("w_shape"), dtype=self.dtype)
             kern.pack_weights(self.weight, w_packed, *self._blocked["kernel_tables"])
             self._blocked["w_packed"] = w_packed
             # Accumulator blocks start from the bias: (G, n_cob, channel_block * position_block),

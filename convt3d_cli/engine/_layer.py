@@ -146,17 +146,11 @@ class PreparedLayer:
                       self.params.dilation)
         static = self._static_tables()
         n_batch = x_slab.shape[0]
-        n_planes = out_stop - out_start
-        # Progress needs several kernel calls; each call still spreads its planes over all threads.
-        step = -(-n_planes // 50) if progress else n_planes
-        for o0 in range(out_start, out_stop, step):
-            o1 = min(out_stop, o0 + step)
+        for o0, o1 in _plane_steps(out_start, out_stop, n_batch, progress):
             d_table = _plan.gather_table(o0, o1, self.input_shape[2], k[0], s[0], p[0], d[0])
             kern.direct_fir(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start],
                             *d_table, *static["h_table"], static["w_fir"], s[2], p[2], in_start,
                             self._direct_chunk(o1 - o0, n_batch))
-            if progress:
-                progress(n_batch * (o1 - o0))
 
     def scratch_bytes(self):
         """Upper bound of the memory one ``run_slab`` call allocates besides its output.
@@ -169,7 +163,10 @@ class PreparedLayer:
             return weights + _threads() * 2 * REP_BYTES
         plan = self._blocked_plan()
         _, _, _, _, n_dp, _, n_hp, _, n_wp = plan["blocking"]
-        block = (self.cin_g * n_dp * n_hp * n_wp + 4 * 128) * self.dtype.itemsize
+        kern = _kernels()
+        # The padded input block plus the kernel's per-W-phase result blocks, per thread.
+        blocks = self.params.stride[2] * (kern.CHANNEL_BLOCK + 1) * kern.POSITION_BLOCK
+        block = (self.cin_g * n_dp * n_hp * n_wp + kern.POSITION_BLOCK + blocks) * self.dtype.itemsize
         return weights + plan["w_packed"].nbytes + plan["terms"].nbytes + _threads() * block
 
     def _blocked_plan(self):
@@ -193,7 +190,7 @@ class PreparedLayer:
         return self._blocked
 
     def _block_bytes(self):
-        out_bytes = self.dtype.itemsize * self.out_channels * int(np.prod(self.out_spatial)) * self.input_shape[0]
+        out_bytes = self.dtype.itemsize * int(np.prod(self.output_shape))
         share = int(BLOCK_SHARE_OF_OUTPUT * out_bytes / _threads())
         return max(min(BLOCK_BYTES, BLOCK_BYTES_MIN), min(BLOCK_BYTES, share))
 
@@ -201,16 +198,10 @@ class PreparedLayer:
         kern = _kernels()
         plan = self._blocked_plan()
         s = self.params.stride
-        n_batch = x_slab.shape[0]
-        n_planes = out_stop - out_start
-        step = -(-n_planes // 50) if progress else n_planes
-        for o0 in range(out_start, out_stop, step):
-            o1 = min(out_stop, o0 + step)
+        for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
             kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
                                 out[:, :, o0 - out_start:o1 - out_start], *plan["tables"], s[0], s[1], s[2],
                                 *plan["blocking"], in_start, self.input_shape[2], o0)
-            if progress:
-                progress(n_batch * (o1 - o0))
 
     def _direct_chunk(self, n_planes, n_batch):
         """Output planes per direct-kernel job: the repeated input rows it caches stay
@@ -224,6 +215,21 @@ class PreparedLayer:
         jobs_wanted = 4 * _threads()
         by_balance = max(1, -(-(n_batch * self.out_channels * n_planes) // jobs_wanted) // max(1, n_batch * self.out_channels))
         return int(max(1, min(n_planes, by_memory, by_balance)))
+
+
+def _plane_steps(out_start, out_stop, n_batch, progress):
+    """Output-plane ranges for the kernel calls of one slab, reporting progress after each.
+
+    Without progress it is one call; with it, about 50 (each still spreads its planes over
+    all threads).
+    """
+    n_planes = out_stop - out_start
+    step = -(-n_planes // 50) if progress else n_planes
+    for o0 in range(out_start, out_stop, step):
+        o1 = min(out_stop, o0 + step)
+        yield o0, o1
+        if progress:
+            progress(n_batch * (o1 - o0))
 
 
 def _is_int_like(value):

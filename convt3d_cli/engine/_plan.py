@@ -88,16 +88,10 @@ def fir_taps(n_out, k, s, p, d):
     return np.where((num % d == 0) & (num // d < k), num // d, -1).astype(np.int64)
 
 
-def _axis_arrays(phases):
-    """first, count, taps, shift (padded with zeros to the longest tap list) of one axis."""
-    width = max(1, max(len(ph.kernel) for ph in phases))
-    first = np.array([ph.first for ph in phases], dtype=np.int64)
-    count = np.array([ph.count for ph in phases], dtype=np.int64)
-    taps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
-    shift = np.zeros((len(phases), width), dtype=np.int64)
-    for r, ph in enumerate(phases):
-        shift[r, :len(ph.shift)] = ph.shift
-    return first, count, taps, shift
+def _first_count(phases):
+    """First output and output count of each phase of one axis."""
+    return (np.array([ph.first for ph in phases], dtype=np.int64),
+            np.array([ph.count for ph in phases], dtype=np.int64))
 
 
 def _shift_span(phases):
@@ -131,9 +125,9 @@ def blocked_plan(weight, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, cha
         (``_kernels.pack_weights``), and the scalar and table arguments of the kernel.
     """
     groups, cin_g, cout_g = weight.shape[:3]
-    first_d, count_d, _, _ = _axis_arrays(phases_d)
-    first_h, count_h, _, _ = _axis_arrays(phases_h)
-    first_w, count_w, _, _ = _axis_arrays(phases_w)
+    first_d, count_d = _first_count(phases_d)
+    first_h, count_h = _first_count(phases_h)
+    first_w, count_w = _first_count(phases_w)
     sd_lo, sd_hi = _shift_span(phases_d)
     sh_lo, sh_hi = _shift_span(phases_h)
     sw_lo, sw_hi = _shift_span(phases_w)

@@ -365,6 +365,20 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
                     dst[j * CHANNEL_BLOCK:] = 0
 
 
+@njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+def count_nonfinite(bits, exponent):
+    """How many values have an all-ones exponent (inf or nan), given their bit patterns.
+
+    Integer tests rather than ``np.isfinite``: under the fast-math flags of the other
+    kernels LLVM may assume that floats are finite, so no float test is trusted here.
+    """
+    total = 0
+    for i in prange(bits.shape[0]):
+        if bits[i] & exponent == exponent:
+            total += 1
+    return total
+
+
 @njit(**_JIT)
 def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
                 count_w, stride_w):

@@ -135,7 +135,10 @@ class PreparedLayer:
         progress : callable(int), optional
             Called with the number of output planes (N * D) finished since the last call.
         """
-        if self.path == "blocked":
+        if self.path == "blocked" or not _all_finite(x_slab):
+            # The FIR kernel multiplies every input of a window by a coefficient, zero where
+            # that output has no tap; 0 * inf and 0 * nan would spread to outputs that do not
+            # depend on that input. The blocked kernel multiplies real taps only.
             self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress)
         else:
             self._run_direct(x_slab, in_start, out_start, out_stop, out, progress)
@@ -230,6 +233,15 @@ def _plane_steps(out_start, out_stop, n_batch, progress):
         yield o0, o1
         if progress:
             progress(n_batch * (o1 - o0))
+
+
+def _all_finite(x):
+    """Whether every value of ``x`` (float32 or float64, C-contiguous) is finite."""
+    if x.dtype == np.float64:
+        bits, exponent = x.reshape(-1).view(np.uint64), np.uint64(0x7FF0000000000000)
+    else:
+        bits, exponent = x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)
+    return _kernels().count_nonfinite(bits, exponent) == 0
 
 
 def _is_int_like(value):

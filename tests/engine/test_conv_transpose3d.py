@@ -171,6 +171,29 @@ def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, monkeypatch)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("seed", range(4000, 4030))
+def test_nan_and_inf_reach_only_the_outputs_that_read_them(seed, path):
+    """A NaN or inf voxel (masked imaging data) must not spread to outputs without a tap on
+    it: the FIR kernel's zero coefficients would give 0 * nan there, so such input takes
+    the blocked kernel."""
+    rng = np.random.default_rng(seed)
+    cfg = random_config(rng)
+    x, w, b = make_data(cfg, rng)
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, size=min(flat.size, 3), replace=False)
+    flat[picks] = [np.nan, np.inf, -np.inf][:len(picks)]
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums: nan, as intended
+        expected = conv_transpose3d_ref(x, w, b, **layer_kwargs(cfg))
+    for dtype in ("float64", "float32"):
+        got = conv_transpose3d(x, w, b, **layer_kwargs(cfg), dtype=dtype)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_array_equal(np.isposinf(got), np.isposinf(expected))
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
+        finite = np.isfinite(expected)
+        scale = max(1.0, float(np.abs(expected[finite]).max(initial=0.0)))
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-5 * scale)
+
+
 def test_path_choice():
     assert _layer.choose_path(1, 1) == "fir"            # depthwise
     assert _layer.choose_path(1, 16) == "fir"

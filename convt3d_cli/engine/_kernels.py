@@ -62,7 +62,12 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                 id_hi = max(id_hi, d_inputs[od, a])
         n_id = max(0, id_hi - id_lo + 1)
         # One extra all-zero row at the end: the padding terms read it (0 * 0, never 0 * inf).
-        rep2 = np.zeros((cin_g * n_id * n_ih + 1, n_rep), dtype=out.dtype)
+        # The repeats below fill [copy_lo, copy_hi) of every row; only the rest is zeroed
+        # (zeroing whole rows first cost a tenth of a one-channel layer).
+        rep2 = np.empty((cin_g * n_id * n_ih + 1, n_rep), dtype=out.dtype)
+        rep2[cin_g * n_id * n_ih] = 0
+        copy_lo = min(n_rep, max(0, lead - pad_w))
+        copy_hi = max(copy_lo, min(n_rep, lead - pad_w + n_iw * stride_w))
         rep = rep2[:cin_g * n_id * n_ih].reshape((cin_g, n_id, n_ih, n_rep))
         for ci in range(cin_g):
             for di in range(n_id):
@@ -70,6 +75,8 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                 for ih in range(n_ih):
                     x_row = x[n, g * cin_g + ci, id_local, ih]
                     r_row = rep[ci, di, ih]
+                    r_row[:copy_lo] = 0
+                    r_row[copy_hi:] = 0
                     if stride_w == 2:
                         _repeat_row_twice(x_row, r_row, lead - pad_w)
                         continue

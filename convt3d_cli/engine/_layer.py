@@ -175,12 +175,13 @@ class PreparedLayer:
     def _blocked_plan(self):
         if self._blocked is None:
             kern = _kernels()
-            self._blocked = _plan.blocked_plan(
-                self.weight, *self._phases(),
+            # A copy of the shared cached plan: the layer adds its own weights to it.
+            self._blocked = dict(_plan.cached_blocked_plan(
+                self.weight.shape, *(tuple(axis) for axis in self._phases()),
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
                 kern.POSITION_BLOCK, self._block_bytes(), n_jobs_wanted=4 * _threads(),
-                n_outer=self.input_shape[0] * self.groups)
-            w_packed = np.empty(self._blocked.pop("w_shape"), dtype=self.dtype)
+                n_outer=self.input_shape[0] * self.groups))
+            w_packed = np.empty(self._blocked["w_shape"], dtype=self.dtype)
             kern.pack_weights(self.weight, w_packed, *self._blocked["kernel_tables"])
             self._blocked["w_packed"] = w_packed
             # Accumulator blocks start from the bias: (G, n_cob, channel_block * position_block),

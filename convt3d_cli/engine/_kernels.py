@@ -191,6 +191,42 @@ def _stack_block(typingctx, dtype):
     return types.CPointer(dtype.dtype)(dtype), codegen
 
 
+@njit(**_JIT)
+def _fill_block(x, xp, n, g, cin_g, d0, n_dp, h0, n_hp, w0, n_wp, in_start, n_id):
+    """Copy input planes ``d0 ..``, rows ``h0 ..``, columns ``w0 ..`` of group ``g`` into the
+    zero-padded block ``xp`` (``cin_g x n_dp x n_hp x n_wp``), zeros outside the input.
+
+    ``d0`` counts global planes; the slab ``x`` starts at plane ``in_start`` of ``n_id``.
+    """
+    n_slab, n_ih, n_iw = x.shape[2], x.shape[3], x.shape[4]
+    c_lo = min(n_wp, max(0, -w0))
+    c_hi = max(c_lo, min(n_wp, n_iw - w0))
+    r_lo = min(n_hp, max(0, -h0))
+    r_hi = max(r_lo, min(n_hp, n_ih - h0))
+    for ci in range(cin_g):
+        for pl in range(n_dp):
+            plane = (ci * n_dp + pl) * n_hp
+            id_global = d0 + pl
+            id_local = id_global - in_start
+            # Planes outside the slab only feed outputs of other slabs: zero is as good.
+            if id_global < 0 or id_global >= n_id or id_local < 0 or id_local >= n_slab:
+                xp[plane * n_wp:(plane + n_hp) * n_wp] = 0
+                continue
+            xp[plane * n_wp:(plane + r_lo) * n_wp] = 0
+            xp[(plane + r_hi) * n_wp:(plane + n_hp) * n_wp] = 0
+            src_plane = x[n, g * cin_g + ci, id_local]
+            for r in range(r_lo, r_hi):
+                row = (plane + r) * n_wp
+                src = src_plane[h0 + r, c_lo + w0:c_hi + w0]
+                dst = xp[row + c_lo:row + c_hi]
+                # Slices first: indexing with c + shift (possibly negative to Numba) would add
+                # a wraparound check per element and stop vectorisation.
+                for c in range(c_hi - c_lo):
+                    dst[c] = src[c]
+                xp[row:row + c_lo] = 0
+                xp[row + c_hi:row + n_wp] = 0
+
+
 @njit(parallel=True, **_JIT)
 def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first_h, count_h, first_w, count_w,
                    stride_d, stride_h, stride_w, d_chunk, h_tile, rows_per_block, shift_d_min, n_dp,
@@ -216,9 +252,6 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
     terms in registers and writes each output once.
     """
     n_batch, c_out, n_od, n_oh, n_ow = out.shape
-    n_ih = x.shape[3]
-    n_iw = x.shape[4]
-    n_slab = x.shape[2]
     groups = w_packed.shape[0]
     n_cob = w_packed.shape[1]
     cin_g = x.shape[1] // groups
@@ -259,32 +292,8 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
         qh1 = min(n_qh, qh0 + h_tile)
         xp = np.empty(n_xp, dtype=out.dtype)
         xp[n_xp - POSITION_BLOCK:] = 0
-        c_lo = min(n_wp, max(0, -shift_w_min))
-        c_hi = max(c_lo, min(n_wp, n_iw - shift_w_min))
-        r_lo = min(n_hp, max(0, -(qh0 + shift_h_min)))
-        r_hi = max(r_lo, min(n_hp, n_ih - (qh0 + shift_h_min)))
-        for ci in range(cin_g):
-            for pl in range(n_dp):
-                plane = (ci * n_dp + pl) * n_hp
-                id_global = q0 + shift_d_min + pl
-                id_local = id_global - in_start
-                # Planes outside the slab only feed outputs of other slabs: zero is as good.
-                if id_global < 0 or id_global >= n_id or id_local < 0 or id_local >= n_slab:
-                    xp[plane * n_wp:(plane + n_hp) * n_wp] = 0
-                    continue
-                xp[plane * n_wp:(plane + r_lo) * n_wp] = 0
-                xp[(plane + r_hi) * n_wp:(plane + n_hp) * n_wp] = 0
-                src_plane = x[n, g * cin_g + ci, id_local]
-                for r in range(r_lo, r_hi):
-                    row = (plane + r) * n_wp
-                    src = src_plane[qh0 + shift_h_min + r, c_lo + shift_w_min:c_hi + shift_w_min]
-                    dst = xp[row + c_lo:row + c_hi]
-                    # Slices first: indexing with c + shift (possibly negative to Numba) would add
-                    # a wraparound check per element and stop vectorisation.
-                    for c in range(c_hi - c_lo):
-                        dst[c] = src[c]
-                    xp[row:row + c_lo] = 0
-                    xp[row + c_hi:row + n_wp] = 0
+        _fill_block(x, xp, n, g, cin_g, q0 + shift_d_min, n_dp, qh0 + shift_h_min, n_hp, shift_w_min, n_wp,
+                    in_start, n_id)
         acc = numba.carray(_stack_block(out.dtype), _ACC)
         # One block per W phase, padded so a full position block can be read at any row offset.
         blocks = np.zeros((stride_w, _ACC + POSITION_BLOCK), dtype=out.dtype)

@@ -345,6 +345,183 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
                                                 count_w, stride_w)
 
 
+# Register block of ``subpixel_blocked``: 8 virtual channels x 32 positions (16 AVX-512
+# registers). Twice the plain kernel's positions: each block's rows then go out as runs of
+# 32 that LLVM stores with full-width permutes (runs of 16 end up as scalar stores).
+WIDE_POSITION_BLOCK = 32
+_ACC_WIDE = CHANNEL_BLOCK * WIDE_POSITION_BLOCK
+
+
+@intrinsic
+def _stack_block_wide(typingctx, dtype):
+    """As ``_stack_block``, ``_ACC_WIDE`` elements."""
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=_ACC_WIDE)
+    return types.CPointer(dtype.dtype)(dtype), codegen
+
+
+@njit(parallel=True, **_JIT)
+def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_chunk, h_tile, shift_d_min,
+                     n_dp, shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, v_lo, v_hi,
+                     shuffle, sub_d, sub_h, sub_w):
+    """Few-channel path: the layer's phases as channels of one stride-1 convolution.
+
+    With ``_plan.subpixel_phases`` every output phase of every output channel becomes a
+    virtual channel (``shuffle`` rows ``(co, rd, rh, rw)``) reading one shared window of
+    inputs, zero weights where a phase lacks a tap: the pixel-shuffle form. One channel
+    then fills a whole register block (8 phases for stride 2), where the plain kernel would
+    use one lane in eight.
+
+    x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout)
+    w_packed : (G, n_cob, 1, 1, 1, T * CHANNEL_BLOCK); terms : (1, 1, 1, T + 1), as for
+        ``blocked_phases`` with one phase;
+    n_vd, n_vh, n_vw : positions along each axis; ``v_lo, v_hi`` the D positions with
+        outputs in this slab (``_plan.q_range``);
+    sub_* : (3, stride) per real phase: first output, count, offset (``q = v + offset``).
+
+    Jobs and the padded input block are those of ``blocked_phases``. A row's blocks are kept
+    block after block in a row buffer and scattered once the row is done
+    (``_store_subpixel_row``): whole rows, in ascending order, keep the stores streaming.
+    """
+    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    groups = w_packed.shape[0]
+    n_cob = w_packed.shape[1]
+    cin_g = x.shape[1] // groups
+    n_virtual = shuffle.shape[0]
+    if v_hi <= v_lo or n_vh == 0 or n_vw == 0:
+        return
+    n_chunks = (v_hi - v_lo + d_chunk - 1) // d_chunk
+    n_tiles = (n_vh + h_tile - 1) // h_tile
+    n_xp = cin_g * n_dp * n_hp * n_wp + WIDE_POSITION_BLOCK
+    n_wblocks = (n_vw + WIDE_POSITION_BLOCK - 1) // WIDE_POSITION_BLOCK
+    term_rows = terms[0, 0, 0]
+    for job in prange(n_batch * groups * n_chunks * n_tiles):
+        tile = job % n_tiles
+        rest = job // n_tiles
+        chunk = rest % n_chunks
+        rest = rest // n_chunks
+        g = rest % groups
+        n = rest // groups
+        v0 = v_lo + chunk * d_chunk
+        v1 = min(v_hi, v0 + d_chunk)
+        vh0 = tile * h_tile
+        vh1 = min(n_vh, vh0 + h_tile)
+        xp = np.empty(n_xp, dtype=out.dtype)
+        xp[n_xp - WIDE_POSITION_BLOCK:] = 0
+        _fill_block(x, xp, n, g, cin_g, v0 + shift_d_min, n_dp, vh0 + shift_h_min, n_hp, shift_w_min, n_wp,
+                    in_start, n_id)
+        acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
+        row_buf = np.empty(n_wblocks * _ACC_WIDE, dtype=out.dtype)
+        for cob in range(n_cob):
+            n_c = min(CHANNEL_BLOCK, n_virtual - cob * CHANNEL_BLOCK)
+            w_terms = w_packed[g, cob, 0, 0, 0]
+            start = bias_blocks[g, cob]
+            for vd in range(v0, v1):
+                for vh in range(vh0, vh1):
+                    for wb in range(n_wblocks):
+                        xbase = ((vd - v0) * n_hp + vh - vh0) * n_wp + wb * WIDE_POSITION_BLOCK
+                        for i in range(_ACC_WIDE):
+                            acc[i] = start[i]
+                        j = 0
+                        while True:
+                            rel = term_rows[j]
+                            if rel < 0:
+                                break
+                            xs = xp[xbase + rel:xbase + rel + WIDE_POSITION_BLOCK]
+                            ws = w_terms[j * CHANNEL_BLOCK:(j + 1) * CHANNEL_BLOCK]
+                            for t in range(WIDE_POSITION_BLOCK):
+                                xv = xs[t]
+                                for cb in range(CHANNEL_BLOCK):
+                                    acc[cb * WIDE_POSITION_BLOCK + t] += xv * ws[cb]
+                            j += 1
+                        blk = row_buf[wb * _ACC_WIDE:(wb + 1) * _ACC_WIDE]
+                        for i in range(_ACC_WIDE):
+                            blk[i] = acc[i]
+                    _store_subpixel_row(out, row_buf, n_vw, n, g * (c_out // groups), cob * CHANNEL_BLOCK, n_c,
+                                        vd, vh, shuffle, sub_d, sub_h, sub_w, out_start)
+
+
+@njit(**_JIT)
+def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle, sub_d, sub_h, sub_w,
+                        out_start):
+    """Scatter one row of a sub-pixel layer's blocks to the output.
+
+    ``row_buf`` holds the row's blocks one after another: channel ``cb`` at position ``v``
+    is ``row_buf[(v // PB) * _ACC_WIDE + cb * PB + v % PB]`` (``PB = WIDE_POSITION_BLOCK``).
+    Virtual channel ``c0 + cb`` is output channel ``co_base + shuffle[c, 0]`` in phase
+    ``shuffle[c, 1:]``; its value at position ``v`` along an axis is that phase's output
+    ``q = v + offset`` (``sub_*[2, r]``), at ``first + q * stride`` when ``0 <= q < count``.
+    With stride 2 along W, the two W phases of a row (adjacent channels) usually fill one
+    contiguous run: it is stored interleaved, a block at a time.
+    """
+    n_od = out.shape[2]
+    stride_d, stride_h, stride_w = sub_d.shape[1], sub_h.shape[1], sub_w.shape[1]
+    pb = WIDE_POSITION_BLOCK
+    cb = 0
+    while cb < n_c:
+        c = c0 + cb
+        rd, rh, rw = shuffle[c, 1], shuffle[c, 2], shuffle[c, 3]
+        qd = vd + sub_d[2, rd]
+        qh = vh + sub_h[2, rh]
+        od = sub_d[0, rd] + qd * stride_d - out_start
+        n_done = 1
+        if (stride_w == 2 and cb + 1 < n_c and shuffle[c + 1, 3] != rw
+                and abs(sub_w[0, 0] + 2 * sub_w[2, 0] - sub_w[0, 1] - 2 * sub_w[2, 1]) == 1):
+            n_done = 2
+        if qd < 0 or qd >= sub_d[1, rd] or qh < 0 or qh >= sub_h[1, rh] or od < 0 or od >= n_od:
+            cb += n_done
+            continue
+        row = out[n, co_base + shuffle[c, 0], od, sub_h[0, rh] + qh * stride_h]
+        # Valid positions of this channel's phase: 0 <= v + offset < count.
+        lo = min(n_vw, max(0, -sub_w[2, rw]))
+        hi = max(lo, min(n_vw, sub_w[1, rw] - sub_w[2, rw]))
+        col = sub_w[0, rw] + sub_w[2, rw] * stride_w
+        if n_done == 2:
+            # Channel a's phase owns the lower column of each output pair, b's the next one.
+            rw_b = shuffle[c + 1, 3]
+            col_b = sub_w[0, rw_b] + sub_w[2, rw_b] * 2
+            cb_a, cb_b = (cb, cb + 1) if col < col_b else (cb + 1, cb)
+            col = min(col, col_b)
+            rw_a, rw_b = shuffle[c0 + cb_a, 3], shuffle[c0 + cb_b, 3]
+            lo_a = min(n_vw, max(0, -sub_w[2, rw_a]))
+            hi_a = max(lo_a, min(n_vw, sub_w[1, rw_a] - sub_w[2, rw_a]))
+            lo_b = min(n_vw, max(0, -sub_w[2, rw_b]))
+            hi_b = max(lo_b, min(n_vw, sub_w[1, rw_b] - sub_w[2, rw_b]))
+            lo = max(lo_a, lo_b)
+            hi = max(lo, min(hi_a, hi_b))
+            for wb in range(lo // pb, (hi + pb - 1) // pb):
+                t0 = max(lo, wb * pb)
+                t1 = min(hi, (wb + 1) * pb)
+                src_a = row_buf[wb * _ACC_WIDE + cb_a * pb + t0 - wb * pb:]
+                src_b = row_buf[wb * _ACC_WIDE + cb_b * pb + t0 - wb * pb:]
+                seg = row[col + 2 * t0:col + 2 * t1]
+                for t in range(t1 - t0):
+                    seg[2 * t] = src_a[t]
+                    seg[2 * t + 1] = src_b[t]
+            # The ends where only one of the two phases has an output (a position or two).
+            for v in range(lo_a, min(hi_a, lo)):
+                row[col + 2 * v] = row_buf[(v // pb) * _ACC_WIDE + cb_a * pb + v % pb]
+            for v in range(max(lo_a, hi), hi_a):
+                row[col + 2 * v] = row_buf[(v // pb) * _ACC_WIDE + cb_a * pb + v % pb]
+            for v in range(lo_b, min(hi_b, lo)):
+                row[col + 2 * v + 1] = row_buf[(v // pb) * _ACC_WIDE + cb_b * pb + v % pb]
+            for v in range(max(lo_b, hi), hi_b):
+                row[col + 2 * v + 1] = row_buf[(v // pb) * _ACC_WIDE + cb_b * pb + v % pb]
+        else:
+            for wb in range(lo // pb, (hi + pb - 1) // pb):
+                t0 = max(lo, wb * pb)
+                t1 = min(hi, (wb + 1) * pb)
+                src = row_buf[wb * _ACC_WIDE + cb * pb + t0 - wb * pb:]
+                if stride_w == 1:
+                    seg = row[col + t0:col + t1]
+                    for t in range(t1 - t0):
+                        seg[t] = src[t]
+                else:
+                    for t in range(t1 - t0):
+                        row[col + (t0 + t) * stride_w] = src[t]
+        cb += n_done
+
+
 @njit(parallel=True, **_JIT)
 def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, kernel_w):
     """Each phase's weights in term order for ``blocked_phases``.

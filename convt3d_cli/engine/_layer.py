@@ -21,6 +21,17 @@ from . import _plan
 BLOCKED_MIN_CHANNEL_PRODUCT = 64
 BLOCKED_MIN_PRODUCT_FEW = 16
 BLOCKED_MIN_IN_CHANNELS_FEW = 3
+# When the sub-pixel kernel (phases as channels) beats both, measured on 64^3 and 128^3
+# s2 layers: at most 32 virtual channels (Cout/G x phases; 2->8 and 3->8 stay blocked),
+# W stride 1 or 2 with the two W phases side by side (stride 3 scatters one value at a
+# time: 2.7x slower than FIR), and for one input channel only windows with at least 8 taps
+# of which at least 3/4 are real (1 ch k4 9.4 vs 10.7 ms FIR, depthwise k4 35.8 vs 40.6;
+# k3 s2 has 42 % real taps and stays FIR, 6.4 vs 5.9; k2 has one tap: FIR 10.6 vs 11.8).
+# From 2 input channels on it wins below the blocked thresholds and above them for few
+# outputs: 8->1 3.1 vs 6.8 (FIR), 4->4 6.6 vs 9.9, 32->2 16.5 vs 25.5 (blocked).
+SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
+SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
+SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
 # Padded input block of one blocked-kernel job: about half an L2 cache, but for small outputs
 # no more than a few per cent of the output per thread (the "output + 10 %" memory budget);
 # below BLOCK_BYTES_MIN the halo copies start to cost more than that saves.
@@ -49,13 +60,42 @@ def compute_dtype(x_dtype, dtype):
     return np.dtype(_DTYPES[name])
 
 
-def choose_path(cin_g, cout_g):
-    """``"blocked"`` or ``"fir"``: the faster kernel for these channels per group."""
+def choose_path(cin_g, cout_g, phases=None):
+    """``"blocked"``, ``"subpixel"`` or ``"fir"``: the fastest kernel for this layer.
+
+    Parameters
+    ----------
+    cin_g, cout_g : int
+        Input and output channels per group.
+    phases : list of 3 lists of AxisPhase, optional
+        The layer's output phases per axis (``_plan.axis_phases``); without them the
+        sub-pixel kernel is not considered.
+    """
     product = cin_g * cout_g
+    if phases is not None and _subpixel_pays(cin_g, cout_g, phases):
+        return "subpixel"
     if product >= BLOCKED_MIN_CHANNEL_PRODUCT or (
             product >= BLOCKED_MIN_PRODUCT_FEW and cin_g >= BLOCKED_MIN_IN_CHANNELS_FEW):
         return "blocked"
     return "fir"
+
+
+def _subpixel_pays(cin_g, cout_g, phases):
+    """The measured rule of ``SUBPIXEL_*`` (see there)."""
+    n_phases = int(np.prod([len(axis) for axis in phases]))
+    if n_phases < 2 or cout_g * n_phases > SUBPIXEL_MAX_VIRTUAL_CHANNELS or len(phases[2]) > 2:
+        return False
+    tables = [_plan.subpixel_phases(axis) for axis in phases]
+    if len(phases[2]) == 2:
+        table = tables[2][1]
+        cols = table[0] + 2 * table[2]
+        if abs(int(cols[0] - cols[1])) != 1:
+            return False  # the two W phases are not side by side: no interleaved runs
+    if cin_g >= 2:
+        return True
+    window = int(np.prod([len(virtual[0].kernel) for virtual, _, _ in tables]))
+    real = np.prod([np.mean([len(ph.kernel) for ph in axis]) for axis in phases])
+    return window >= SUBPIXEL_MIN_TAPS_ONE_INPUT and real / window >= SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT
 
 
 class PreparedLayer:
@@ -98,8 +138,8 @@ class PreparedLayer:
                 raise ShapeError(f"bias must be numeric, got dtype {bias.dtype}")
             geometry.check_bias_shape(bias.shape, self.out_channels)
             self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype)
-        self.path = choose_path(self.cin_g, self.cout_g)
-        self._blocked = None
+        self.path = choose_path(self.cin_g, self.cout_g, self._phases())
+        self._blocked = {}
         self._static = None
 
     @property
@@ -135,11 +175,16 @@ class PreparedLayer:
         progress : callable(int), optional
             Called with the number of output planes (N * D) finished since the last call.
         """
-        if self.path == "blocked" or not _all_finite(x_slab):
-            # The FIR kernel multiplies every input of a window by a coefficient, zero where
-            # that output has no tap; 0 * inf and 0 * nan would spread to outputs that do not
-            # depend on that input. The blocked kernel multiplies real taps only.
+        path = self.path
+        if path != "blocked" and not _all_finite(x_slab):
+            # The FIR and sub-pixel kernels multiply some inputs by zeros (a window position
+            # or a phase without a tap there); 0 * inf and 0 * nan would spread to outputs
+            # that do not depend on that input. The blocked kernel multiplies real taps only.
+            path = "blocked"
+        if path == "blocked":
             self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress)
+        elif path == "subpixel":
+            self._run_subpixel(x_slab, in_start, out_start, out_stop, out, progress)
         else:
             self._run_direct(x_slab, in_start, out_start, out_stop, out, progress)
 
@@ -158,45 +203,76 @@ class PreparedLayer:
     def scratch_bytes(self):
         """Upper bound of the memory one ``run_slab`` call allocates besides its output.
 
-        The weight copies and, on the blocked path, the packed weights and one padded
+        The weight copies and, on the blocked paths, the packed weights and one padded
         input block per thread (the direct path's repeated rows stay near ``REP_BYTES``).
         """
         weights = 3 * self.weight.nbytes
-        if self.path != "blocked":
+        if self.path == "fir":
             return weights + _threads() * 2 * REP_BYTES
-        plan = self._blocked_plan()
+        plan = self._blocked_plan(self.path)
         _, _, _, _, n_dp, _, n_hp, _, n_wp = plan["blocking"]
         kern = _kernels()
-        # The padded input block plus the kernel's per-W-phase result blocks, per thread.
-        blocks = self.params.stride[2] * (kern.CHANNEL_BLOCK + 1) * kern.POSITION_BLOCK
-        block = (self.cin_g * n_dp * n_hp * n_wp + kern.POSITION_BLOCK + blocks) * self.dtype.itemsize
+        # The padded input block plus the kernel's result blocks (a row of them for the
+        # sub-pixel kernel), per thread.
+        blocks = (n_wp + kern.WIDE_POSITION_BLOCK) * kern.CHANNEL_BLOCK + (
+            self.params.stride[2] * (kern.CHANNEL_BLOCK + 1) * kern.POSITION_BLOCK)
+        block = (self.cin_g * n_dp * n_hp * n_wp + kern.WIDE_POSITION_BLOCK + blocks) * self.dtype.itemsize
         return weights + plan["w_packed"].nbytes + plan["terms"].nbytes + _threads() * block
 
-    def _blocked_plan(self):
-        if self._blocked is None:
+    def _blocked_plan(self, path="blocked"):
+        """Packed weights, terms and tables of the plain or the sub-pixel blocked kernel."""
+        if path not in self._blocked:
             kern = _kernels()
+            phases = self._phases()
+            weight = self.weight
+            plan = {}
+            position_block = kern.POSITION_BLOCK
+            if path == "subpixel":
+                subpixel = [_plan.subpixel_phases(axis) for axis in phases]
+                weight, plan["shuffle"] = _plan.subpixel_weight(
+                    weight, *phases, [sp[1] for sp in subpixel], [sp[2] for sp in subpixel])
+                plan["sub"] = tuple(sp[1] for sp in subpixel)
+                phases = [sp[0] for sp in subpixel]
+                position_block = kern.WIDE_POSITION_BLOCK
             # A copy of the shared cached plan: the layer adds its own weights to it.
-            self._blocked = dict(_plan.cached_blocked_plan(
-                self.weight.shape, *(tuple(axis) for axis in self._phases()),
+            plan.update(_plan.cached_blocked_plan(
+                weight.shape, *(tuple(axis) for axis in phases),
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
-                kern.POSITION_BLOCK, self._block_bytes(), n_jobs_wanted=4 * _threads(),
-                n_outer=self.input_shape[0] * self.groups))
-            w_packed = np.empty(self._blocked["w_shape"], dtype=self.dtype)
-            kern.pack_weights(self.weight, w_packed, *self._blocked["kernel_tables"])
-            self._blocked["w_packed"] = w_packed
+                position_block, self._block_bytes(), n_jobs_wanted=4 * _threads(),
+                n_outer=self.input_shape[0] * self.groups, row_blocks=path == "blocked",
+                whole_planes=path == "subpixel"))
+            w_packed = np.empty(plan["w_shape"], dtype=self.dtype)
+            kern.pack_weights(weight, w_packed, *plan["kernel_tables"])
+            plan["w_packed"] = w_packed
             # Accumulator blocks start from the bias: (G, n_cob, channel_block * position_block),
-            # zero past Cout/G.
-            n_cob = self._blocked["w_packed"].shape[1]
+            # zero past the (virtual) channels of a group.
+            n_cob = w_packed.shape[1]
+            channel_bias = self.bias.reshape(self.groups, self.cout_g)
+            if path == "subpixel":
+                channel_bias = channel_bias[:, plan["shuffle"][:, 0]]
             bias_blocks = np.zeros((self.groups, n_cob * kern.CHANNEL_BLOCK), dtype=self.dtype)
-            bias_blocks[:, :self.cout_g] = self.bias.reshape(self.groups, self.cout_g)
-            self._blocked["bias_blocks"] = np.repeat(bias_blocks, kern.POSITION_BLOCK, axis=1).reshape(
+            bias_blocks[:, :channel_bias.shape[1]] = channel_bias
+            plan["bias_blocks"] = np.repeat(bias_blocks, position_block, axis=1).reshape(
                 self.groups, n_cob, -1)
-        return self._blocked
+            self._blocked[path] = plan
+        return self._blocked[path]
 
     def _block_bytes(self):
         out_bytes = self.dtype.itemsize * int(np.prod(self.output_shape))
         share = int(BLOCK_SHARE_OF_OUTPUT * out_bytes / _threads())
         return max(min(BLOCK_BYTES, BLOCK_BYTES_MIN), min(BLOCK_BYTES, share))
+
+    def _run_subpixel(self, x_slab, in_start, out_start, out_stop, out, progress):
+        kern = _kernels()
+        plan = self._blocked_plan("subpixel")
+        sub_d, sub_h, sub_w = plan["sub"]
+        counts = [int(c[0]) for c in plan["tables"][1::2]]
+        for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
+            v_lo, v_hi = _plan.q_range(sub_d[0], sub_d[1], self.params.stride[0], sub_d[2], o0, o1)
+            kern.subpixel_blocked(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
+                                  out[:, :, o0 - out_start:o1 - out_start], *counts,
+                                  *plan["blocking"][:2], *plan["blocking"][3:], in_start, self.input_shape[2], o0,
+                                  v_lo, v_hi, plan["shuffle"], sub_d, sub_h, sub_w)
 
     def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()

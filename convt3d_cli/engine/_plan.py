@@ -100,8 +100,89 @@ def _shift_span(phases):
     return (min(shifts), max(shifts)) if shifts else (0, 0)
 
 
+def q_range(first, count, stride, offset, o_start, o_stop):
+    """Positions ``v`` whose output lies in ``[o_start, o_stop)`` for some phase of one axis.
+
+    Phase ``r``'s output at position ``v`` is ``first[r] + (v + offset[r]) * stride`` when
+    ``0 <= v + offset[r] < count[r]``. Returns ``(lo, hi)``, empty as ``(0, 0)``.
+    """
+    lo, hi = None, None
+    for f, c, off in zip(first, count, offset):
+        q_lo = max(0, -(-(o_start - f) // stride))
+        q_hi = min(int(c), -(-(o_stop - f) // stride))
+        if q_hi > q_lo:
+            lo = q_lo - off if lo is None else min(lo, q_lo - off)
+            hi = q_hi - off if hi is None else max(hi, q_hi - off)
+    return (0, 0) if lo is None else (int(lo), int(hi))
+
+
+def subpixel_phases(phases):
+    """One axis of a sub-pixel layer: all phases as one stride-1 phase.
+
+    Phase ``r`` reads inputs ``q + shift``. Counting its positions from ``q = v + offset[r]``
+    with ``offset[r] = lowest - min(shift)`` aligns every phase's taps to start at input
+    ``v + lowest``, so one window of ``span`` inputs (the longest phase's) covers them all;
+    a phase simply has zero weights for the window's other taps. This is the sub-pixel
+    (pixel-shuffle) form of a transposed convolution: the phases become channels.
+
+    Returns
+    -------
+    virtual : list of one AxisPhase
+        ``first`` 0, positions ``v`` in ``[0, count)``, taps ``j`` reading ``v + lowest + j``.
+    table : ndarray of int64, shape (3, s)
+        Per phase: first output, output count, offset.
+    tap_index : list of tuples
+        Per phase, the window tap (``j``) of each of its taps.
+    """
+    with_taps = [ph for ph in phases if ph.shift]
+    lowest = min((min(ph.shift) for ph in with_taps), default=0)
+    offsets = [lowest - min(ph.shift) if ph.shift else 0 for ph in phases]
+    tap_index = [tuple(c - min(ph.shift) for c in ph.shift) if ph.shift else () for ph in phases]
+    span = max((max(t) + 1 for t in tap_index if t), default=1)
+    count = max(max(ph.count - off for ph, off in zip(phases, offsets)), 0)
+    table = np.array([[ph.first for ph in phases], [ph.count for ph in phases], offsets], dtype=np.int64)
+    virtual = AxisPhase(0, count, tuple(range(span)), tuple(lowest + j for j in range(span)))
+    return [virtual], table, tap_index
+
+
+def subpixel_weight(weight, phases_d, phases_h, phases_w, tables, tap_indices):
+    """The stride-1 weights of a sub-pixel layer and its channel table.
+
+    Parameters
+    ----------
+    weight : ndarray, (G, Cin_g, Cout_g, kD, kH, kW)
+    phases_d, phases_h, phases_w : lists of AxisPhase (the real phases)
+    tables, tap_indices : the ``table`` and ``tap_index`` of :func:`subpixel_phases` per axis
+
+    Returns
+    -------
+    weight_sub : ndarray, (G, Cin_g, Cout_g * P, span_d, span_h, span_w)
+        Virtual channel ``c`` holds output channel ``co`` in phase ``(rd, rh, rw)``, zero
+        where that phase has no tap.
+    shuffle : ndarray of int64, (Cout_g * P, 4)
+        ``(co, rd, rh, rw)`` of each virtual channel: by output channel, then by where each
+        phase's first position lands along D, H and W (so a block's rows are written in
+        ascending order, which the hardware prefetchers follow; descending steps cost 3x).
+    """
+    groups, cin_g, cout_g = weight.shape[:3]
+    spans = [max((max(t) + 1 for t in taps if t), default=1) for taps in tap_indices]
+    orders = [sorted(range(table.shape[1]), key=lambda r, t=table: t[0, r] + t.shape[1] * t[2, r])
+              for table in tables]
+    grid = np.array([(co, rd, rh, rw) for co in range(cout_g) for rd in orders[0]
+                     for rh in orders[1] for rw in orders[2]], dtype=np.int64).reshape(-1, 4)
+    weight_sub = np.zeros((groups, cin_g, len(grid)) + tuple(spans), dtype=weight.dtype)
+    taps_d, taps_h, taps_w = tap_indices
+    for c, (co, rd, rh, rw) in enumerate(grid):
+        for kd, jd in zip(phases_d[rd].kernel, taps_d[rd]):
+            for kh, jh in zip(phases_h[rh].kernel, taps_h[rh]):
+                for kw, jw in zip(phases_w[rw].kernel, taps_w[rw]):
+                    weight_sub[:, :, c, jd, jh, jw] = weight[:, :, co, kd, kh, kw]
+    return weight_sub, grid
+
+
 def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsize, channel_block,
-                 position_block, block_bytes, n_jobs_wanted=1, n_outer=1):
+                 position_block, block_bytes, n_jobs_wanted=1, n_outer=1, row_blocks=True,
+                 whole_planes=False):
     """Term offsets, blocking and tables for ``_kernels.blocked_phases``.
 
     Parameters
@@ -119,6 +200,10 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
     n_jobs_wanted, n_outer : int
         Jobs wanted to keep every thread busy, and jobs there are without splitting D or H
         (samples x groups).
+    row_blocks : bool
+        Whether a position block may cover several short rows (``blocked_phases`` only).
+    whole_planes : bool
+        Prefer jobs of whole planes (split along D only) when that gives enough jobs.
 
     Returns
     -------
@@ -137,7 +222,7 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
     n_qd = int(count_d.max())
     n_qh = int(count_h.max())
     n_qw = int(count_w.max())
-    if n_qw < position_block and sw_lo == sw_hi:
+    if row_blocks and n_qw < position_block and sw_lo == sw_hi:
         # Short rows without a W halo lie back to back in the padded block: one position
         # block then covers several whole rows instead of wasting most of its lanes.
         rows_per_block = position_block // n_qw
@@ -157,6 +242,14 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
         side += 1
     h_tile = -(-max(1, min(n_qh, h_cap, side)) // rows_per_block) * rows_per_block
     d_chunk = max(1, min(n_qd, rows_fit // (h_tile + sh_hi - sh_lo) - (sd_hi - sd_lo)))
+    planes_fit = rows_fit // (n_qh + sh_hi - sh_lo) - (sd_hi - sd_lo)
+    chunks_wanted = -(-n_jobs_wanted // max(1, n_outer))
+    if whole_planes and planes_fit >= 1 and n_qd >= chunks_wanted:
+        # Whole planes per job when D alone gives enough jobs: each output plane is then
+        # written in one sweep (H tiles revisit every plane once per tile, and the sub-pixel
+        # kernel, which writes several planes at a time, loses half its speed to that).
+        h_tile = n_qh
+        d_chunk = max(1, min(planes_fit, -(-n_qd // chunks_wanted)))
     n_dp = d_chunk + sd_hi - sd_lo
     n_hp = h_tile + sh_hi - sh_lo
 

@@ -54,10 +54,10 @@ def layer_kwargs(cfg):
     return {key: cfg[key] for key in ("stride", "padding", "output_padding", "dilation", "groups")}
 
 
-@pytest.fixture(params=["fir", "blocked"])
+@pytest.fixture(params=["fir", "blocked", "subpixel"])
 def path(request, monkeypatch):
     """Run a test once through each compute path, whatever the channel counts."""
-    monkeypatch.setattr(_layer, "choose_path", lambda cin_g, cout_g: request.param)
+    monkeypatch.setattr(_layer, "choose_path", lambda *args: request.param)
     return request.param
 
 
@@ -156,10 +156,14 @@ def test_slabs_are_bitwise_identical_to_whole_volume(path):
     dict(n=1, cin=4, cout=9, spatial=(3, 5, 20), kernel=(2, 3, 4), stride=3, padding=(0, 1, 2),
          output_padding=(1, 0, 2)),
     dict(n=1, cin=6, cout=16, spatial=(3, 7, 5), kernel=2, stride=2, padding=0, output_padding=0),
+    # Enough D positions for whole-plane jobs (the sub-pixel kernel's preference).
+    dict(n=1, cin=2, cout=2, spatial=(13, 6, 5), kernel=4, stride=2, padding=1, output_padding=0),
 ])
-def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, monkeypatch):
-    """Any D chunk / H tile split of the blocked kernel's jobs gives the reference result."""
+@pytest.mark.parametrize("kind", ["blocked", "subpixel"])
+def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, kind, monkeypatch):
+    """Any D chunk / H tile split of the blocked kernels' jobs gives the reference result."""
     monkeypatch.setattr(_layer, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(_layer, "choose_path", lambda *args: kind)
     rng = np.random.default_rng(block_bytes % 97)
     k = cfg["kernel"] if isinstance(cfg["kernel"], tuple) else (cfg["kernel"],) * 3
     x = rng.standard_normal((cfg["n"], cfg["cin"]) + cfg["spatial"])
@@ -195,11 +199,29 @@ def test_nan_and_inf_reach_only_the_outputs_that_read_them(seed, path):
 
 
 def test_path_choice():
-    assert _layer.choose_path(1, 1) == "fir"            # depthwise
+    from convt3d_cli.engine import _plan
+
+    def phases(k, s, p, op=0, n=64):
+        n_out = (n - 1) * s - 2 * p + k + op
+        return [_plan.axis_phases(n_out, k, s, p, 1)] * 3
+
+    assert _layer.choose_path(1, 1) == "fir"            # depthwise, phases unknown
     assert _layer.choose_path(1, 16) == "fir"
     assert _layer.choose_path(3, 64) == "blocked"       # the seed example
     assert _layer.choose_path(64, 1) == "blocked"
     assert _layer.choose_path(8, 1) == "fir"
+    # One input channel: sub-pixel only for windows of >= 8 taps, mostly real ones.
+    assert _layer.choose_path(1, 1, phases(4, 2, 1)) == "subpixel"      # the linear built-in
+    assert _layer.choose_path(1, 1, phases(3, 2, 1, 1)) == "fir"        # 42 % real taps
+    assert _layer.choose_path(1, 1, phases(2, 2, 0)) == "fir"           # one tap (nearest)
+    assert _layer.choose_path(1, 1, phases(3, 1, 1)) == "fir"           # stride 1: no phases
+    assert _layer.choose_path(1, 1, phases(3, 3, 0)) == "fir"           # W stride 3
+    # More inputs: sub-pixel up to 32 virtual channels (Cout/G x 8 phases).
+    assert _layer.choose_path(8, 1, phases(3, 2, 1, 1)) == "subpixel"
+    assert _layer.choose_path(4, 4, phases(3, 2, 1, 1)) == "subpixel"
+    assert _layer.choose_path(32, 2, phases(3, 2, 1, 1)) == "subpixel"
+    assert _layer.choose_path(3, 8, phases(3, 2, 1, 1)) == "blocked"
+    assert _layer.choose_path(3, 64, phases(3, 2, 1)) == "blocked"
 
 
 def test_out_buffer_and_progress():

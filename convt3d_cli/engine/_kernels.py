@@ -192,6 +192,32 @@ def _stack_block(typingctx, dtype):
 
 
 @njit(**_JIT)
+def _job_block(job, x, dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk, n_qh, h_tile, d_shift, n_dp,
+               h_shift, n_hp, w_shift, n_wp, tail, in_start, n_id):
+    """Decode a blocked-kernel job (sample, group, D chunk, H tile) and fill its input block.
+
+    Returns ``n, g, q0, q1, qh0, qh1`` and the zero-padded block (``_fill_block``) with
+    ``tail`` zeros after it, so that a position block can be read at any row offset.
+    """
+    tile = job % n_tiles
+    rest = job // n_tiles
+    chunk = rest % n_chunks
+    rest = rest // n_chunks
+    g = rest % groups
+    n = rest // groups
+    q0 = q_lo + chunk * d_chunk
+    q1 = min(q_hi, q0 + d_chunk)
+    qh0 = tile * h_tile
+    qh1 = min(n_qh, qh0 + h_tile)
+    cin_g = x.shape[1] // groups
+    n_xp = cin_g * n_dp * n_hp * n_wp + tail
+    xp = np.empty(n_xp, dtype=dtype)
+    xp[n_xp - tail:] = 0
+    _fill_block(x, xp, n, g, cin_g, q0 + d_shift, n_dp, qh0 + h_shift, n_hp, w_shift, n_wp, in_start, n_id)
+    return n, g, q0, q1, qh0, qh1, xp
+
+
+@njit(**_JIT)
 def _fill_block(x, xp, n, g, cin_g, d0, n_dp, h0, n_hp, w0, n_wp, in_start, n_id):
     """Copy input planes ``d0 ..``, rows ``h0 ..``, columns ``w0 ..`` of group ``g`` into the
     zero-padded block ``xp`` (``cin_g x n_dp x n_hp x n_wp``), zeros outside the input.
@@ -254,7 +280,6 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
     n_batch, c_out, n_od, n_oh, n_ow = out.shape
     groups = w_packed.shape[0]
     n_cob = w_packed.shape[1]
-    cin_g = x.shape[1] // groups
     cout_g = c_out // groups
     n_qh = 0
     n_qw = 0
@@ -277,23 +302,10 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
     n_tiles = (n_qh + h_tile - 1) // h_tile
     row_len = POSITION_BLOCK if rows_per_block == 1 else n_qw
     block_w = POSITION_BLOCK if rows_per_block == 1 else n_qw
-    plane_size = n_hp * n_wp
-    n_xp = cin_g * n_dp * plane_size + POSITION_BLOCK
     for job in prange(n_batch * groups * n_chunks * n_tiles):
-        tile = job % n_tiles
-        rest = job // n_tiles
-        chunk = rest % n_chunks
-        rest = rest // n_chunks
-        g = rest % groups
-        n = rest // groups
-        q0 = q_lo + chunk * d_chunk
-        q1 = min(q_hi, q0 + d_chunk)
-        qh0 = tile * h_tile
-        qh1 = min(n_qh, qh0 + h_tile)
-        xp = np.empty(n_xp, dtype=out.dtype)
-        xp[n_xp - POSITION_BLOCK:] = 0
-        _fill_block(x, xp, n, g, cin_g, q0 + shift_d_min, n_dp, qh0 + shift_h_min, n_hp, shift_w_min, n_wp,
-                    in_start, n_id)
+        n, g, q0, q1, qh0, qh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk,
+                                                n_qh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
+                                                n_wp, POSITION_BLOCK, in_start, n_id)
         acc = numba.carray(_stack_block(out.dtype), _ACC)
         # One block per W phase, padded so a full position block can be read at any row offset.
         blocks = np.zeros((stride_w, _ACC + POSITION_BLOCK), dtype=out.dtype)
@@ -386,30 +398,17 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
     n_batch, c_out, n_od, n_oh, n_ow = out.shape
     groups = w_packed.shape[0]
     n_cob = w_packed.shape[1]
-    cin_g = x.shape[1] // groups
     n_virtual = shuffle.shape[0]
     if v_hi <= v_lo or n_vh == 0 or n_vw == 0:
         return
     n_chunks = (v_hi - v_lo + d_chunk - 1) // d_chunk
     n_tiles = (n_vh + h_tile - 1) // h_tile
-    n_xp = cin_g * n_dp * n_hp * n_wp + WIDE_POSITION_BLOCK
     n_wblocks = (n_vw + WIDE_POSITION_BLOCK - 1) // WIDE_POSITION_BLOCK
     term_rows = terms[0, 0, 0]
     for job in prange(n_batch * groups * n_chunks * n_tiles):
-        tile = job % n_tiles
-        rest = job // n_tiles
-        chunk = rest % n_chunks
-        rest = rest // n_chunks
-        g = rest % groups
-        n = rest // groups
-        v0 = v_lo + chunk * d_chunk
-        v1 = min(v_hi, v0 + d_chunk)
-        vh0 = tile * h_tile
-        vh1 = min(n_vh, vh0 + h_tile)
-        xp = np.empty(n_xp, dtype=out.dtype)
-        xp[n_xp - WIDE_POSITION_BLOCK:] = 0
-        _fill_block(x, xp, n, g, cin_g, v0 + shift_d_min, n_dp, vh0 + shift_h_min, n_hp, shift_w_min, n_wp,
-                    in_start, n_id)
+        n, g, v0, v1, vh0, vh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, v_lo, v_hi, d_chunk,
+                                                n_vh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
+                                                n_wp, WIDE_POSITION_BLOCK, in_start, n_id)
         acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
         row_buf = np.empty(n_wblocks * _ACC_WIDE, dtype=out.dtype)
         for cob in range(n_cob):

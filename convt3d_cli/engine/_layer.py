@@ -203,12 +203,13 @@ class PreparedLayer:
     def scratch_bytes(self):
         """Upper bound of the memory one ``run_slab`` call allocates besides its output.
 
-        The weight copies and, on the blocked paths, the packed weights and one padded
-        input block per thread (the direct path's repeated rows stay near ``REP_BYTES``).
+        The weight copies and, per thread, one job's buffers: on the FIR path its repeated
+        input rows and coefficient rows, on the blocked paths one padded input block (plus
+        the packed weights, once).
         """
         weights = 3 * self.weight.nbytes
         if self.path == "fir":
-            return weights + _threads() * 2 * REP_BYTES
+            return weights + _threads() * self._fir_job_bytes()
         plan = self._blocked_plan(self.path)
         _, _, _, _, n_dp, _, n_hp, _, n_wp = plan["blocking"]
         kern = _kernels()
@@ -282,6 +283,19 @@ class PreparedLayer:
             kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
                                 out[:, :, o0 - out_start:o1 - out_start], *plan["tables"], s[0], s[1], s[2],
                                 *plan["blocking"], in_start, self.input_shape[2], o0)
+
+    def _fir_job_bytes(self):
+        """What one FIR job allocates: repeated rows of the input planes its chunk reads
+        (about ``REP_BYTES``, at least one chunk's worth) and one coefficient row per
+        (input channel, kD, kH, window), which grows with the kernel, not the volume."""
+        k, s, d = self.params.kernel_size, self.params.stride, self.params.dilation
+        n_win = self._static_tables()["w_fir"].shape[0]
+        n_ow = self.out_spatial[2]
+        chunk = self._direct_chunk(self.out_spatial[0], self.input_shape[0])
+        in_planes = (chunk - 1) // s[0] + (k[0] - 1) * d[0] // s[0] + 2
+        rep = (self.cin_g * in_planes * self.input_shape[3] + 1) * ((n_win - 1) * s[2] + n_ow)
+        coef = (self.cin_g * k[0] * k[1] * n_win + 1) * n_ow
+        return (rep + coef) * self.dtype.itemsize
 
     def _direct_chunk(self, n_planes, n_batch):
         """Output planes per direct-kernel job: the repeated input rows it caches stay

@@ -111,6 +111,14 @@ def test_max_memory_too_small_names_the_option(convt3d):
     convt3d.fails(*RUN, *NEAREST, "--max-memory", "1K", code=1, match="--max-memory")
 
 
+def test_max_memory_counts_the_kernels_own_buffers(convt3d):
+    """A wide kernel needs large per-thread coefficient rows (about 100 MB here for k=128
+    on a 6^3 volume) whatever the slab: the budget must see them and refuse up front, not
+    run past --max-memory (or, for stride 200, get the process killed for memory)."""
+    convt3d.fails(*RUN, "--kernel", "linear", "--stride", "64", "--max-memory", "64M", code=1,
+                  match="--max-memory")
+
+
 def test_target_unreachable(convt3d):
     result, _ = convt3d.fails("shape", "--input-shape", "1,1,8,8,8", "--out-channels", "1", "--kernel-size", "3",
                               "--stride", "2", "--target", "17,16,20", code=1, match="W")

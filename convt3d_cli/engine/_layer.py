@@ -138,6 +138,7 @@ class PreparedLayer:
                 raise ShapeError(f"bias must be numeric, got dtype {bias.dtype}")
             geometry.check_bias_shape(bias.shape, self.out_channels)
             self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype)
+        self._axis_phases = None
         self.path = choose_path(self.cin_g, self.cout_g, self._phases())
         self._blocked = {}
         self._static = None
@@ -159,9 +160,11 @@ class PreparedLayer:
         return self._static
 
     def _phases(self):
-        """Per-axis output phases (the blocked kernel's tables)."""
-        k, s, p, d = (self.params.kernel_size, self.params.stride, self.params.padding, self.params.dilation)
-        return [_plan.axis_phases(n, *args) for n, args in zip(self.out_spatial, zip(k, s, p, d))]
+        """Per-axis output phases (the path choice and the blocked kernels' tables), once."""
+        if self._axis_phases is None:
+            k, s, p, d = (self.params.kernel_size, self.params.stride, self.params.padding, self.params.dilation)
+            self._axis_phases = [_plan.axis_phases(n, *args) for n, args in zip(self.out_spatial, zip(k, s, p, d))]
+        return self._axis_phases
 
     def run_slab(self, x_slab, in_start, out_start, out_stop, out, progress=None):
         """Compute output planes ``[out_start, out_stop)`` into ``out``.

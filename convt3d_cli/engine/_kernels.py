@@ -607,3 +607,195 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
             else:
                 for t in range(n_pos):
                     seg[t * stride_w] = src[t]
+
+
+@njit(parallel=True, **_JIT)
+def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, first_h, count_h, taps_h, kern_h,
+                shift_h, w_kern, w_off, n_pair, n_a, d_chunk, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start,
+                n_id, out_start):
+    """Few-channel path for W stride 2: both W phases of an output row in one pass.
+
+    x : (N, Cin, Dslab, H, W); w : (G, Cin/G, Cout/G, kD, kH, kW); bias : (Cout,)
+    out : (N, Cout, Dout_slab, Hout, Wout)
+    first_*, count_*, taps_*, kern_*, shift_* : D and H phases (``_plan.paired_plan``): first
+        output, output count, tap count, kernel index and input shift of each tap.
+    w_kern, w_off : (2, 2) kernel index (-1: none) and padded-row column offset of the two
+        taps of W phase A (even columns, ``n_a`` outputs) and B (odd columns, ``n_pair``).
+
+    Output ``2 q`` is A's position ``q`` and ``2 q + 1`` is B's, so with every (input
+    channel, D tap, H tap) as a term, position ``q`` of a row is a sum over terms of
+    ``wA0 * row[q + a0] + wA1 * row[q + a1]`` (and the same for B): unit-stride loads of
+    a padded input row, broadcast weights, and one interleaved store of the pair. Four
+    loads and four FMAs per term give 32 outputs, where the FIR kernel needs a coefficient
+    row per output and the sub-pixel kernel a row buffer and a scatter.
+
+    One job is a chunk of D positions (all D phases) of one sample and output channel; it
+    copies the input planes it reads into a zero-padded block (``_fill_block``: no bounds
+    checks below). Terms depend on the D and H phase only, so a plane's term lists serve
+    every row. Rows are written in ascending order (phases sorted by first output):
+    descending steps make the stores about three times slower.
+    """
+    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    cin_g = w.shape[1]
+    cout_g = w.shape[2]
+    k_d = w.shape[3]
+    k_h = w.shape[4]
+    stride_d = first_d.shape[0]
+    stride_h = first_h.shape[0]
+    q_lo = n_id + 1
+    q_hi = 0
+    for r in range(stride_d):
+        # D positions whose output lies in this slab.
+        lo = max(0, (out_start - first_d[r] + stride_d - 1) // stride_d)
+        hi = min(count_d[r], (out_start + n_od - first_d[r] + stride_d - 1) // stride_d)
+        if hi > lo:
+            q_lo = min(q_lo, lo)
+            q_hi = max(q_hi, hi)
+    if q_hi <= q_lo:
+        return
+    n_chunks = (q_hi - q_lo + d_chunk - 1) // d_chunk
+    order_d = np.argsort(first_d)
+    order_h = np.argsort(first_h)
+    n_qh = count_h.max()
+    max_terms = cin_g * max(1, taps_d.max()) * max(1, taps_h.max()) + 4
+    # Unsigned offsets: Numba then adds no negative-index wraparound, which LLVM would turn
+    # into gathers.
+    oa0, oa1 = np.uint64(w_off[0, 0]), np.uint64(w_off[0, 1])
+    ob0, ob1 = np.uint64(w_off[1, 0]), np.uint64(w_off[1, 1])
+    for job in prange(n_batch * c_out * n_chunks):
+        chunk = job % n_chunks
+        plane = job // n_chunks
+        co = plane % c_out
+        n = plane // c_out
+        g = co // cout_g
+        co_g = co - g * cout_g
+        b = bias[co]
+        q0 = q_lo + chunk * d_chunk
+        q1 = min(q_hi, q0 + d_chunk)
+        xp = np.empty(cin_g * n_dp * n_hp * n_wp, dtype=out.dtype)
+        _fill_block(x, xp, n, g, cin_g, q0 + sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start, n_id)
+        # Per (ci, kd, kh): A's two tap weights, then B's (zero for a missing tap); one zero
+        # entry at the end for padding terms.
+        zero_w = cin_g * k_d * k_h * 4
+        wt = np.zeros(zero_w + 4, dtype=out.dtype)
+        for ci in range(cin_g):
+            for kd in range(k_d):
+                for kh in range(k_h):
+                    for k in range(4):
+                        kw = w_kern[k // 2, k % 2]
+                        if kw >= 0:
+                            wt[((ci * k_d + kd) * k_h + kh) * 4 + k] = w[g, ci, co_g, kd, kh, kw]
+        t_row = np.empty((stride_h, max_terms), dtype=np.uint64)
+        t_w = np.empty((stride_h, max_terms), dtype=np.int64)
+        n_terms = np.empty(stride_h, dtype=np.int64)
+        acc_a = np.empty(n_a, dtype=out.dtype)
+        acc_b = np.empty(n_a, dtype=out.dtype)
+        for qd in range(q0, q1):
+            for i_d in range(stride_d):
+                rd = order_d[i_d]
+                od = first_d[rd] + qd * stride_d - out_start
+                if qd >= count_d[rd] or od < 0 or od >= n_od:
+                    continue
+                for rh in range(stride_h):
+                    # Terms of this (D phase, H phase): offsets of their rows at qh = 0.
+                    nt = 0
+                    for ci in range(cin_g):
+                        for jd in range(taps_d[rd]):
+                            pl = ci * n_dp + qd - q0 + shift_d[rd, jd] - sd_lo
+                            for jh in range(taps_h[rh]):
+                                t_row[rh, nt] = (pl * n_hp + shift_h[rh, jh] - sh_lo) * n_wp
+                                t_w[rh, nt] = ((ci * k_d + kern_d[rd, jd]) * k_h + kern_h[rh, jh]) * 4
+                                nt += 1
+                    n_terms[rh] = nt
+                    # Whole groups of four: padding terms read row 0 with zero weights (the
+                    # input is finite on this path, so 0 * x is 0).
+                    while nt < 4 or nt % 4:
+                        t_row[rh, nt] = 0
+                        t_w[rh, nt] = zero_w
+                        nt += 1
+                for qh in range(n_qh):
+                    for i_h in range(stride_h):
+                        rh = order_h[i_h]
+                        if qh >= count_h[rh]:
+                            continue
+                        row = out[n, co, od, first_h[rh] + qh * stride_h]
+                        nt = n_terms[rh]
+                        rel = np.uint64(qh * n_wp)
+                        for q in range(n_pair, n_a):
+                            # A's last output when the row length is odd.
+                            row[2 * q] = _paired_tail(xp, wt, t_row[rh], t_w[rh], nt, rel, q, oa0, oa1, b)
+                        seg = row[:2 * n_pair]
+                        o0, o1, o2, o3 = t_row[rh, 0] + rel, t_row[rh, 1] + rel, t_row[rh, 2] + rel, t_row[rh, 3] + rel
+                        k0, k1, k2, k3 = t_w[rh, 0], t_w[rh, 1], t_w[rh, 2], t_w[rh, 3]
+                        wa00, wa01, wb00, wb01 = wt[k0], wt[k0 + 1], wt[k0 + 2], wt[k0 + 3]
+                        wa10, wa11, wb10, wb11 = wt[k1], wt[k1 + 1], wt[k1 + 2], wt[k1 + 3]
+                        wa20, wa21, wb20, wb21 = wt[k2], wt[k2 + 1], wt[k2 + 2], wt[k2 + 3]
+                        wa30, wa31, wb30, wb31 = wt[k3], wt[k3 + 1], wt[k3 + 2], wt[k3 + 3]
+                        # One, two and four terms (one input channel: D and H taps of a
+                        # stride-2 layer) each get their own loop; fewer loads than padding.
+                        if nt == 1:
+                            for q in range(n_pair):
+                                u = o0 + np.uint64(q)
+                                seg[2 * q] = b + (wa00 * xp[u + oa0] + wa01 * xp[u + oa1])
+                                seg[2 * q + 1] = b + (wb00 * xp[u + ob0] + wb01 * xp[u + ob1])
+                        elif nt == 2:
+                            for q in range(n_pair):
+                                u0 = o0 + np.uint64(q)
+                                u1 = o1 + np.uint64(q)
+                                seg[2 * q] = b + ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1])
+                                                  + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
+                                seg[2 * q + 1] = b + ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1])
+                                                      + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                        elif nt <= 4:
+                            for q in range(n_pair):
+                                u0 = o0 + np.uint64(q)
+                                u1 = o1 + np.uint64(q)
+                                u2 = o2 + np.uint64(q)
+                                u3 = o3 + np.uint64(q)
+                                seg[2 * q] = b + (
+                                    ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1]) + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
+                                    + ((wa20 * xp[u2 + oa0] + wa21 * xp[u2 + oa1]) + (wa30 * xp[u3 + oa0] + wa31 * xp[u3 + oa1])))
+                                seg[2 * q + 1] = b + (
+                                    ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1]) + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                                    + ((wb20 * xp[u2 + ob0] + wb21 * xp[u2 + ob1]) + (wb30 * xp[u3 + ob0] + wb31 * xp[u3 + ob1])))
+                        else:
+                            # More terms (several input channels): four at a time into row
+                            # accumulators, then one interleaved store.
+                            for j in range(0, nt + (-nt) % 4, 4):
+                                if j > 0:
+                                    o0, o1, o2, o3 = (t_row[rh, j] + rel, t_row[rh, j + 1] + rel,
+                                                      t_row[rh, j + 2] + rel, t_row[rh, j + 3] + rel)
+                                    k0, k1, k2, k3 = t_w[rh, j], t_w[rh, j + 1], t_w[rh, j + 2], t_w[rh, j + 3]
+                                    wa00, wa01, wb00, wb01 = wt[k0], wt[k0 + 1], wt[k0 + 2], wt[k0 + 3]
+                                    wa10, wa11, wb10, wb11 = wt[k1], wt[k1 + 1], wt[k1 + 2], wt[k1 + 3]
+                                    wa20, wa21, wb20, wb21 = wt[k2], wt[k2 + 1], wt[k2 + 2], wt[k2 + 3]
+                                    wa30, wa31, wb30, wb31 = wt[k3], wt[k3 + 1], wt[k3 + 2], wt[k3 + 3]
+                                for q in range(n_pair):
+                                    u0 = o0 + np.uint64(q)
+                                    u1 = o1 + np.uint64(q)
+                                    u2 = o2 + np.uint64(q)
+                                    u3 = o3 + np.uint64(q)
+                                    va = (((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1]) + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
+                                          + ((wa20 * xp[u2 + oa0] + wa21 * xp[u2 + oa1]) + (wa30 * xp[u3 + oa0] + wa31 * xp[u3 + oa1])))
+                                    vb = (((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1]) + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                                          + ((wb20 * xp[u2 + ob0] + wb21 * xp[u2 + ob1]) + (wb30 * xp[u3 + ob0] + wb31 * xp[u3 + ob1])))
+                                    if j == 0:
+                                        acc_a[q] = b + va
+                                        acc_b[q] = b + vb
+                                    else:
+                                        acc_a[q] += va
+                                        acc_b[q] += vb
+                            for q in range(n_pair):
+                                seg[2 * q] = acc_a[q]
+                                seg[2 * q + 1] = acc_b[q]
+
+
+@njit(**_JIT)
+def _paired_tail(xp, wt, t_row, t_w, n_terms, rel, q, oa0, oa1, b):
+    """Phase A's output at position ``q`` of a ``paired_rows`` row (the odd last column)."""
+    total = b
+    u = rel + np.uint64(q)
+    for j in range(n_terms):
+        k = t_w[j]
+        total += wt[k] * xp[t_row[j] + u + oa0] + wt[k + 1] * xp[t_row[j] + u + oa1]
+    return total

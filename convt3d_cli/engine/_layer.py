@@ -29,6 +29,14 @@ BLOCKED_MIN_IN_CHANNELS_FEW = 3
 # k3 s2 has 42 % real taps and stays FIR, 6.4 vs 5.9; k2 has one tap: FIR 10.6 vs 11.8).
 # From 2 input channels on it wins below the blocked thresholds and above them for few
 # outputs: 8->1 3.1 vs 6.8 (FIR), 4->4 6.6 vs 9.9, 32->2 16.5 vs 25.5 (blocked).
+# When the paired-rows kernel (W stride 2, at most two taps per W phase) beats the others,
+# measured on 64^3 / 128^3 s2 layers: one input channel per group always (1 ch k3 3.4-5.2
+# vs 5.6-10.1 ms FIR, k4 5.4 vs 8.0 sub-pixel, k2 10.8 vs 19.8 FIR, depthwise 32 k3 17.5 vs
+# 34.5, 1->64 15.2 vs 28.3 blocked, 1->128 13.9 vs 24.6), two input channels below the
+# blocked threshold (2->1 1.25 vs 1.52 sub-pixel, 2->4 4.8 vs 5.3, 2->16 16.0 vs 16.3
+# blocked and 23.2 FIR; 2->32 19.1 vs 17.6 blocked). From 3 inputs on the sub-pixel and
+# blocked kernels, which share one input load among 8 channels, win (4->4 8.7 vs 6.5).
+PAIRED_MAX_IN_CHANNELS = 2
 SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
@@ -61,7 +69,7 @@ def compute_dtype(x_dtype, dtype):
 
 
 def choose_path(cin_g, cout_g, phases=None):
-    """``"blocked"``, ``"subpixel"`` or ``"fir"``: the fastest kernel for this layer.
+    """``"blocked"``, ``"subpixel"``, ``"paired"`` or ``"fir"``: the fastest kernel for this layer.
 
     Parameters
     ----------
@@ -69,9 +77,12 @@ def choose_path(cin_g, cout_g, phases=None):
         Input and output channels per group.
     phases : list of 3 lists of AxisPhase, optional
         The layer's output phases per axis (``_plan.axis_phases``); without them the
-        sub-pixel kernel is not considered.
+        sub-pixel and paired-rows kernels are not considered.
     """
     product = cin_g * cout_g
+    if phases is not None and _plan.paired_fits(phases[2]) and (
+            cin_g == 1 or (cin_g <= PAIRED_MAX_IN_CHANNELS and product < BLOCKED_MIN_CHANNEL_PRODUCT)):
+        return "paired"
     if phases is not None and _subpixel_pays(cin_g, cout_g, phases):
         return "subpixel"
     if product >= BLOCKED_MIN_CHANNEL_PRODUCT or (
@@ -140,6 +151,8 @@ class PreparedLayer:
             self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype)
         self._axis_phases = None
         self.path = choose_path(self.cin_g, self.cout_g, self._phases())
+        if self.path == "paired" and not _plan.paired_fits(self._phases()[2]):
+            self.path = "fir"  # (only when a caller forces the path)
         self._blocked = {}
         self._static = None
 
@@ -188,6 +201,8 @@ class PreparedLayer:
             self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "subpixel":
             self._run_subpixel(x_slab, in_start, out_start, out_stop, out, progress)
+        elif path == "paired":
+            self._run_paired(x_slab, in_start, out_start, out_stop, out, progress)
         else:
             self._run_direct(x_slab, in_start, out_start, out_stop, out, progress)
 
@@ -213,6 +228,8 @@ class PreparedLayer:
         weights = 3 * self.weight.nbytes
         if self.path == "fir":
             return weights + _threads() * self._fir_job_bytes()
+        if self.path == "paired":
+            return weights + _threads() * self._paired_job_bytes()
         plan = self._blocked_plan(self.path)
         _, _, _, _, n_dp, _, n_hp, _, n_wp = plan["blocking"]
         kern = _kernels()
@@ -278,6 +295,20 @@ class PreparedLayer:
                                   *plan["blocking"][:2], *plan["blocking"][3:], in_start, self.input_shape[2], o0,
                                   v_lo, v_hi, plan["shuffle"], sub_d, sub_h, sub_w)
 
+    def _paired_plan(self):
+        if "paired" not in self._blocked:
+            self._blocked["paired"] = _plan.paired_plan(
+                *self._phases(), self.cin_g, self.dtype.itemsize, self._block_bytes(),
+                n_jobs_wanted=4 * _threads(), n_outer=self.input_shape[0] * self.out_channels)
+        return self._blocked["paired"]
+
+    def _run_paired(self, x_slab, in_start, out_start, out_stop, out, progress):
+        kern = _kernels()
+        plan = self._paired_plan()
+        for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
+            kern.paired_rows(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start], *plan,
+                             in_start, self.input_shape[2], o0)
+
     def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
         plan = self._blocked_plan()
@@ -286,6 +317,17 @@ class PreparedLayer:
             kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
                                 out[:, :, o0 - out_start:o1 - out_start], *plan["tables"], s[0], s[1], s[2],
                                 *plan["blocking"], in_start, self.input_shape[2], o0)
+
+    def _paired_job_bytes(self):
+        """What one ``paired_rows`` job allocates: its padded input block, the weights of
+        its output channel, the term lists and two row accumulators."""
+        plan = self._paired_plan()
+        taps_d, taps_h = plan[2], plan[7]
+        n_a, n_dp, n_hp, n_wp = plan[13], plan[16], plan[18], plan[20]
+        k = self.params.kernel_size
+        terms = len(plan[6]) * (self.cin_g * max(1, int(taps_d.max())) * max(1, int(taps_h.max())) + 4)
+        values = self.cin_g * n_dp * n_hp * n_wp + (self.cin_g * k[0] * k[1] + 1) * 4 + 2 * n_a
+        return values * self.dtype.itemsize + terms * 16
 
     def _fir_job_bytes(self):
         """What one FIR job allocates: repeated rows of the input planes its chunk reads

@@ -283,6 +283,68 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
     }
 
 
+def paired_fits(phases_w):
+    """Whether ``_kernels.paired_rows`` can run a layer: W stride 2, at most two taps per W phase."""
+    return len(phases_w) == 2 and all(len(ph.kernel) <= 2 for ph in phases_w)
+
+
+def _phase_arrays(phases):
+    """First output, count, tap count, kernel index and shift per tap, of one axis's phases."""
+    first, count = _first_count(phases)
+    taps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
+    width = max(1, int(taps.max()))
+    kernel = np.zeros((len(phases), width), dtype=np.int64)
+    shift = np.zeros((len(phases), width), dtype=np.int64)
+    for r, ph in enumerate(phases):
+        kernel[r, :len(ph.kernel)] = ph.kernel
+        shift[r, :len(ph.shift)] = ph.shift
+    return first, count, taps, kernel, shift
+
+
+def paired_plan(phases_d, phases_h, phases_w, cin_g, itemsize, block_bytes, n_jobs_wanted=1, n_outer=1):
+    """Tables and blocking for ``_kernels.paired_rows`` (``paired_fits(phases_w)`` must hold).
+
+    Parameters
+    ----------
+    phases_d, phases_h, phases_w : sequences of AxisPhase
+    cin_g, itemsize : int
+    block_bytes : int
+        Target size of one job's padded input block.
+    n_jobs_wanted, n_outer : int
+        Jobs wanted to keep every thread busy, and jobs there are without splitting D
+        (samples x output channels).
+
+    Returns
+    -------
+    tuple
+        The kernel's arguments from ``first_d`` to ``n_wp``.
+    """
+    phase_a, phase_b = sorted(phases_w, key=lambda ph: ph.first)
+    sw_lo, sw_hi = _shift_span(phases_w)
+    w_kern = np.full((2, 2), -1, dtype=np.int64)
+    w_off = np.zeros((2, 2), dtype=np.int64)
+    for r, ph in enumerate((phase_a, phase_b)):
+        for j, (k, c) in enumerate(zip(ph.kernel, ph.shift)):
+            w_kern[r, j] = k
+            w_off[r, j] = c - sw_lo
+        if len(ph.kernel) == 1:
+            w_off[r, 1] = w_off[r, 0]  # the missing tap: a zero weight on a column that exists
+    n_a, n_pair = phase_a.count, phase_b.count
+    n_wp = max(1, n_a + sw_hi - sw_lo)
+    sd_lo, sd_hi = _shift_span(phases_d)
+    sh_lo, sh_hi = _shift_span(phases_h)
+    first_d, count_d = _first_count(phases_d)
+    n_qd = max(1, int(count_d.max()))
+    n_hp = int(_first_count(phases_h)[1].max()) + sh_hi - sh_lo
+    plane_bytes = max(1, cin_g * n_hp * n_wp * itemsize)
+    d_chunk = max(1, block_bytes // plane_bytes - (sd_hi - sd_lo))
+    chunks_wanted = -(-n_jobs_wanted // max(1, n_outer))
+    d_chunk = min(d_chunk, n_qd, max(1, -(-n_qd // chunks_wanted)))
+    n_dp = d_chunk + sd_hi - sd_lo
+    return (*_phase_arrays(phases_d), *_phase_arrays(phases_h), w_kern, w_off, n_pair, n_a, d_chunk,
+            sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp)
+
+
 # A layer called again and again (a decoder in a loop, a batch of volumes) plans once: the
 # plan depends on shapes and parameters only, and takes about 0.2 ms of Python per call.
 cached_blocked_plan = functools.lru_cache(maxsize=32)(blocked_plan)

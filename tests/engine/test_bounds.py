@@ -1,10 +1,10 @@
-"""Both kernels stay inside their arrays, checked by Numba itself.
+"""The kernels stay inside their arrays, checked by Numba itself.
 
 The kernels are compiled without bounds checks for speed, so an index one past a
 buffer reads whatever memory lies there: results are then right or wrong by luck
 (a padding term once read a row of an empty buffer this way). Here a subprocess
 compiles them with ``NUMBA_BOUNDSCHECK=1`` (a fresh cache folder, so nothing
-unchecked is loaded) and runs random configurations through both paths, wide
+unchecked is loaded) and runs random configurations through every path, wide
 rows and thin slabs included; any stray index raises IndexError there.
 """
 
@@ -19,17 +19,19 @@ SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path[:0] = [{tests!r}, {engine!r}]
-    from test_conv_transpose3d import random_config, make_data, layer_kwargs
+    from test_conv_transpose3d import random_config, make_data, layer_kwargs, paired_config
     from reference import conv_transpose3d_ref
     from convt3d_cli import conv_transpose3d, geometry
     from convt3d_cli.engine import PreparedLayer, _layer
 
     worst = 0.0
-    for path in ("fir", "blocked", "subpixel"):
+    for path in ("fir", "blocked", "subpixel", "paired"):
         _layer.choose_path = lambda *args, path=path: path
         for seed in range(60):
             rng = np.random.default_rng(seed)
             cfg = random_config(rng)
+            if path == "paired":
+                cfg = paired_config(cfg, rng)
             if seed % 3 == 0:   # wide rows: several position blocks and a ragged one
                 cfg["spatial"] = cfg["spatial"][:2] + (int(rng.integers(17, 40)),)
             x, w, b = make_data(cfg, rng)

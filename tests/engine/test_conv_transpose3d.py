@@ -54,9 +54,27 @@ def layer_kwargs(cfg):
     return {key: cfg[key] for key in ("stride", "padding", "output_padding", "dilation", "groups")}
 
 
-@pytest.fixture(params=["fir", "blocked", "subpixel"])
+def paired_config(cfg, rng):
+    """``cfg`` turned into a layer of the paired-rows kernel: W stride 2, dilation 1 and a
+    kernel of at most 4 along W (at most two taps per W phase)."""
+    def axes(v):
+        return list(v) if isinstance(v, tuple) else [v] * 3
+    cfg = dict(cfg)
+    k, s, p, op, d = (axes(cfg[key]) for key in ("kernel", "stride", "padding", "output_padding", "dilation"))
+    k[2], s[2], d[2] = int(rng.integers(1, 5)), 2, 1
+    p[2], op[2] = min(p[2], k[2] - 1), int(rng.integers(0, 2))
+    cfg.update(kernel=tuple(k), stride=tuple(s), padding=tuple(p), output_padding=tuple(op), dilation=tuple(d))
+    try:
+        output_shape((cfg["n"], cfg["cin"]) + cfg["spatial"], cfg["cout"], cfg["kernel"], **layer_kwargs(cfg))
+    except ParameterError:
+        cfg["padding"] = (p[0], p[1], 0)  # the W axis came out empty: no padding makes it >= 2
+    return cfg
+
+
+@pytest.fixture(params=["fir", "blocked", "subpixel", "paired"])
 def path(request, monkeypatch):
-    """Run a test once through each compute path, whatever the channel counts."""
+    """Run a test once through each compute path, whatever the channel counts (``paired``
+    serves W stride 2 only: other layers then take the FIR kernel)."""
     monkeypatch.setattr(_layer, "choose_path", lambda *args: request.param)
     return request.param
 
@@ -98,6 +116,30 @@ def test_adjoint_of_conv3d(seed, path):
     back = conv3d_ref(y, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], in_spatial=x.shape[2:])
     rhs = np.vdot(x, back)
     assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3000, 3060))
+def test_paired_rows_on_their_layers(seed, monkeypatch):
+    """The paired-rows kernel on random W-stride-2 layers (the fixture's random layers fit
+    it only a quarter of the time): against the reference, and one output plane at a
+    time (a tightly budgeted stream) bitwise equal to the whole volume."""
+    from convt3d_cli import geometry
+    from convt3d_cli.engine import PreparedLayer
+    monkeypatch.setattr(_layer, "choose_path", lambda *args: "paired")
+    rng = np.random.default_rng(seed)
+    cfg = paired_config(random_config(rng), rng)
+    x, w, b = make_data(cfg, rng)
+    kwargs = layer_kwargs(cfg)
+    layer = PreparedLayer(x.shape, w, b, dtype=np.float64, **kwargs)
+    assert layer.path == "paired"
+    expected = conv_transpose3d_ref(x, w, b, **kwargs)
+    got = conv_transpose3d(x, w, b, **kwargs, dtype="float64")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * max(1.0, np.abs(expected).max()))
+    for o in range(got.shape[2]):
+        i0, i1 = geometry.input_window(o, o + 1, x.shape[2], 0, layer.params)
+        out = np.empty(got.shape[:2] + (1,) + got.shape[3:])
+        layer.run_slab(np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)]), i0, o, o + 1, out)
+        assert np.array_equal(out[:, :, 0], got[:, :, o])
 
 
 def test_unbatched_input_and_megengine_grouped_weight(path):
@@ -159,7 +201,7 @@ def test_slabs_are_bitwise_identical_to_whole_volume(path):
     # Enough D positions for whole-plane jobs (the sub-pixel kernel's preference).
     dict(n=1, cin=2, cout=2, spatial=(13, 6, 5), kernel=4, stride=2, padding=1, output_padding=0),
 ])
-@pytest.mark.parametrize("kind", ["blocked", "subpixel"])
+@pytest.mark.parametrize("kind", ["blocked", "subpixel", "paired"])
 def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, kind, monkeypatch):
     """Any D chunk / H tile split of the blocked kernels' jobs gives the reference result."""
     monkeypatch.setattr(_layer, "BLOCK_BYTES", block_bytes)
@@ -210,10 +252,14 @@ def test_path_choice():
     assert _layer.choose_path(3, 64) == "blocked"       # the seed example
     assert _layer.choose_path(64, 1) == "blocked"
     assert _layer.choose_path(8, 1) == "fir"
-    # One input channel: sub-pixel only for windows of >= 8 taps, mostly real ones.
-    assert _layer.choose_path(1, 1, phases(4, 2, 1)) == "subpixel"      # the linear built-in
-    assert _layer.choose_path(1, 1, phases(3, 2, 1, 1)) == "fir"        # 42 % real taps
-    assert _layer.choose_path(1, 1, phases(2, 2, 0)) == "fir"           # one tap (nearest)
+    # W stride 2 with at most two taps per W phase: paired rows for one input channel, and
+    # for two below the blocked threshold.
+    for k, p, op in ((4, 1, 0), (3, 1, 1), (2, 0, 0), (1, 0, 0)):
+        assert _layer.choose_path(1, 1, phases(k, 2, p, op)) == "paired"
+    assert _layer.choose_path(1, 128, phases(3, 2, 1, 1)) == "paired"
+    assert _layer.choose_path(2, 16, phases(3, 2, 1, 1)) == "paired"
+    assert _layer.choose_path(2, 32, phases(3, 2, 1, 1)) == "blocked"
+    assert _layer.choose_path(1, 1, phases(5, 2, 2)) == "fir"           # three taps in a W phase
     assert _layer.choose_path(1, 1, phases(3, 1, 1)) == "fir"           # stride 1: no phases
     assert _layer.choose_path(1, 1, phases(3, 3, 0)) == "fir"           # W stride 3
     # More inputs: sub-pixel up to 32 virtual channels (Cout/G x 8 phases).

@@ -193,9 +193,10 @@ class PreparedLayer:
         """
         path = self.path
         if path != "blocked" and not _all_finite(x_slab):
-            # The FIR and sub-pixel kernels multiply some inputs by zeros (a window position
-            # or a phase without a tap there); 0 * inf and 0 * nan would spread to outputs
-            # that do not depend on that input. The blocked kernel multiplies real taps only.
+            # The FIR, sub-pixel and paired kernels multiply some inputs by zeros (a window
+            # position, a phase or a padding term without a tap there); 0 * inf and 0 * nan
+            # would spread to outputs that do not depend on that input. The blocked kernel
+            # multiplies real taps only.
             path = "blocked"
         if path == "blocked":
             self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress)
@@ -321,11 +322,10 @@ class PreparedLayer:
     def _paired_job_bytes(self):
         """What one ``paired_rows`` job allocates: its padded input block, the weights of
         its output channel, the term lists and two row accumulators."""
-        plan = self._paired_plan()
-        taps_d, taps_h = plan[2], plan[7]
-        n_a, n_dp, n_hp, n_wp = plan[13], plan[16], plan[18], plan[20]
+        (_, _, taps_d, _, _, _, count_h, taps_h, _, _, _, _, _, n_a, _, _, n_dp, _, n_hp, _,
+         n_wp) = self._paired_plan()
         k = self.params.kernel_size
-        terms = len(plan[6]) * (self.cin_g * max(1, int(taps_d.max())) * max(1, int(taps_h.max())) + 4)
+        terms = len(count_h) * (self.cin_g * max(1, int(taps_d.max())) * max(1, int(taps_h.max())) + 4)
         values = self.cin_g * n_dp * n_hp * n_wp + (self.cin_g * k[0] * k[1] + 1) * 4 + 2 * n_a
         return values * self.dtype.itemsize + terms * 16
 

@@ -45,12 +45,7 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
     n_rep = lead + n_ow
     n_chunks = (n_od + chunk - 1) // chunk
     for job in prange(n_batch * c_out * n_chunks):
-        ch = job % n_chunks
-        plane = job // n_chunks
-        co = plane % c_out
-        n = plane // c_out
-        g = co // cout_g
-        co_g = co - g * cout_g
+        ch, n, co, g, co_g = _channel_job(job, n_chunks, c_out, cout_g)
         b = bias[co]
         od0 = ch * chunk
         od1 = min(n_od, od0 + chunk)
@@ -149,6 +144,16 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
 
 
 @njit(**_JIT)
+def _channel_job(job, n_chunks, c_out, cout_g):
+    """Decode a job of the per-channel kernels: ``(chunk, sample, channel, group, channel in group)``."""
+    chunk = job % n_chunks
+    plane = job // n_chunks
+    co = plane % c_out
+    g = co // cout_g
+    return chunk, plane // c_out, co, g, co - g * cout_g
+
+
+@njit(**_JIT)
 def _repeat_row_twice(src, dst, off):
     """dst[2 i + off] = dst[2 i + off + 1] = src[i] where inside dst (the stride-2 repeat).
 
@@ -218,6 +223,22 @@ def _job_block(job, x, dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk, n_
 
 
 @njit(**_JIT)
+def _slab_positions(first_d, count_d, stride_d, out_start, n_od, n_id):
+    """``(lo, hi)``: the D positions ``q`` of any phase whose output lies in the slab's
+    planes ``[out_start, out_start + n_od)`` (phase ``r``'s output is ``first_d[r] + q * stride_d``);
+    empty when ``hi <= lo``."""
+    q_lo = n_id + 1
+    q_hi = 0
+    for r in range(stride_d):
+        lo = max(0, (out_start - first_d[r] + stride_d - 1) // stride_d)
+        hi = min(count_d[r], (out_start + n_od - first_d[r] + stride_d - 1) // stride_d)
+        if hi > lo:
+            q_lo = min(q_lo, lo)
+            q_hi = max(q_hi, hi)
+    return q_lo, q_hi
+
+
+@njit(**_JIT)
 def _fill_block(x, xp, n, g, cin_g, d0, n_dp, h0, n_hp, w0, n_wp, in_start, n_id):
     """Copy input planes ``d0 ..``, rows ``h0 ..``, columns ``w0 ..`` of group ``g`` into the
     zero-padded block ``xp`` (``cin_g x n_dp x n_hp x n_wp``), zeros outside the input.
@@ -283,15 +304,7 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
     cout_g = c_out // groups
     n_qh = 0
     n_qw = 0
-    q_lo = n_id + 1
-    q_hi = 0
-    for r in range(stride_d):
-        # q along D whose output lies in this slab.
-        lo = max(0, (out_start - first_d[r] + stride_d - 1) // stride_d)
-        hi = min(count_d[r], (out_start + n_od - first_d[r] + stride_d - 1) // stride_d)
-        if hi > lo:
-            q_lo = min(q_lo, lo)
-            q_hi = max(q_hi, hi)
+    q_lo, q_hi = _slab_positions(first_d, count_d, stride_d, out_start, n_od, n_id)
     for r in range(stride_h):
         n_qh = max(n_qh, count_h[r])
     for r in range(stride_w):
@@ -642,15 +655,7 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     k_h = w.shape[4]
     stride_d = first_d.shape[0]
     stride_h = first_h.shape[0]
-    q_lo = n_id + 1
-    q_hi = 0
-    for r in range(stride_d):
-        # D positions whose output lies in this slab.
-        lo = max(0, (out_start - first_d[r] + stride_d - 1) // stride_d)
-        hi = min(count_d[r], (out_start + n_od - first_d[r] + stride_d - 1) // stride_d)
-        if hi > lo:
-            q_lo = min(q_lo, lo)
-            q_hi = max(q_hi, hi)
+    q_lo, q_hi = _slab_positions(first_d, count_d, stride_d, out_start, n_od, n_id)
     if q_hi <= q_lo:
         return
     n_chunks = (q_hi - q_lo + d_chunk - 1) // d_chunk
@@ -663,12 +668,7 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     oa0, oa1 = np.uint64(w_off[0, 0]), np.uint64(w_off[0, 1])
     ob0, ob1 = np.uint64(w_off[1, 0]), np.uint64(w_off[1, 1])
     for job in prange(n_batch * c_out * n_chunks):
-        chunk = job % n_chunks
-        plane = job // n_chunks
-        co = plane % c_out
-        n = plane // c_out
-        g = co // cout_g
-        co_g = co - g * cout_g
+        chunk, n, co, g, co_g = _channel_job(job, n_chunks, c_out, cout_g)
         b = bias[co]
         q0 = q_lo + chunk * d_chunk
         q1 = min(q_hi, q0 + d_chunk)

@@ -340,23 +340,8 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
                                 for rw in range(stride_w):
                                     if count_w[rw] <= qw0:
                                         continue
-                                    w_terms = w_packed[g, cob, rd, rh, rw]
-                                    term_rows = terms[rd, rh, rw]
-                                    start = bias_blocks[g, cob]
-                                    for i in range(_ACC):
-                                        acc[i] = start[i]
-                                    j = 0
-                                    while True:
-                                        rel = term_rows[j]
-                                        if rel < 0:
-                                            break
-                                        xs = xp[xbase + rel:xbase + rel + POSITION_BLOCK]
-                                        ws = w_terms[j * CHANNEL_BLOCK:(j + 1) * CHANNEL_BLOCK]
-                                        for t in range(POSITION_BLOCK):
-                                            xv = xs[t]
-                                            for cb in range(CHANNEL_BLOCK):
-                                                acc[cb * POSITION_BLOCK + t] += xv * ws[cb]
-                                        j += 1
+                                    _accumulate_terms(acc, bias_blocks[g, cob], xp, xbase, terms[rd, rh, rw],
+                                                      w_packed[g, cob, rd, rh, rw], POSITION_BLOCK)
                                     blk = blocks[rw]
                                     for i in range(_ACC):
                                         blk[i] = acc[i]
@@ -368,6 +353,32 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
                                     _store_rows(out, blocks, n, g * cout_g + cob * CHANNEL_BLOCK,
                                                 n_co, od - out_start, oh, r * row_len, qw0, row_len, first_w,
                                                 count_w, stride_w)
+
+
+@njit(inline="always", **_JIT)
+def _accumulate_terms(acc, start, xp, xbase, term_rows, w_terms, width):
+    """One register block of the blocked kernels: ``acc`` (CHANNEL_BLOCK x ``width``) = ``start``
+    plus every term's inputs ``xp[xbase + term_rows[j]:][:width]`` times its CHANNEL_BLOCK weights.
+
+    Inlined by Numba, so ``acc`` stays the caller's stack block and ``width`` a constant: LLVM
+    then keeps the accumulators in registers (a call, or a run-time width, would spill them).
+    ``term_rows`` ends with -1 (an uncountable loop: LLVM vectorises the block instead of
+    the term loop, which would need gathers).
+    """
+    for i in range(CHANNEL_BLOCK * width):
+        acc[i] = start[i]
+    j = 0
+    while True:
+        rel = term_rows[j]
+        if rel < 0:
+            break
+        xs = xp[xbase + rel:xbase + rel + width]
+        ws = w_terms[j * CHANNEL_BLOCK:(j + 1) * CHANNEL_BLOCK]
+        for t in range(width):
+            xv = xs[t]
+            for cb in range(CHANNEL_BLOCK):
+                acc[cb * width + t] += xv * ws[cb]
+        j += 1
 
 
 # Register block of ``subpixel_blocked``: 8 virtual channels x 32 positions (16 AVX-512
@@ -432,20 +443,7 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
                 for vh in range(vh0, vh1):
                     for wb in range(n_wblocks):
                         xbase = ((vd - v0) * n_hp + vh - vh0) * n_wp + wb * WIDE_POSITION_BLOCK
-                        for i in range(_ACC_WIDE):
-                            acc[i] = start[i]
-                        j = 0
-                        while True:
-                            rel = term_rows[j]
-                            if rel < 0:
-                                break
-                            xs = xp[xbase + rel:xbase + rel + WIDE_POSITION_BLOCK]
-                            ws = w_terms[j * CHANNEL_BLOCK:(j + 1) * CHANNEL_BLOCK]
-                            for t in range(WIDE_POSITION_BLOCK):
-                                xv = xs[t]
-                                for cb in range(CHANNEL_BLOCK):
-                                    acc[cb * WIDE_POSITION_BLOCK + t] += xv * ws[cb]
-                            j += 1
+                        _accumulate_terms(acc, start, xp, xbase, term_rows, w_terms, WIDE_POSITION_BLOCK)
                         blk = row_buf[wb * _ACC_WIDE:(wb + 1) * _ACC_WIDE]
                         for i in range(_ACC_WIDE):
                             blk[i] = acc[i]

@@ -153,7 +153,7 @@ class PreparedLayer:
         self.path = choose_path(self.cin_g, self.cout_g, self._phases())
         if self.path == "paired" and not _plan.paired_fits(self._phases()[2]):
             self.path = "fir"  # (only when a caller forces the path)
-        self._blocked = {}
+        self._plans = {}
         self._static = None
 
     @property
@@ -243,7 +243,7 @@ class PreparedLayer:
 
     def _blocked_plan(self, path="blocked"):
         """Packed weights, terms and tables of the plain or the sub-pixel blocked kernel."""
-        if path not in self._blocked:
+        if path not in self._plans:
             kern = _kernels()
             phases = self._phases()
             weight = self.weight
@@ -276,8 +276,8 @@ class PreparedLayer:
             bias_blocks[:, :channel_bias.shape[1]] = channel_bias
             plan["bias_blocks"] = np.repeat(bias_blocks, position_block, axis=1).reshape(
                 self.groups, n_cob, -1)
-            self._blocked[path] = plan
-        return self._blocked[path]
+            self._plans[path] = plan
+        return self._plans[path]
 
     def _block_bytes(self):
         out_bytes = self.dtype.itemsize * int(np.prod(self.output_shape))
@@ -297,17 +297,18 @@ class PreparedLayer:
                                   v_lo, v_hi, plan["shuffle"], sub_d, sub_h, sub_w)
 
     def _paired_plan(self):
-        if "paired" not in self._blocked:
-            self._blocked["paired"] = _plan.paired_plan(
-                *self._phases(), self.cin_g, self.dtype.itemsize, self._block_bytes(),
-                n_jobs_wanted=4 * _threads(), n_outer=self.input_shape[0] * self.out_channels)
-        return self._blocked["paired"]
+        if "paired" not in self._plans:
+            self._plans["paired"] = _plan.paired_plan(
+                *self._phases(), self.cin_g, self.params.kernel_size[:2], self.dtype.itemsize,
+                self._block_bytes(), n_jobs_wanted=4 * _threads(),
+                n_outer=self.input_shape[0] * self.out_channels)
+        return self._plans["paired"]
 
     def _run_paired(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
-        plan = self._paired_plan()
+        args = self._paired_plan()["args"]
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
-            kern.paired_rows(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start], *plan,
+            kern.paired_rows(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start], *args,
                              in_start, self.input_shape[2], o0)
 
     def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress):
@@ -321,13 +322,9 @@ class PreparedLayer:
 
     def _paired_job_bytes(self):
         """What one ``paired_rows`` job allocates: its padded input block, the weights of
-        its output channel, the term lists and two row accumulators."""
-        (_, _, taps_d, _, _, _, count_h, taps_h, _, _, _, _, _, n_a, _, _, n_dp, _, n_hp, _,
-         n_wp) = self._paired_plan()
-        k = self.params.kernel_size
-        terms = len(count_h) * (self.cin_g * max(1, int(taps_d.max())) * max(1, int(taps_h.max())) + 4)
-        values = self.cin_g * n_dp * n_hp * n_wp + (self.cin_g * k[0] * k[1] + 1) * 4 + 2 * n_a
-        return values * self.dtype.itemsize + terms * 16
+        its output channel, two row accumulators and the term lists."""
+        plan = self._paired_plan()
+        return plan["job_values"] * self.dtype.itemsize + plan["job_indices"] * 8
 
     def _fir_job_bytes(self):
         """What one FIR job allocates: repeated rows of the input planes its chunk reads

@@ -270,11 +270,7 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
                 terms[rd, rh, rw, :rel.size] = rel.reshape(-1)
     kernel_tables = []
     for phases in (phases_d, phases_h, phases_w):
-        taps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
-        kernel = np.zeros((len(phases), max(1, int(taps.max()))), dtype=np.int64)
-        for r, ph in enumerate(phases):
-            kernel[r, :len(ph.kernel)] = ph.kernel
-        kernel_tables += [taps, kernel]
+        kernel_tables += _phase_arrays(phases)[2:4]  # tap counts and kernel indices
     return {
         "w_shape": (groups, n_cob) + shape + (tap_max * channel_block,),
         "kernel_tables": tuple(kernel_tables), "terms": terms,
@@ -301,13 +297,16 @@ def _phase_arrays(phases):
     return first, count, taps, kernel, shift
 
 
-def paired_plan(phases_d, phases_h, phases_w, cin_g, itemsize, block_bytes, n_jobs_wanted=1, n_outer=1):
+def paired_plan(phases_d, phases_h, phases_w, cin_g, kernel_dh, itemsize, block_bytes, n_jobs_wanted=1,
+                n_outer=1):
     """Tables and blocking for ``_kernels.paired_rows`` (``paired_fits(phases_w)`` must hold).
 
     Parameters
     ----------
     phases_d, phases_h, phases_w : sequences of AxisPhase
     cin_g, itemsize : int
+    kernel_dh : tuple
+        Kernel size along D and H.
     block_bytes : int
         Target size of one job's padded input block.
     n_jobs_wanted, n_outer : int
@@ -316,8 +315,10 @@ def paired_plan(phases_d, phases_h, phases_w, cin_g, itemsize, block_bytes, n_jo
 
     Returns
     -------
-    tuple
-        The kernel's arguments from ``first_d`` to ``n_wp``.
+    dict
+        ``args``: the kernel's arguments from ``first_d`` to ``n_wp``; ``job_values`` and
+        ``job_indices``: how many values and int64 indices one job allocates (its padded
+        input block, weights, row accumulators; its term lists).
     """
     phase_a, phase_b = sorted(phases_w, key=lambda ph: ph.first)
     sw_lo, sw_hi = _shift_span(phases_w)
@@ -333,16 +334,21 @@ def paired_plan(phases_d, phases_h, phases_w, cin_g, itemsize, block_bytes, n_jo
     n_wp = max(1, n_a + sw_hi - sw_lo)
     sd_lo, sd_hi = _shift_span(phases_d)
     sh_lo, sh_hi = _shift_span(phases_h)
-    first_d, count_d = _first_count(phases_d)
-    n_qd = max(1, int(count_d.max()))
-    n_hp = int(_first_count(phases_h)[1].max()) + sh_hi - sh_lo
+    d_arrays, h_arrays = _phase_arrays(phases_d), _phase_arrays(phases_h)
+    n_qd = max(1, int(d_arrays[1].max()))
+    n_hp = int(h_arrays[1].max()) + sh_hi - sh_lo
     plane_bytes = max(1, cin_g * n_hp * n_wp * itemsize)
     d_chunk = max(1, block_bytes // plane_bytes - (sd_hi - sd_lo))
     chunks_wanted = -(-n_jobs_wanted // max(1, n_outer))
     d_chunk = min(d_chunk, n_qd, max(1, -(-n_qd // chunks_wanted)))
     n_dp = d_chunk + sd_hi - sd_lo
-    return (*_phase_arrays(phases_d), *_phase_arrays(phases_h), w_kern, w_off, n_pair, n_a, d_chunk,
-            sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp)
+    k_d, k_h = kernel_dh
+    terms = cin_g * max(1, int(d_arrays[2].max())) * max(1, int(h_arrays[2].max())) + 4
+    return {
+        "args": (*d_arrays, *h_arrays, w_kern, w_off, n_pair, n_a, d_chunk, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp),
+        "job_values": cin_g * n_dp * n_hp * n_wp + (cin_g * k_d * k_h + 1) * 4 + 2 * n_a,
+        "job_indices": 2 * len(phases_h) * terms + len(phases_h),
+    }
 
 
 # A layer called again and again (a decoder in a loop, a batch of volumes) plans once: the

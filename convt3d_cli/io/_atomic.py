@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -112,11 +113,17 @@ def atomic_write(path, overwrite=False):
     """
     path = os.fspath(path)
     folder = check_target(path, overwrite)
-    with _sigterm_raises():
+    with _sigterm_raises() as fired:
         tmp, created = None, False
         try:
             tmp, created = _create_temp(path)
             yield tmp
+            if fired:
+                # The signal's exception was swallowed (raised inside a C callback, such as
+                # LLVM's while Numba loads a kernel): the signal still ends the write.
+                if fired[0] == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise Terminated(128 + fired[0])
             _fsync(tmp)
             _install(tmp, path, overwrite)
         except BaseException:
@@ -187,15 +194,30 @@ def _discard(tmp):
 
 @contextmanager
 def _sigterm_raises():
-    """Make SIGTERM raise :class:`Terminated` for the duration (main thread only)."""
+    """Make SIGTERM raise :class:`Terminated` for the duration (main thread only).
+
+    Yields the list of signals seen, for a caller to check that none was lost: an exception
+    raised in a C callback (ctypes) is only reported to ``sys.unraisablehook``, which here
+    records a :class:`Terminated` or KeyboardInterrupt quietly instead of printing a
+    traceback.
+    """
+    fired = []
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
+        yield fired  # signal handlers can only be set from the main thread
         return
     previous = signal.getsignal(signal.SIGTERM)
     if previous is None:
-        yield  # installed outside Python: we could not put it back
+        yield fired  # installed outside Python: we could not put it back
         return
-    fired = []
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info):
+        if isinstance(info.exc_value, Terminated):
+            return  # already in ``fired``
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            fired.append(signal.SIGINT)
+            return
+        previous_hook(info)
 
     def handler(signum, frame):
         if fired:
@@ -204,7 +226,9 @@ def _sigterm_raises():
         raise Terminated(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+    sys.unraisablehook = unraisable
     try:
-        yield
+        yield fired
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)

@@ -179,6 +179,25 @@ def test_sigterm_raises_terminated_in_process(tmp_path, listing):
     assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("sig,expected", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_signal_raised_in_a_c_callback_stops_the_write_quietly(tmp_path, listing, capfd, sig, expected):
+    """A signal landing while Python runs a ctypes callback: its exception cannot leave the
+    callback, so Python reports it as unraisable (a traceback on stderr) and goes on."""
+    import ctypes
+
+    def callback():
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler interrupts this
+
+    with pytest.raises(expected):
+        with atomic_write(str(tmp_path / "a.npy")) as tmp:
+            ctypes.CFUNCTYPE(None)(callback)()
+            with open(tmp, "wb") as handle:
+                handle.write(b"finished anyway")
+    assert listing(tmp_path) == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_works_outside_the_main_thread(tmp_path):
     errors = []
 

@@ -1,0 +1,87 @@
+"""Every engine kernel forced on the same few-channel layers: the measurements behind
+``convt3d_cli.engine._layer.choose_path``.
+
+Usage::
+
+    python benchmarks/bench_paths.py [--threads 2] [--repeat 7] [--only NAME]
+
+Per layer it prints the median time of each kernel (``fir``, ``blocked``,
+``subpixel``, ``paired``; ``paired`` serves W stride 2 only, otherwise the layer
+runs FIR), the one ``choose_path`` picks, and the fastest. Outputs of all kernels
+are checked against each other. Nothing here is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+PATHS = ("fir", "blocked", "subpixel", "paired")
+# name, Cin, Cout, groups, spatial, kernel, padding, output_padding (stride 2)
+CASES = [
+    ("1ch 128^3 k3", 1, 1, 1, 128, 3, 1, 1), ("1ch 128^3 k4", 1, 1, 1, 128, 4, 1, 0),
+    ("1ch 192^3 k2", 1, 1, 1, 192, 2, 0, 0), ("dw32 64^3 k3", 32, 32, 32, 64, 3, 1, 1),
+    ("dw32 64^3 k4", 32, 32, 32, 64, 4, 1, 0), ("1->16 64^3 k3", 1, 16, 1, 64, 3, 1, 1),
+    ("1->64 48^3 k3", 1, 64, 1, 48, 3, 1, 1), ("2->1 64^3 k3", 2, 1, 1, 64, 3, 1, 1),
+    ("2->4 64^3 k3", 2, 4, 1, 64, 3, 1, 1), ("2->8 64^3 k3", 2, 8, 1, 64, 3, 1, 1),
+    ("2->16 64^3 k3", 2, 16, 1, 64, 3, 1, 1), ("2->32 48^3 k3", 2, 32, 1, 48, 3, 1, 1),
+    ("2->2 64^3 k4", 2, 2, 1, 64, 4, 1, 0), ("4->4 64^3 k3", 4, 4, 1, 64, 3, 1, 1),
+    ("8->1 64^3 k3", 8, 1, 1, 64, 3, 1, 1), ("32->2 64^3 k3", 32, 2, 1, 64, 3, 1, 1),
+    ("3->8 64^3 k3", 3, 8, 1, 64, 3, 1, 1),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--only", default=None, help="run layers whose name contains this text")
+    args = ap.parse_args()
+
+    import numba
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    from convt3d_cli.engine import PreparedLayer, _plan
+
+    print(f"# threads={args.threads}, medians of {args.repeat} (ms)")
+    header = f"{'layer':16s} " + " ".join(f"{p:>9s}" for p in PATHS) + f" {'chosen':>9s} {'fastest':>9s}"
+    print(header)
+    print("-" * len(header))
+    for name, cin, cout, groups, n, k, p, op in CASES:
+        if args.only and args.only not in name:
+            continue
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, cin, n, n, n)).astype(np.float32)
+        w = rng.standard_normal((cin, cout // groups, k, k, k)).astype(np.float32)
+        b = rng.standard_normal(cout).astype(np.float32)
+        layers = {}
+        for path in PATHS:
+            layer = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups)
+            chosen = layer.path
+            layer.path = path if path != "paired" or _plan.paired_fits(layer._phases()[2]) else "fir"
+            layers[path] = layer
+        out = np.empty(layer.output_shape, np.float32)
+        reference = None
+        times = {path: [] for path in PATHS}
+        for it in range(args.repeat + 1):
+            for path, layer in layers.items():
+                t = time.perf_counter()
+                layer.run_slab(x, 0, 0, layer.output_shape[2], out)
+                times[path].append(time.perf_counter() - t)
+                if it == 0:
+                    if reference is None:
+                        reference = out.copy()
+                    elif np.abs(out - reference).max() > 1e-4 * np.abs(reference).max():
+                        raise SystemExit(f"{name}: the {path} kernel disagrees with fir")
+        med = {path: float(np.median(v[1:])) * 1e3 for path, v in times.items()}
+        print(f"{name:16s} " + " ".join(f"{med[path]:9.2f}" for path in PATHS)
+              + f" {chosen:>9s} {min(med, key=med.get):>9s}")
+
+
+if __name__ == "__main__":
+    main()

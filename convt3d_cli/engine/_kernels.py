@@ -533,6 +533,197 @@ def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle
 
 
 @njit(parallel=True, **_JIT)
+def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, n_ranges, copy_x, in_start,
+                 n_id, out_start):
+    """Layers whose kernel equals their stride (no padding, no dilation): a GEMM and a pixel shuffle.
+
+    x : (N, Cin, Dslab, H, W); bias : (Cout,); out : (N, Cout, Dout_slab, Hout, Wout)
+    w : (G, Cin/G, V) the weights as they come, ``V = Cout/G * P`` virtual channels with
+        ``P = stride_d * stride_h * stride_w``: ``v = co * P + (kd * stride_h + kh) * stride_w + kw``;
+    seg_len : flat input positions stored at once: one input row when rows are at least
+        WIDE_POSITION_BLOCK long (each output row is then written in one sweep), else one block;
+    chunk : input positions per job, a multiple of ``seg_len``;
+    n_ranges : the virtual channels are split into this many ranges (jobs for small volumes);
+    copy_x : copy each job's inputs to a block whose channel stride is not a power of two.
+        Read in place, channels of a 2^k-sized volume all fall into the same cache sets.
+
+    Every output has exactly one tap: output ``(sd * d + kd, sh * h + kh, sw * w + kw)`` of
+    channel ``co`` is the bias plus the sum over ``ci`` of ``x[ci, d, h, w] * w[ci, co, kd, kh, kw]``.
+    Over a run of flat input positions that is the GEMM (V x Cin) @ (Cin x positions) whose
+    A matrix is the weight array itself; it is computed in register blocks of 8 virtual
+    channels x 32 positions as in the blocked kernels and stored by a pixel shuffle (for
+    W stride 2, a W-phase pair as one interleaved run). No input is read twice, so there
+    is no halo, and a job copies only one block's weights (Cin/G x 8) at a time, where the
+    other blocked kernels pack the whole layer's weights first (2.6 MB next to a 4 MB
+    output for 320->256 at 8^3). Outputs no input reaches (output_padding) are the bias.
+    """
+    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    groups, cin_g, n_virtual = w.shape
+    cout_g = c_out // groups
+    n_slab, n_ih, n_iw = x.shape[2], x.shape[3], x.shape[4]
+    n_phase = stride_d * stride_h * stride_w
+    plane_len = n_ih * n_iw
+    slab_len = n_slab * plane_len
+    pb = WIDE_POSITION_BLOCK
+    n_seg_blocks = (seg_len + pb - 1) // pb
+    # Input planes (global) with outputs in this slab.
+    d_lo = max(in_start, out_start // stride_d)
+    d_hi = min(in_start + n_slab, n_id, (out_start + n_od - 1) // stride_d + 1)
+    p_lo = (d_lo - in_start) * plane_len
+    p_hi = (d_hi - in_start) * plane_len
+    n_chunks = max(0, (p_hi - p_lo + chunk - 1) // chunk)
+    n_vb = (n_virtual + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    per_range = (n_vb + n_ranges - 1) // n_ranges
+    xs = x.reshape(-1)
+    # A copied block's channel stride: room for a block read past the chunk's end, and an
+    # odd number of cache lines.
+    line = 64 // x.itemsize
+    stride_ci = (chunk + pb + line - 1) // line * line
+    if (stride_ci // line) % 2 == 0:
+        stride_ci += line
+    for job in prange(n_batch * groups * n_chunks * n_ranges):
+        vr = job % n_ranges
+        rest = job // n_ranges
+        c0 = p_lo + (rest % n_chunks) * chunk
+        c1 = min(p_hi, c0 + chunk)
+        rest = rest // n_chunks
+        g = rest % groups
+        n = rest // groups
+        # Term rows: where each input channel's positions start in ``src_x``, -1 at the end
+        # (see _accumulate_terms); position ``p`` is at ``p - base`` from there.
+        terms = np.empty(cin_g + 1, dtype=np.int64)
+        terms[cin_g] = -1
+        if copy_x:
+            src_x = np.empty(cin_g * stride_ci, dtype=out.dtype)
+            for ci in range(cin_g):
+                terms[ci] = ci * stride_ci
+                src = xs[(n * x.shape[1] + g * cin_g + ci) * slab_len + c0:]
+                dst = src_x[ci * stride_ci:(ci + 1) * stride_ci]
+                for t in range(c1 - c0):
+                    dst[t] = src[t]
+                dst[c1 - c0:] = 0
+            base = c0
+        else:
+            src_x = xs
+            for ci in range(cin_g):
+                terms[ci] = (n * x.shape[1] + g * cin_g + ci) * slab_len
+            base = 0
+        # In place, a block that would read past its channel's slab reads a zero-padded copy.
+        tail = np.zeros(cin_g * pb, dtype=out.dtype)
+        tail_terms = np.empty(cin_g + 1, dtype=np.int64)
+        for ci in range(cin_g):
+            tail_terms[ci] = ci * pb
+        tail_terms[cin_g] = -1
+        w_block = np.empty(cin_g * CHANNEL_BLOCK, dtype=out.dtype)
+        start = np.empty(_ACC_WIDE, dtype=out.dtype)
+        seg_buf = np.empty(n_seg_blocks * _ACC_WIDE, dtype=out.dtype)
+        acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
+        for vb in range(vr * per_range, min(n_vb, (vr + 1) * per_range)):
+            v0 = vb * CHANNEL_BLOCK
+            n_v = min(CHANNEL_BLOCK, n_virtual - v0)
+            for ci in range(cin_g):
+                src = w[g, ci, v0:v0 + n_v]
+                dst = w_block[ci * CHANNEL_BLOCK:(ci + 1) * CHANNEL_BLOCK]
+                for cb in range(n_v):
+                    dst[cb] = src[cb]
+                for cb in range(n_v, CHANNEL_BLOCK):
+                    dst[cb] = 0
+            for cb in range(CHANNEL_BLOCK):
+                value = bias[g * cout_g + (v0 + cb) // n_phase] if cb < n_v else 0
+                for t in range(pb):
+                    start[cb * pb + t] = value
+            for seg in range(c0, c1, seg_len):
+                n_pos = min(seg_len, c1 - seg)
+                for wb in range((n_pos + pb - 1) // pb):
+                    p = seg + wb * pb
+                    if copy_x or p + pb <= slab_len:
+                        _accumulate_terms(acc, start, src_x, p - base, terms, w_block, pb)
+                    else:
+                        nb = min(pb, c1 - p)
+                        for ci in range(cin_g):
+                            src = xs[terms[ci] + p:terms[ci] + p + nb]
+                            dst = tail[ci * pb:(ci + 1) * pb]
+                            for t in range(nb):
+                                dst[t] = src[t]
+                        _accumulate_terms(acc, start, tail, 0, tail_terms, w_block, pb)
+                    blk = seg_buf[wb * _ACC_WIDE:(wb + 1) * _ACC_WIDE]
+                    for i in range(_ACC_WIDE):
+                        blk[i] = acc[i]
+                _store_shuffled(out, seg_buf, n, g * cout_g, v0, n_v, seg, n_pos, plane_len, n_iw, n_phase,
+                                stride_d, stride_h, stride_w, in_start, out_start)
+    # Outputs past the last input's taps (output_padding): the bias.
+    full_d, full_h, full_w = n_id * stride_d, n_ih * stride_h, n_iw * stride_w
+    if full_h < n_oh or full_w < n_ow or out_start + n_od > full_d:
+        for job in prange(n_batch * c_out * n_od):
+            od = job % n_od
+            co = (job // n_od) % c_out
+            plane = out[job // (n_od * c_out), co, od]
+            value = bias[co]
+            if out_start + od >= full_d:
+                plane[:, :] = value
+            else:
+                plane[full_h:, :] = value
+                plane[:full_h, full_w:] = value
+
+
+@njit(**_JIT)
+def _store_shuffled(out, seg_buf, n, co_base, v0, n_v, p, n_pos, plane_len, n_iw, n_phase, stride_d, stride_h,
+                    stride_w, in_start, out_start):
+    """Pixel-shuffle one ``shuffle_gemm`` segment to the output, run by run.
+
+    The segment holds virtual channels ``v0 ..`` at flat slab positions ``p .. p + n_pos``
+    in blocks: channel ``cb`` at position ``t`` is ``seg_buf[(t // PB) * _ACC_WIDE + cb * PB + t % PB]``
+    (``PB = WIDE_POSITION_BLOCK``). A run is the part of one input row inside one block.
+    """
+    pb = WIDE_POSITION_BLOCK
+    n_od = out.shape[2]
+    t = 0
+    while t < n_pos:
+        pos = p + t
+        dl = pos // plane_len
+        rem = pos - dl * plane_len
+        ih = rem // n_iw
+        iw = rem - ih * n_iw
+        run = min(n_iw - iw, n_pos - t)
+        cb = 0
+        while cb < n_v:
+            v = v0 + cb
+            co = v // n_phase
+            ph = v - co * n_phase
+            kw = ph % stride_w
+            kh = (ph // stride_w) % stride_h
+            kd = ph // (stride_w * stride_h)
+            od = (in_start + dl) * stride_d + kd - out_start
+            paired = stride_w == 2 and kw == 0 and cb + 1 < n_v
+            if 0 <= od < n_od:
+                row = out[n, co_base + co, od, ih * stride_h + kh]
+                u0 = 0
+                while u0 < run:
+                    tt = t + u0
+                    m = min(run - u0, pb - tt % pb)
+                    src = seg_buf[(tt // pb) * _ACC_WIDE + cb * pb + tt % pb:]
+                    col = iw + u0
+                    if paired:
+                        # Phase kw = 1 is the next virtual channel: one interleaved run. A
+                        # run-time trip count lets LLVM vectorise it as an interleaved store.
+                        src_b = seg_buf[(tt // pb) * _ACC_WIDE + (cb + 1) * pb + tt % pb:]
+                        dst = row[2 * col:2 * (col + m)]
+                        for u in range(m):
+                            dst[2 * u] = src[u]
+                            dst[2 * u + 1] = src_b[u]
+                    elif stride_w == 1:
+                        dst = row[col:col + m]
+                        for u in range(m):
+                            dst[u] = src[u]
+                    else:
+                        for u in range(m):
+                            row[(col + u) * stride_w + kw] = src[u]
+                    u0 += m
+            cb += 2 if paired else 1
+        t += run
+
+
+@njit(parallel=True, **_JIT)
 def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, kernel_w):
     """Each phase's weights in term order for ``blocked_phases``.
 

@@ -37,6 +37,18 @@ BLOCKED_MIN_IN_CHANNELS_FEW = 3
 # blocked and 23.2 FIR; 2->32 19.1 vs 17.6 blocked). From 3 inputs on the sub-pixel and
 # blocked kernels, which share one input load among 8 channels, win (4->4 8.7 vs 6.5).
 PAIRED_MAX_IN_CHANNELS = 2
+# When the shuffle-GEMM kernel (kernel == stride without padding: the U-Net decoder's k2 s2,
+# pointwise layers) beats the others, measured on 64^3 layers (ms, same process): from the
+# point where paired rows stop winning (2->2 0.95 vs 0.88 paired, 2->16 7.1 vs 6.8, one
+# channel 12.8 vs 10.1, depthwise 14.8 vs 12.3): 4->4 2.2 vs 3.2 paired, 8->8 5.7 vs 7.2
+# blocked, 32->32 47.8 vs 55.2, 128->64 at 32^3 40.7 vs 46.3, 64->32 91.2 vs 89.6, pointwise
+# 16->16 3.2 vs 3.9. 320->256 at 8^3 takes 4.8 ms like the blocked kernel (which packs the
+# whole layer's weights per call: peak memory 1.67x the output against 1.03x). W stride 3
+# scatters one value at a time (8->8 k3 s3 20.9 vs 10.4 blocked): not used there.
+SHUFFLE_MIN_IN_CHANNELS = 2
+# Input bytes one shuffle-GEMM job reads: they stay in L2 (1 MiB here) while the job runs
+# through all its channel blocks.
+SHUFFLE_CHUNK_BYTES = 512 * 1024
 SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
@@ -69,7 +81,8 @@ def compute_dtype(x_dtype, dtype):
 
 
 def choose_path(cin_g, cout_g, phases=None):
-    """``"blocked"``, ``"subpixel"``, ``"paired"`` or ``"fir"``: the fastest kernel for this layer.
+    """``"blocked"``, ``"subpixel"``, ``"paired"``, ``"shuffle"`` or ``"fir"``: the fastest kernel
+    for this layer.
 
     Parameters
     ----------
@@ -77,12 +90,15 @@ def choose_path(cin_g, cout_g, phases=None):
         Input and output channels per group.
     phases : list of 3 lists of AxisPhase, optional
         The layer's output phases per axis (``_plan.axis_phases``); without them the
-        sub-pixel and paired-rows kernels are not considered.
+        sub-pixel, paired-rows and shuffle-GEMM kernels are not considered.
     """
     product = cin_g * cout_g
     if phases is not None and _plan.paired_fits(phases[2]) and (
             cin_g == 1 or (cin_g <= PAIRED_MAX_IN_CHANNELS and product < BLOCKED_MIN_CHANNEL_PRODUCT)):
         return "paired"
+    if (phases is not None and cin_g >= SHUFFLE_MIN_IN_CHANNELS and len(phases[2]) <= 2
+            and _plan.shuffle_fits(phases)):
+        return "shuffle"
     if phases is not None and _subpixel_pays(cin_g, cout_g, phases):
         return "subpixel"
     if product >= BLOCKED_MIN_CHANNEL_PRODUCT or (
@@ -151,8 +167,11 @@ class PreparedLayer:
             self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype)
         self._axis_phases = None
         self.path = choose_path(self.cin_g, self.cout_g, self._phases())
+        # (Only when a caller forces a path that cannot run the layer.)
         if self.path == "paired" and not _plan.paired_fits(self._phases()[2]):
-            self.path = "fir"  # (only when a caller forces the path)
+            self.path = "fir"
+        if self.path == "shuffle" and not _plan.shuffle_fits(self._phases()):
+            self.path = "blocked"
         self._plans = {}
         self._static = None
 
@@ -192,13 +211,15 @@ class PreparedLayer:
             Called with the number of output planes (N * D) finished since the last call.
         """
         path = self.path
-        if path != "blocked" and not _all_finite(x_slab):
+        if path not in ("blocked", "shuffle") and not _all_finite(x_slab):
             # The FIR, sub-pixel and paired kernels multiply some inputs by zeros (a window
             # position, a phase or a padding term without a tap there); 0 * inf and 0 * nan
-            # would spread to outputs that do not depend on that input. The blocked kernel
-            # multiplies real taps only.
+            # would spread to outputs that do not depend on that input. The blocked and
+            # shuffle kernels multiply real taps only.
             path = "blocked"
-        if path == "blocked":
+        if path == "shuffle":
+            self._run_shuffle(x_slab, in_start, out_start, out_stop, out, progress)
+        elif path == "blocked":
             self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "subpixel":
             self._run_subpixel(x_slab, in_start, out_start, out_stop, out, progress)
@@ -231,6 +252,8 @@ class PreparedLayer:
             return weights + _threads() * self._fir_job_bytes()
         if self.path == "paired":
             return weights + _threads() * self._paired_job_bytes()
+        if self.path == "shuffle":
+            return weights + _threads() * self._shuffle_job_bytes()
         plan = self._blocked_plan(self.path)
         _, _, _, _, n_dp, _, n_hp, _, n_wp = plan["blocking"]
         kern = _kernels()
@@ -280,9 +303,12 @@ class PreparedLayer:
         return self._plans[path]
 
     def _block_bytes(self):
+        return max(min(BLOCK_BYTES, BLOCK_BYTES_MIN), min(BLOCK_BYTES, self._copy_bytes()))
+
+    def _copy_bytes(self):
+        """Each thread's share of the memory budget for input copies (BLOCK_SHARE_OF_OUTPUT)."""
         out_bytes = self.dtype.itemsize * int(np.prod(self.output_shape))
-        share = int(BLOCK_SHARE_OF_OUTPUT * out_bytes / _threads())
-        return max(min(BLOCK_BYTES, BLOCK_BYTES_MIN), min(BLOCK_BYTES, share))
+        return int(BLOCK_SHARE_OF_OUTPUT * out_bytes / _threads())
 
     def _run_subpixel(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
@@ -319,6 +345,39 @@ class PreparedLayer:
             kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
                                 out[:, :, o0 - out_start:o1 - out_start], *plan["tables"], s[0], s[1], s[2],
                                 *plan["blocking"], in_start, self.input_shape[2], o0)
+
+    def _shuffle_blocking(self, n_slab, in_start, out_start, out_stop):
+        """``_plan.shuffle_blocking`` for the input planes that output planes ``[out_start,
+        out_stop)`` read from a slab of ``n_slab`` planes starting at ``in_start``."""
+        kern = _kernels()
+        s_d = self.params.stride[0]
+        n_ih, n_iw = self.input_shape[3:]
+        d_lo = max(in_start, out_start // s_d)
+        d_hi = min(in_start + n_slab, self.input_shape[2], (out_stop - 1) // s_d + 1)
+        return _plan.shuffle_blocking(
+            max(0, d_hi - d_lo) * n_ih * n_iw, n_iw, self.cin_g, self.cout_g * int(np.prod(self.params.stride)),
+            self.dtype.itemsize, SHUFFLE_CHUNK_BYTES, self._copy_bytes(), 4 * _threads(),
+            self.input_shape[0] * self.groups, kern.WIDE_POSITION_BLOCK, kern.CHANNEL_BLOCK)
+
+    def _run_shuffle(self, x_slab, in_start, out_start, out_stop, out, progress):
+        kern = _kernels()
+        s = self.params.stride
+        weight = self.weight.reshape(self.groups, self.cin_g, -1)  # (G, Cin_g, Cout_g * P): a view
+        for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
+            kern.shuffle_gemm(x_slab, weight, self.bias, out[:, :, o0 - out_start:o1 - out_start], s[0], s[1], s[2],
+                              *self._shuffle_blocking(x_slab.shape[2], in_start, o0, o1), in_start,
+                              self.input_shape[2], o0)
+
+    def _shuffle_job_bytes(self):
+        """What one ``shuffle_gemm`` job allocates: a copy of its inputs when it makes one, a
+        zero-padded last block, one channel block's weights and result blocks."""
+        kern = _kernels()
+        seg_len, chunk, _, copy_x = self._shuffle_blocking(self.input_shape[2], 0, 0, self.out_spatial[0])
+        pb = kern.WIDE_POSITION_BLOCK
+        values = self.cin_g * (pb + kern.CHANNEL_BLOCK) + (2 + -(-seg_len // pb)) * kern.CHANNEL_BLOCK * pb
+        if copy_x:
+            values += self.cin_g * (chunk + 2 * pb + 32)
+        return values * self.dtype.itemsize + 16 * (self.cin_g + 1)
 
     def _paired_job_bytes(self):
         """What one ``paired_rows`` job allocates: its padded input block, the weights of

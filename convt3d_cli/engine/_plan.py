@@ -284,6 +284,47 @@ def paired_fits(phases_w):
     return len(phases_w) == 2 and all(len(ph.kernel) <= 2 for ph in phases_w)
 
 
+def shuffle_fits(phases):
+    """Whether ``_kernels.shuffle_gemm`` can run a layer: along every axis the kernel equals the
+    stride without padding (or is 1), so phase ``r`` is kernel index ``r`` on input ``q``."""
+    return all(ph.first == r and ph.kernel == (r,) and ph.shift == (0,)
+               for axis in phases for r, ph in enumerate(axis))
+
+
+def shuffle_blocking(n_positions, n_iw, cin_g, n_virtual, itemsize, chunk_bytes, copy_bytes, n_jobs_wanted,
+                     n_outer, position_block, channel_block):
+    """``(seg_len, chunk, n_ranges, copy_x)`` of a ``_kernels.shuffle_gemm`` call.
+
+    Parameters
+    ----------
+    n_positions, n_iw : int
+        Flat input positions of the slab's planes, and the input row length.
+    cin_g, n_virtual, itemsize : int
+        Input channels per group, virtual channels per group (Cout/G x phases), bytes per value.
+    chunk_bytes : int
+        Input bytes one job reads (they stay in cache while it runs all its channel blocks).
+    copy_bytes : int
+        What a job may allocate for a copy of its inputs; below ``chunk_bytes`` it reads them
+        in place.
+    n_jobs_wanted, n_outer : int
+        Jobs wanted to keep every thread busy, and samples x groups.
+    position_block, channel_block : int
+        The kernel's register block.
+    """
+    seg_len = n_iw if n_iw >= position_block else position_block
+    fit = max(seg_len, chunk_bytes // max(1, cin_g * itemsize) // seg_len * seg_len)
+    n_chunks = max(1, -(-n_positions // fit))
+    # Jobs from ranges of channel blocks first: each range re-reads its chunk's inputs, where
+    # each extra chunk would copy every weight once more. Then from smaller chunks.
+    n_blocks = -(-n_virtual // channel_block)
+    n_ranges = max(1, min(n_blocks, -(-n_jobs_wanted // (n_outer * n_chunks))))
+    if n_outer * n_chunks * n_ranges < n_jobs_wanted:
+        n_chunks = max(n_chunks, min(-(-n_positions // seg_len), -(-n_jobs_wanted // (n_outer * n_ranges))))
+    chunk = max(seg_len, -(-(-(-n_positions // n_chunks)) // seg_len) * seg_len)
+    copy_x = cin_g * (chunk + 2 * position_block) * itemsize <= copy_bytes
+    return seg_len, chunk, n_ranges, copy_x
+
+
 def _phase_arrays(phases):
     """First output, count, tap count, kernel index and shift per tap, of one axis's phases."""
     first, count = _first_count(phases)

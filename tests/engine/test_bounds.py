@@ -19,19 +19,21 @@ SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path[:0] = [{tests!r}, {engine!r}]
-    from test_conv_transpose3d import random_config, make_data, layer_kwargs, paired_config
+    from test_conv_transpose3d import random_config, make_data, layer_kwargs, paired_config, shuffle_config
     from reference import conv_transpose3d_ref
     from convt3d_cli import conv_transpose3d, geometry
     from convt3d_cli.engine import PreparedLayer, _layer
 
     worst = 0.0
-    for path in ("fir", "blocked", "subpixel", "paired"):
+    for path in ("fir", "blocked", "subpixel", "paired", "shuffle"):
         _layer.choose_path = lambda *args, path=path: path
         for seed in range(60):
             rng = np.random.default_rng(seed)
             cfg = random_config(rng)
             if path == "paired":
                 cfg = paired_config(cfg, rng)
+            elif path == "shuffle":
+                cfg = shuffle_config(cfg, rng)
             if seed % 3 == 0:   # wide rows: several position blocks and a ragged one
                 cfg["spatial"] = cfg["spatial"][:2] + (int(rng.integers(17, 40)),)
             x, w, b = make_data(cfg, rng)

@@ -71,10 +71,22 @@ def paired_config(cfg, rng):
     return cfg
 
 
-@pytest.fixture(params=["fir", "blocked", "subpixel", "paired"])
+def shuffle_config(cfg, rng):
+    """``cfg`` turned into a layer of the shuffle-GEMM kernel: along every axis the kernel
+    equals the stride, without padding (a 1-wide kernel may have any dilation)."""
+    cfg = dict(cfg)
+    s = tuple(int(v) for v in rng.integers(1, 4, size=3))
+    d = tuple(int(rng.integers(1, 3)) if si == 1 else 1 for si in s)
+    op = tuple(int(rng.integers(0, max(si, di))) for si, di in zip(s, d))
+    cfg.update(kernel=s, stride=s, padding=0, output_padding=op, dilation=d)
+    return cfg
+
+
+@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle"])
 def path(request, monkeypatch):
     """Run a test once through each compute path, whatever the channel counts (``paired``
-    serves W stride 2 only: other layers then take the FIR kernel)."""
+    serves W stride 2 only: other layers then take the FIR kernel; ``shuffle`` serves
+    kernel == stride without padding only: other layers take the blocked kernel)."""
     monkeypatch.setattr(_layer, "choose_path", lambda *args: request.param)
     return request.param
 
@@ -118,20 +130,25 @@ def test_adjoint_of_conv3d(seed, path):
     assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
 
 
-@pytest.mark.parametrize("seed", range(3000, 3060))
-def test_paired_rows_on_their_layers(seed, monkeypatch):
-    """The paired-rows kernel on random W-stride-2 layers (the fixture's random layers fit
-    it only a quarter of the time): against the reference, and one output plane at a
-    time (a tightly budgeted stream) bitwise equal to the whole volume."""
+@pytest.mark.parametrize("kind, seed", [("paired", seed) for seed in range(3000, 3060)]
+                         + [("shuffle", seed) for seed in range(3100, 3160)])
+def test_kernels_on_their_own_layers(kind, seed, monkeypatch):
+    """The paired-rows kernel on random W-stride-2 layers and the shuffle-GEMM kernel on
+    random kernel == stride layers (the fixture's random layers seldom fit them): against
+    the reference, and one output plane at a time (a tightly budgeted stream) bitwise
+    equal to the whole volume."""
     from convt3d_cli import geometry
     from convt3d_cli.engine import PreparedLayer
-    monkeypatch.setattr(_layer, "choose_path", lambda *args: "paired")
+    monkeypatch.setattr(_layer, "choose_path", lambda *args: kind)
     rng = np.random.default_rng(seed)
-    cfg = paired_config(random_config(rng), rng)
+    cfg = random_config(rng)
+    cfg = paired_config(cfg, rng) if kind == "paired" else shuffle_config(cfg, rng)
+    if seed % 4 == 0:  # rows of a position block and more: one output row per sweep
+        cfg["spatial"] = cfg["spatial"][:2] + (int(rng.integers(32, 70)),)
     x, w, b = make_data(cfg, rng)
     kwargs = layer_kwargs(cfg)
     layer = PreparedLayer(x.shape, w, b, dtype=np.float64, **kwargs)
-    assert layer.path == "paired"
+    assert layer.path == kind
     expected = conv_transpose3d_ref(x, w, b, **kwargs)
     got = conv_transpose3d(x, w, b, **kwargs, dtype="float64")
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * max(1.0, np.abs(expected).max()))
@@ -217,6 +234,35 @@ def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, kind, monkey
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("chunk_bytes, copy_share", [(1, 0.0), (1, 1.0), (4000, 0.0), (4000, 1.0), (10 ** 9, 1.0)])
+@pytest.mark.parametrize("cfg", [
+    # short rows (a block spans rows), W-phase pairs, output padding on every axis
+    dict(n=2, cin=3, cout=5, spatial=(3, 4, 5), kernel=2, stride=2, output_padding=1, groups=1),
+    # rows longer than a block (one row per sweep, a ragged last block), stride 3 and 1 along W
+    dict(n=1, cin=4, cout=6, spatial=(2, 3, 45), kernel=(2, 1, 3), stride=(2, 1, 3),
+         output_padding=(0, 0, 2), groups=2),
+    dict(n=1, cin=6, cout=3, spatial=(4, 2, 33), kernel=(3, 2, 1), stride=(3, 2, 1),
+         output_padding=(2, 1, 0), groups=3),
+])
+def test_shuffle_chunks_ranges_and_copies_match_reference(cfg, chunk_bytes, copy_share, monkeypatch):
+    """Any job split of the shuffle-GEMM kernel (one segment or all positions per chunk,
+    channel-block ranges, inputs copied or read in place) gives the reference result."""
+    monkeypatch.setattr(_layer, "SHUFFLE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(_layer, "BLOCK_SHARE_OF_OUTPUT", copy_share)
+    monkeypatch.setattr(_layer, "choose_path", lambda *args: "shuffle")  # W stride 3 too
+    rng = np.random.default_rng(chunk_bytes % 89)
+    k = cfg["kernel"] if isinstance(cfg["kernel"], tuple) else (cfg["kernel"],) * 3
+    x = rng.standard_normal((cfg["n"], cfg["cin"]) + cfg["spatial"])
+    w = rng.standard_normal((cfg["cin"], cfg["cout"] // cfg["groups"]) + k)
+    b = rng.standard_normal(cfg["cout"])
+    kwargs = {key: cfg[key] for key in ("stride", "output_padding", "groups")}
+    from convt3d_cli.engine import PreparedLayer
+    assert PreparedLayer(x.shape, w, b, **kwargs).path == "shuffle"
+    expected = conv_transpose3d_ref(x, w, b, **kwargs)
+    got = conv_transpose3d(x, w, b, **kwargs)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("seed", range(4000, 4030))
 def test_nan_and_inf_reach_only_the_outputs_that_read_them(seed, path):
     """A NaN or inf voxel (masked imaging data) must not spread to outputs without a tap on
@@ -268,6 +314,14 @@ def test_path_choice():
     assert _layer.choose_path(32, 2, phases(3, 2, 1, 1)) == "subpixel"
     assert _layer.choose_path(3, 8, phases(3, 2, 1, 1)) == "blocked"
     assert _layer.choose_path(3, 64, phases(3, 2, 1)) == "blocked"
+    # Kernel == stride without padding: the shuffle GEMM where paired rows do not win.
+    for cin, cout in ((2, 32), (4, 4), (8, 8), (320, 256), (3, 64)):
+        assert _layer.choose_path(cin, cout, phases(2, 2, 0)) == "shuffle"
+    assert _layer.choose_path(64, 64, phases(1, 1, 0)) == "shuffle"        # pointwise
+    assert _layer.choose_path(1, 64, phases(2, 2, 0)) == "paired"
+    assert _layer.choose_path(2, 16, phases(2, 2, 0)) == "paired"
+    assert _layer.choose_path(8, 8, phases(3, 3, 0)) == "blocked"          # W stride 3: scattered stores
+    assert _layer.choose_path(64, 32, phases(2, 2, 1)) == "blocked"         # padded: taps move
 
 
 def test_out_buffer_and_progress():

@@ -6,8 +6,9 @@ Usage::
     python benchmarks/bench_paths.py [--threads 2] [--repeat 7] [--only NAME]
 
 Per layer it prints the median time of each kernel (``fir``, ``blocked``,
-``subpixel``, ``paired``; ``paired`` serves W stride 2 only, otherwise the layer
-runs FIR), the one ``choose_path`` picks, and the fastest. Outputs of all kernels
+``subpixel``, ``paired``, ``shuffle``; ``paired`` serves W stride 2 only, otherwise
+the layer runs FIR, and ``shuffle`` kernel == stride without padding only, otherwise
+it shows ``-``), the one ``choose_path`` picks, and the fastest. Outputs of all kernels
 are checked against each other. Nothing here is a pass/fail test.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-PATHS = ("fir", "blocked", "subpixel", "paired")
+PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle")
 # name, Cin, Cout, groups, spatial, kernel, padding, output_padding (stride 2)
 CASES = [
     ("1ch 128^3 k3", 1, 1, 1, 128, 3, 1, 1), ("1ch 128^3 k4", 1, 1, 1, 128, 4, 1, 0),
@@ -34,6 +35,11 @@ CASES = [
     ("2->2 64^3 k4", 2, 2, 1, 64, 4, 1, 0), ("4->4 64^3 k3", 4, 4, 1, 64, 3, 1, 1),
     ("8->1 64^3 k3", 8, 1, 1, 64, 3, 1, 1), ("32->2 64^3 k3", 32, 2, 1, 64, 3, 1, 1),
     ("3->8 64^3 k3", 3, 8, 1, 64, 3, 1, 1),
+    # kernel == stride (the shuffle GEMM's layers)
+    ("dw32 64^3 k2", 32, 32, 32, 64, 2, 0, 0), ("2->2 64^3 k2", 2, 2, 1, 64, 2, 0, 0),
+    ("2->16 64^3 k2", 2, 16, 1, 64, 2, 0, 0), ("4->4 64^3 k2", 4, 4, 1, 64, 2, 0, 0),
+    ("8->8 64^3 k2", 8, 8, 1, 64, 2, 0, 0), ("32->32 64^3 k2", 32, 32, 1, 64, 2, 0, 0),
+    ("320->256 8^3 k2", 320, 256, 1, 8, 2, 0, 0),
 ]
 
 
@@ -63,11 +69,13 @@ def main():
         for path in PATHS:
             layer = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups)
             chosen = layer.path
+            if path == "shuffle" and not _plan.shuffle_fits(layer._phases()):
+                continue
             layer.path = path if path != "paired" or _plan.paired_fits(layer._phases()[2]) else "fir"
             layers[path] = layer
         out = np.empty(layer.output_shape, np.float32)
         reference = None
-        times = {path: [] for path in PATHS}
+        times = {path: [] for path in layers}
         for it in range(args.repeat + 1):
             for path, layer in layers.items():
                 t = time.perf_counter()
@@ -79,7 +87,7 @@ def main():
                     elif np.abs(out - reference).max() > 1e-4 * np.abs(reference).max():
                         raise SystemExit(f"{name}: the {path} kernel disagrees with fir")
         med = {path: float(np.median(v[1:])) * 1e3 for path, v in times.items()}
-        print(f"{name:16s} " + " ".join(f"{med[path]:9.2f}" for path in PATHS)
+        print(f"{name:16s} " + " ".join(f"{med[path]:9.2f}" if path in med else f"{'-':>9s}" for path in PATHS)
               + f" {chosen:>9s} {min(med, key=med.get):>9s}")
 
 

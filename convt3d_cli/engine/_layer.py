@@ -372,12 +372,13 @@ class PreparedLayer:
         """What one ``shuffle_gemm`` job allocates: a copy of its inputs when it makes one, a
         zero-padded last block, one channel block's weights and result blocks."""
         kern = _kernels()
-        seg_len, chunk, _, copy_x = self._shuffle_blocking(self.input_shape[2], 0, 0, self.out_spatial[0])
         pb = kern.WIDE_POSITION_BLOCK
+        seg_len = self._shuffle_blocking(self.input_shape[2], 0, 0, self.out_spatial[0])[0]
         values = self.cin_g * (pb + kern.CHANNEL_BLOCK) + (2 + -(-seg_len // pb)) * kern.CHANNEL_BLOCK * pb
-        if copy_x:
-            values += self.cin_g * (chunk + 2 * pb + 32)
-        return values * self.dtype.itemsize + 16 * (self.cin_g + 1)
+        # A job copies its inputs only when the copy (at most its chunk plus two blocks per
+        # channel) fits its share; a slab's chunks may differ from the whole volume's.
+        copy = self._copy_bytes() if self.cin_g * (seg_len + 2 * pb) * self.dtype.itemsize <= self._copy_bytes() else 0
+        return values * self.dtype.itemsize + copy + 16 * (self.cin_g + 1)
 
     def _paired_job_bytes(self):
         """What one ``paired_rows`` job allocates: its padded input block, the weights of

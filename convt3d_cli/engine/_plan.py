@@ -304,8 +304,8 @@ def shuffle_blocking(n_positions, n_iw, cin_g, n_virtual, itemsize, chunk_bytes,
     chunk_bytes : int
         Input bytes one job reads (they stay in cache while it runs all its channel blocks).
     copy_bytes : int
-        What a job may allocate for a copy of its inputs; below ``chunk_bytes`` it reads them
-        in place.
+        What a job may allocate for a copy of its inputs; when the copy would be larger, the
+        job reads them in place.
     n_jobs_wanted, n_outer : int
         Jobs wanted to keep every thread busy, and samples x groups.
     position_block, channel_block : int

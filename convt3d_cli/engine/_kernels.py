@@ -34,10 +34,7 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
     of one channel: it builds the repeated rows of the input planes it reads once.
     """
     n_batch, c_out, n_od, n_oh, n_ow = out.shape
-    cin_g = w.shape[1]
-    cout_g = w.shape[2]
-    k_d = w.shape[3]
-    k_h = w.shape[4]
+    cin_g, cout_g, k_d, k_h = w.shape[1:5]
     n_ih = x.shape[3]
     n_iw = x.shape[4]
     n_win = w_kidx.shape[0]
@@ -608,12 +605,14 @@ def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, 
             for ci in range(cin_g):
                 terms[ci] = (n * x.shape[1] + g * cin_g + ci) * slab_len
             base = 0
-        # In place, a block that would read past its channel's slab reads a zero-padded copy.
-        tail = np.zeros(cin_g * pb, dtype=out.dtype)
-        tail_terms = np.empty(cin_g + 1, dtype=np.int64)
-        for ci in range(cin_g):
+        # In place, a block that would read past its channel's slab reads a zero-padded copy
+        # (a copied block has that room already).
+        n_tail = 0 if copy_x else cin_g
+        tail = np.zeros(n_tail * pb, dtype=out.dtype)
+        tail_terms = np.empty(n_tail + 1, dtype=np.int64)
+        for ci in range(n_tail):
             tail_terms[ci] = ci * pb
-        tail_terms[cin_g] = -1
+        tail_terms[n_tail] = -1
         w_block = np.empty(cin_g * CHANNEL_BLOCK, dtype=out.dtype)
         start = np.empty(_ACC_WIDE, dtype=out.dtype)
         seg_buf = np.empty(n_seg_blocks * _ACC_WIDE, dtype=out.dtype)
@@ -838,10 +837,7 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     descending steps make the stores about three times slower.
     """
     n_batch, c_out, n_od, n_oh, n_ow = out.shape
-    cin_g = w.shape[1]
-    cout_g = w.shape[2]
-    k_d = w.shape[3]
-    k_h = w.shape[4]
+    cin_g, cout_g, k_d, k_h = w.shape[1:5]
     stride_d = first_d.shape[0]
     stride_h = first_h.shape[0]
     q_lo, q_hi = _slab_positions(first_d, count_d, stride_d, out_start, n_od, n_id)

@@ -320,7 +320,8 @@ def shuffle_blocking(n_positions, n_iw, cin_g, n_virtual, itemsize, chunk_bytes,
     n_ranges = max(1, min(n_blocks, -(-n_jobs_wanted // (n_outer * n_chunks))))
     if n_outer * n_chunks * n_ranges < n_jobs_wanted:
         n_chunks = max(n_chunks, min(-(-n_positions // seg_len), -(-n_jobs_wanted // (n_outer * n_ranges))))
-    chunk = max(seg_len, -(-(-(-n_positions // n_chunks)) // seg_len) * seg_len)
+    per_chunk = -(-n_positions // n_chunks)
+    chunk = max(seg_len, -(-per_chunk // seg_len) * seg_len)  # whole segments
     copy_x = cin_g * (chunk + 2 * position_block) * itemsize <= copy_bytes
     return seg_len, chunk, n_ranges, copy_x
 

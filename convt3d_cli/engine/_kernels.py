@@ -828,7 +828,8 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     ``wA0 * row[q + a0] + wA1 * row[q + a1]`` (and the same for B): unit-stride loads of
     a padded input row, broadcast weights, and one interleaved store of the pair. Four
     loads and four FMAs per term give 32 outputs, where the FIR kernel needs a coefficient
-    row per output and the sub-pixel kernel a row buffer and a scatter.
+    row per output and the sub-pixel kernel a row buffer and a scatter. When A reads columns
+    ``(c + 1, c)`` and B ``(c + 2, c + 1)`` (k4 s2 p1), a term needs three loads.
 
     One job is a chunk of D positions (all D phases) of one sample and output channel; it
     copies the input planes it reads into a zero-padded block (``_fill_block``: no bounds
@@ -852,6 +853,9 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     # into gathers.
     oa0, oa1 = np.uint64(w_off[0, 0]), np.uint64(w_off[0, 1])
     ob0, ob1 = np.uint64(w_off[1, 0]), np.uint64(w_off[1, 1])
+    one, two = np.uint64(1), np.uint64(2)
+    # A reads columns (c + 1, c) and B (c + 2, c + 1): the middle column is loaded once.
+    shared_column = oa0 == oa1 + one and ob1 == oa0 and ob0 == ob1 + one
     for job in prange(n_batch * c_out * n_chunks):
         chunk, n, co, g, co_g = _channel_job(job, n_chunks, c_out, cout_g)
         b = bias[co]
@@ -903,13 +907,15 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
                         rh = order_h[i_h]
                         if qh >= count_h[rh]:
                             continue
-                        row = out[n, co, od, first_h[rh] + qh * stride_h]
+                        # The row is indexed, never sliced: a view per row costs two atomic
+                        # reference-count updates on ``out``, which both threads share (a
+                        # quarter of the time of a 256-wide row).
+                        oh = first_h[rh] + qh * stride_h
                         nt = n_terms[rh]
                         rel = np.uint64(qh * n_wp)
                         for q in range(n_pair, n_a):
                             # A's last output when the row length is odd.
-                            row[2 * q] = _paired_tail(xp, wt, t_row[rh], t_w[rh], nt, rel, q, oa0, oa1, b)
-                        seg = row[:2 * n_pair]
+                            out[n, co, od, oh, 2 * q] = _paired_tail(xp, wt, t_row, t_w, rh, nt, rel, q, oa0, oa1, b)
                         o0, o1, o2, o3 = t_row[rh, 0] + rel, t_row[rh, 1] + rel, t_row[rh, 2] + rel, t_row[rh, 3] + rel
                         k0, k1, k2, k3 = t_w[rh, 0], t_w[rh, 1], t_w[rh, 2], t_w[rh, 3]
                         wa00, wa01, wb00, wb01 = wt[k0], wt[k0 + 1], wt[k0 + 2], wt[k0 + 3]
@@ -921,26 +927,43 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
                         if nt == 1:
                             for q in range(n_pair):
                                 u = o0 + np.uint64(q)
-                                seg[2 * q] = b + (wa00 * xp[u + oa0] + wa01 * xp[u + oa1])
-                                seg[2 * q + 1] = b + (wb00 * xp[u + ob0] + wb01 * xp[u + ob1])
+                                out[n, co, od, oh, 2 * q] = b + (wa00 * xp[u + oa0] + wa01 * xp[u + oa1])
+                                out[n, co, od, oh, 2 * q + 1] = b + (wb00 * xp[u + ob0] + wb01 * xp[u + ob1])
                         elif nt == 2:
                             for q in range(n_pair):
                                 u0 = o0 + np.uint64(q)
                                 u1 = o1 + np.uint64(q)
-                                seg[2 * q] = b + ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1])
-                                                  + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
-                                seg[2 * q + 1] = b + ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1])
-                                                      + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                                out[n, co, od, oh, 2 * q] = b + ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1])
+                                                                 + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
+                                out[n, co, od, oh, 2 * q + 1] = b + ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1])
+                                                                     + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                        elif nt <= 4 and shared_column:
+                            # k4 s2 p1 and alike: three columns per term instead of four loads.
+                            for q in range(n_pair):
+                                u0 = o0 + np.uint64(q) + oa1
+                                u1 = o1 + np.uint64(q) + oa1
+                                u2 = o2 + np.uint64(q) + oa1
+                                u3 = o3 + np.uint64(q) + oa1
+                                x00, x01, x02 = xp[u0], xp[u0 + one], xp[u0 + two]
+                                x10, x11, x12 = xp[u1], xp[u1 + one], xp[u1 + two]
+                                x20, x21, x22 = xp[u2], xp[u2 + one], xp[u2 + two]
+                                x30, x31, x32 = xp[u3], xp[u3 + one], xp[u3 + two]
+                                out[n, co, od, oh, 2 * q] = b + (
+                                    ((wa00 * x01 + wa01 * x00) + (wa10 * x11 + wa11 * x10))
+                                    + ((wa20 * x21 + wa21 * x20) + (wa30 * x31 + wa31 * x30)))
+                                out[n, co, od, oh, 2 * q + 1] = b + (
+                                    ((wb00 * x02 + wb01 * x01) + (wb10 * x12 + wb11 * x11))
+                                    + ((wb20 * x22 + wb21 * x21) + (wb30 * x32 + wb31 * x31)))
                         elif nt <= 4:
                             for q in range(n_pair):
                                 u0 = o0 + np.uint64(q)
                                 u1 = o1 + np.uint64(q)
                                 u2 = o2 + np.uint64(q)
                                 u3 = o3 + np.uint64(q)
-                                seg[2 * q] = b + (
+                                out[n, co, od, oh, 2 * q] = b + (
                                     ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1]) + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
                                     + ((wa20 * xp[u2 + oa0] + wa21 * xp[u2 + oa1]) + (wa30 * xp[u3 + oa0] + wa31 * xp[u3 + oa1])))
-                                seg[2 * q + 1] = b + (
+                                out[n, co, od, oh, 2 * q + 1] = b + (
                                     ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1]) + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
                                     + ((wb20 * xp[u2 + ob0] + wb21 * xp[u2 + ob1]) + (wb30 * xp[u3 + ob0] + wb31 * xp[u3 + ob1])))
                         else:
@@ -971,16 +994,17 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
                                         acc_a[q] += va
                                         acc_b[q] += vb
                             for q in range(n_pair):
-                                seg[2 * q] = acc_a[q]
-                                seg[2 * q + 1] = acc_b[q]
+                                out[n, co, od, oh, 2 * q] = acc_a[q]
+                                out[n, co, od, oh, 2 * q + 1] = acc_b[q]
 
 
 @njit(**_JIT)
-def _paired_tail(xp, wt, t_row, t_w, n_terms, rel, q, oa0, oa1, b):
-    """Phase A's output at position ``q`` of a ``paired_rows`` row (the odd last column)."""
+def _paired_tail(xp, wt, t_row, t_w, rh, n_terms, rel, q, oa0, oa1, b):
+    """Phase A's output at position ``q`` of a ``paired_rows`` row of H phase ``rh`` (the odd
+    last column)."""
     total = b
     u = rel + np.uint64(q)
     for j in range(n_terms):
-        k = t_w[j]
-        total += wt[k] * xp[t_row[j] + u + oa0] + wt[k + 1] * xp[t_row[j] + u + oa1]
+        k = t_w[rh, j]
+        total += wt[k] * xp[t_row[rh, j] + u + oa0] + wt[k + 1] * xp[t_row[rh, j] + u + oa1]
     return total

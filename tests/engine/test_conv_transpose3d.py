@@ -159,6 +159,33 @@ def test_kernels_on_their_own_layers(kind, seed, monkeypatch):
         assert np.array_equal(out[:, :, 0], got[:, :, o])
 
 
+@pytest.mark.parametrize("padding, output_padding, width, groups", [
+    (1, 0, 7, 1), (1, 1, 7, 1), (3, 1, 9, 1), ((2, 1, 1), (1, 0, 1), 33, 2), ((1, 0, 3), 0, 40, 3)])
+def test_paired_shared_column_rows(padding, output_padding, width, groups):
+    """k4 s2 with odd W padding (A reads columns c + 1 and c, B c + 2 and c + 1) at one
+    input channel per group, where ``paired_rows`` loads each column once: odd output
+    widths (A's extra last column), several groups and samples, against the reference and
+    one plane at a time."""
+    from convt3d_cli import geometry
+    from convt3d_cli.engine import PreparedLayer
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((2, groups, 4, 5, width))
+    w = rng.standard_normal((groups, 1, 4, 4, 4))
+    b = rng.standard_normal(groups)
+    kwargs = dict(stride=2, padding=padding, output_padding=output_padding, groups=groups)
+    layer = PreparedLayer(x.shape, w, b, dtype=np.float64, **kwargs)
+    w_off = layer._paired_plan()["args"][11]
+    assert layer.path == "paired" and w_off[0, 0] == w_off[0, 1] + 1 == w_off[1, 1] == w_off[1, 0] - 1
+    expected = conv_transpose3d_ref(x, w, b, **kwargs)
+    got = conv_transpose3d(x, w, b, **kwargs, dtype="float64")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    for o in range(got.shape[2]):
+        i0, i1 = geometry.input_window(o, o + 1, x.shape[2], 0, layer.params)
+        out = np.empty(got.shape[:2] + (1,) + got.shape[3:])
+        layer.run_slab(np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)]), i0, o, o + 1, out)
+        assert np.array_equal(out[:, :, 0], got[:, :, o])
+
+
 def test_unbatched_input_and_megengine_grouped_weight(path):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((6, 3, 4, 5))         # (C, D, H, W)

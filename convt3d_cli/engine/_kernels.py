@@ -20,12 +20,13 @@ _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 
 @njit(parallel=True, **_JIT)
 def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_inputs,
-               w_kidx, stride_w, pad_w, in_start, chunk):
+               w_kidx, stride_w, pad_w, in_start, chunk, n_od, plane0):
     """Few-channel path: unit-stride FIR rows over repeat-upsampled input rows.
 
     x : (N, Cin, Dslab, H, W); w : (G, Cin/G, Cout/G, kD, kH, kW); bias : (Cout,)
-    out : (N, Cout, Dout_slab, Hout, Wout); D/H tables index the output slab rows
-    (global input indices); ``w_kidx`` comes from ``_plan.fir_taps``.
+    out : (N, Cout, Dout_slab, Hout, Wout); the ``n_od`` planes computed go to ``out``'s
+    planes ``plane0 ..`` (the D tables index them from 0, with global input indices);
+    ``w_kidx`` comes from ``_plan.fir_taps``.
 
     Along W, output ``o`` reads ``rep[o - m * s]`` for windows ``m`` where ``rep``
     is the input row repeated ``s`` times, with a per-position coefficient (zero
@@ -33,7 +34,7 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
     no strided scatter of phases. One job is a chunk of consecutive output planes
     of one channel: it builds the repeated rows of the input planes it reads once.
     """
-    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    n_batch, c_out, n_oh, n_ow = out.shape[0], out.shape[1], out.shape[3], out.shape[4]
     cin_g, cout_g, k_d, k_h = w.shape[1:5]
     n_ih = x.shape[3]
     n_iw = x.shape[4]
@@ -122,7 +123,7 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
                     t_coef[nt] = zero_row
                     t_start[nt] = 0
                     nt += 1
-                out_row = out[n, co, od, oh]
+                out_row = out[n, co, plane0 + od, oh]
                 for j in range(0, nt, 4):
                     c0 = coef[t_coef[j]]
                     c1 = coef[t_coef[j + 1]]
@@ -274,10 +275,11 @@ def _fill_block(x, xp, n, g, cin_g, d0, n_dp, h0, n_hp, w0, n_wp, in_start, n_id
 @njit(parallel=True, **_JIT)
 def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first_h, count_h, first_w, count_w,
                    stride_d, stride_h, stride_w, d_chunk, h_tile, rows_per_block, shift_d_min, n_dp,
-                   shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start):
+                   shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, n_od, plane0):
     """Many-channel path: register-blocked gather, one output phase at a time.
 
-    x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout)
+    x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout): output planes
+        ``out_start .. out_start + n_od - 1`` (global) go to its planes ``plane0 ..``
     w_packed : (G, n_cob, Pd, Ph, Pw, T * CHANNEL_BLOCK) weights of each phase's terms
         (ci, jd, jh, jw) for blocks of output channels (zero past Cout/G);
     terms : (Pd, Ph, Pw, T + 1) offset of each term's input row segment in the job's padded
@@ -295,7 +297,7 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
     then for every block of CHANNEL_BLOCK channels x POSITION_BLOCK outputs accumulates all
     terms in registers and writes each output once.
     """
-    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    n_batch, c_out = out.shape[:2]
     groups = w_packed.shape[0]
     n_cob = w_packed.shape[1]
     cout_g = c_out // groups
@@ -348,7 +350,7 @@ def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first
                                         break
                                     oh = first_h[rh] + qh_r * stride_h
                                     _store_rows(out, blocks, n, g * cout_g + cob * CHANNEL_BLOCK,
-                                                n_co, od - out_start, oh, r * row_len, qw0, row_len, first_w,
+                                                n_co, plane0 + od - out_start, oh, r * row_len, qw0, row_len, first_w,
                                                 count_w, stride_w)
 
 
@@ -396,7 +398,7 @@ def _stack_block_wide(typingctx, dtype):
 @njit(parallel=True, **_JIT)
 def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_chunk, h_tile, shift_d_min,
                      n_dp, shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, v_lo, v_hi,
-                     shuffle, sub_d, sub_h, sub_w):
+                     shuffle, sub_d, sub_h, sub_w, n_od, plane0):
     """Few-channel path: the layer's phases as channels of one stride-1 convolution.
 
     With ``_plan.subpixel_phases`` every output phase of every output channel becomes a
@@ -405,7 +407,8 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
     then fills a whole register block (8 phases for stride 2), where the plain kernel would
     use one lane in eight.
 
-    x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout)
+    x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout), planes as for
+        ``blocked_phases`` (``out_start``, ``n_od``, ``plane0``)
     w_packed : (G, n_cob, 1, 1, 1, T * CHANNEL_BLOCK); terms : (1, 1, 1, T + 1), as for
         ``blocked_phases`` with one phase;
     n_vd, n_vh, n_vw : positions along each axis; ``v_lo, v_hi`` the D positions with
@@ -416,7 +419,7 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
     block after block in a row buffer and scattered once the row is done
     (``_store_subpixel_row``): whole rows, in ascending order, keep the stores streaming.
     """
-    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    n_batch, c_out = out.shape[:2]
     groups = w_packed.shape[0]
     n_cob = w_packed.shape[1]
     n_virtual = shuffle.shape[0]
@@ -445,12 +448,12 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
                         for i in range(_ACC_WIDE):
                             blk[i] = acc[i]
                     _store_subpixel_row(out, row_buf, n_vw, n, g * (c_out // groups), cob * CHANNEL_BLOCK, n_c,
-                                        vd, vh, shuffle, sub_d, sub_h, sub_w, out_start)
+                                        vd, vh, shuffle, sub_d, sub_h, sub_w, out_start, n_od, plane0)
 
 
 @njit(**_JIT)
 def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle, sub_d, sub_h, sub_w,
-                        out_start):
+                        out_start, n_od, plane0):
     """Scatter one row of a sub-pixel layer's blocks to the output.
 
     ``row_buf`` holds the row's blocks one after another: channel ``cb`` at position ``v``
@@ -461,7 +464,6 @@ def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle
     With stride 2 along W, the two W phases of a row (adjacent channels) usually fill one
     contiguous run: it is stored interleaved, a block at a time.
     """
-    n_od = out.shape[2]
     stride_d, stride_h, stride_w = sub_d.shape[1], sub_h.shape[1], sub_w.shape[1]
     pb = WIDE_POSITION_BLOCK
     cb = 0
@@ -478,7 +480,7 @@ def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle
         if qd < 0 or qd >= sub_d[1, rd] or qh < 0 or qh >= sub_h[1, rh] or od < 0 or od >= n_od:
             cb += n_done
             continue
-        row = out[n, co_base + shuffle[c, 0], od, sub_h[0, rh] + qh * stride_h]
+        row = out[n, co_base + shuffle[c, 0], plane0 + od, sub_h[0, rh] + qh * stride_h]
         # Valid positions of this channel's phase: 0 <= v + offset < count.
         lo = min(n_vw, max(0, -sub_w[2, rw]))
         hi = max(lo, min(n_vw, sub_w[1, rw] - sub_w[2, rw]))
@@ -531,10 +533,11 @@ def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle
 
 @njit(parallel=True, **_JIT)
 def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, n_ranges, copy_x, in_start,
-                 n_id, out_start):
+                 n_id, out_start, n_od, plane0):
     """Layers whose kernel equals their stride (no padding, no dilation): a GEMM and a pixel shuffle.
 
-    x : (N, Cin, Dslab, H, W); bias : (Cout,); out : (N, Cout, Dout_slab, Hout, Wout)
+    x : (N, Cin, Dslab, H, W); bias : (Cout,); out : (N, Cout, Dout_slab, Hout, Wout), planes
+        as for ``blocked_phases`` (``out_start``, ``n_od``, ``plane0``)
     w : (G, Cin/G, V) the weights as they come, ``V = Cout/G * P`` virtual channels with
         ``P = stride_d * stride_h * stride_w``: ``v = co * P + (kd * stride_h + kh) * stride_w + kw``;
     seg_len : flat input positions stored at once: one input row when rows are at least
@@ -554,7 +557,7 @@ def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, 
     other blocked kernels pack the whole layer's weights first (2.6 MB next to a 4 MB
     output for 320->256 at 8^3). Outputs no input reaches (output_padding) are the bias.
     """
-    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    n_batch, c_out, n_oh, n_ow = out.shape[0], out.shape[1], out.shape[3], out.shape[4]
     groups, cin_g, n_virtual = w.shape
     cout_g = c_out // groups
     n_slab, n_ih, n_iw = x.shape[2], x.shape[3], x.shape[4]
@@ -649,14 +652,14 @@ def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, 
                     for i in range(_ACC_WIDE):
                         blk[i] = acc[i]
                 _store_shuffled(out, seg_buf, n, g * cout_g, v0, n_v, seg, n_pos, plane_len, n_iw, n_phase,
-                                stride_d, stride_h, stride_w, in_start, out_start)
+                                stride_d, stride_h, stride_w, in_start, out_start, n_od, plane0)
     # Outputs past the last input's taps (output_padding): the bias.
     full_d, full_h, full_w = n_id * stride_d, n_ih * stride_h, n_iw * stride_w
     if full_h < n_oh or full_w < n_ow or out_start + n_od > full_d:
         for job in prange(n_batch * c_out * n_od):
             od = job % n_od
             co = (job // n_od) % c_out
-            plane = out[job // (n_od * c_out), co, od]
+            plane = out[job // (n_od * c_out), co, plane0 + od]
             value = bias[co]
             if out_start + od >= full_d:
                 plane[:, :] = value
@@ -667,7 +670,7 @@ def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, 
 
 @njit(**_JIT)
 def _store_shuffled(out, seg_buf, n, co_base, v0, n_v, p, n_pos, plane_len, n_iw, n_phase, stride_d, stride_h,
-                    stride_w, in_start, out_start):
+                    stride_w, in_start, out_start, n_od, plane0):
     """Pixel-shuffle one ``shuffle_gemm`` segment to the output, run by run.
 
     The segment holds virtual channels ``v0 ..`` at flat slab positions ``p .. p + n_pos``
@@ -675,7 +678,6 @@ def _store_shuffled(out, seg_buf, n, co_base, v0, n_v, p, n_pos, plane_len, n_iw
     (``PB = WIDE_POSITION_BLOCK``). A run is the part of one input row inside one block.
     """
     pb = WIDE_POSITION_BLOCK
-    n_od = out.shape[2]
     t = 0
     while t < n_pos:
         pos = p + t
@@ -695,7 +697,7 @@ def _store_shuffled(out, seg_buf, n, co_base, v0, n_v, p, n_pos, plane_len, n_iw
             od = (in_start + dl) * stride_d + kd - out_start
             paired = stride_w == 2 and kw == 0 and cb + 1 < n_v
             if 0 <= od < n_od:
-                row = out[n, co_base + co, od, ih * stride_h + kh]
+                row = out[n, co_base + co, plane0 + od, ih * stride_h + kh]
                 u0 = 0
                 while u0 < run:
                     tt = t + u0
@@ -813,11 +815,12 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
 @njit(parallel=True, **_JIT)
 def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, first_h, count_h, taps_h, kern_h,
                 shift_h, w_kern, w_off, n_pair, n_a, d_chunk, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start,
-                n_id, out_start):
+                n_id, out_start, n_od, plane0):
     """Few-channel path for W stride 2: both W phases of an output row in one pass.
 
     x : (N, Cin, Dslab, H, W); w : (G, Cin/G, Cout/G, kD, kH, kW); bias : (Cout,)
-    out : (N, Cout, Dout_slab, Hout, Wout)
+    out : (N, Cout, Dout_slab, Hout, Wout), planes as for ``blocked_phases`` (``out_start``,
+        ``n_od``, ``plane0``)
     first_*, count_*, taps_*, kern_*, shift_* : D and H phases (``_plan.paired_plan``): first
         output, output count, tap count, kernel index and input shift of each tap.
     w_kern, w_off : (2, 2) kernel index (-1: none) and padded-row column offset of the two
@@ -837,7 +840,7 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     every row. Rows are written in ascending order (phases sorted by first output):
     descending steps make the stores about three times slower.
     """
-    n_batch, c_out, n_od, n_oh, n_ow = out.shape
+    n_batch, c_out = out.shape[:2]
     cin_g, cout_g, k_d, k_h = w.shape[1:5]
     stride_d = first_d.shape[0]
     stride_h = first_h.shape[0]
@@ -885,6 +888,7 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
                 od = first_d[rd] + qd * stride_d - out_start
                 if qd >= count_d[rd] or od < 0 or od >= n_od:
                     continue
+                od += plane0
                 for rh in range(stride_h):
                     # Terms of this (D phase, H phase): offsets of their rows at qh = 0.
                     nt = 0

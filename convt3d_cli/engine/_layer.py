@@ -236,9 +236,8 @@ class PreparedLayer:
         n_batch = x_slab.shape[0]
         for o0, o1 in _plane_steps(out_start, out_stop, n_batch, progress):
             d_table = _plan.gather_table(o0, o1, self.input_shape[2], k[0], s[0], p[0], d[0])
-            kern.direct_fir(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start],
-                            *d_table, *static["h_table"], static["w_fir"], s[2], p[2], in_start,
-                            self._direct_chunk(o1 - o0, n_batch))
+            kern.direct_fir(x_slab, self.weight, self.bias, out, *d_table, *static["h_table"], static["w_fir"],
+                            s[2], p[2], in_start, self._direct_chunk(o1 - o0, n_batch), o1 - o0, o0 - out_start)
 
     def scratch_bytes(self):
         """Upper bound of the memory one ``run_slab`` call allocates besides its output.
@@ -317,10 +316,9 @@ class PreparedLayer:
         counts = [int(c[0]) for c in plan["tables"][1::2]]
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
             v_lo, v_hi = _plan.q_range(sub_d[0], sub_d[1], self.params.stride[0], sub_d[2], o0, o1)
-            kern.subpixel_blocked(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
-                                  out[:, :, o0 - out_start:o1 - out_start], *counts,
+            kern.subpixel_blocked(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"], out, *counts,
                                   *plan["blocking"][:2], *plan["blocking"][3:], in_start, self.input_shape[2], o0,
-                                  v_lo, v_hi, plan["shuffle"], sub_d, sub_h, sub_w)
+                                  v_lo, v_hi, plan["shuffle"], sub_d, sub_h, sub_w, o1 - o0, o0 - out_start)
 
     def _paired_plan(self):
         if "paired" not in self._plans:
@@ -334,17 +332,17 @@ class PreparedLayer:
         kern = _kernels()
         args = self._paired_plan()["args"]
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
-            kern.paired_rows(x_slab, self.weight, self.bias, out[:, :, o0 - out_start:o1 - out_start], *args,
-                             in_start, self.input_shape[2], o0)
+            kern.paired_rows(x_slab, self.weight, self.bias, out, *args, in_start, self.input_shape[2], o0,
+                             o1 - o0, o0 - out_start)
 
     def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
         plan = self._blocked_plan()
         s = self.params.stride
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
-            kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"],
-                                out[:, :, o0 - out_start:o1 - out_start], *plan["tables"], s[0], s[1], s[2],
-                                *plan["blocking"], in_start, self.input_shape[2], o0)
+            kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"], out, *plan["tables"],
+                                s[0], s[1], s[2], *plan["blocking"], in_start, self.input_shape[2], o0, o1 - o0,
+                                o0 - out_start)
 
     def _shuffle_blocking(self, n_slab, in_start, out_start, out_stop):
         """``_plan.shuffle_blocking`` for the input planes that output planes ``[out_start,
@@ -364,9 +362,9 @@ class PreparedLayer:
         s = self.params.stride
         weight = self.weight.reshape(self.groups, self.cin_g, -1)  # (G, Cin_g, Cout_g * P): a view
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
-            kern.shuffle_gemm(x_slab, weight, self.bias, out[:, :, o0 - out_start:o1 - out_start], s[0], s[1], s[2],
+            kern.shuffle_gemm(x_slab, weight, self.bias, out, s[0], s[1], s[2],
                               *self._shuffle_blocking(x_slab.shape[2], in_start, o0, o1), in_start,
-                              self.input_shape[2], o0)
+                              self.input_shape[2], o0, o1 - o0, o0 - out_start)
 
     def _shuffle_job_bytes(self):
         """What one ``shuffle_gemm`` job allocates: a copy of its inputs when it makes one, a
@@ -417,7 +415,9 @@ def _plane_steps(out_start, out_stop, n_batch, progress):
     """Output-plane ranges for the kernel calls of one slab, reporting progress after each.
 
     Without progress it is one call; with it, about 50 (each still spreads its planes over
-    all threads).
+    all threads). Every call gets the whole ``out`` and its plane range: a range of planes of
+    a multi-channel ``out`` is not contiguous, and Numba would compile and run a strided
+    variant of the kernel for it (twice as slow).
     """
     n_planes = out_stop - out_start
     step = -(-n_planes // 50) if progress else n_planes

@@ -367,6 +367,26 @@ def test_out_buffer_and_progress():
         conv_transpose3d(x, w, stride=2, out=np.empty((2, 1, 8, 8, 8), dtype=np.float64))
 
 
+def test_progress_steps_match_one_call_without_strided_kernels(path):
+    """With progress the kernels run about 50 plane ranges of a multi-channel output. They
+    get the whole output and the range, so the result is bitwise that of one call and no
+    kernel is ever compiled for a strided (non C-contiguous) array, which runs twice as slow."""
+    from convt3d_cli.engine import _numba_env
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 9, 5, 6))
+    w = rng.standard_normal((3, 2, 2, 2, 2))  # k2 s2: every kernel can run it
+    b = rng.standard_normal(2)
+    calls = []
+    stepped = conv_transpose3d(x, w, b, stride=2, progress=lambda done, total: calls.append(done))
+    assert len(calls) > 2
+    np.testing.assert_array_equal(stepped, conv_transpose3d(x, w, b, stride=2))
+    np.testing.assert_allclose(stepped, conv_transpose3d_ref(x, w, b, stride=2), atol=1e-12)
+    kern = _numba_env.kernels()
+    for name in ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm"):
+        for signature in getattr(kern, name).signatures:
+            assert all(getattr(t, "layout", "C") == "C" for t in signature), (name, signature)
+
+
 def test_threads_option_gives_identical_results():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 8, 6, 6, 6)).astype(np.float32)

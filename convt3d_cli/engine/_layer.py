@@ -153,7 +153,7 @@ class PreparedLayer:
         canonical = geometry.canonical_weight_shape(weight.shape, self.input_shape[1], int(groups))
         self.params = geometry.LayerParams.create(canonical[3:], stride, padding, output_padding,
                                                   dilation, groups)
-        self.weight = np.ascontiguousarray(weight.reshape(canonical), dtype=self.dtype)
+        self.weight = _writeable(np.ascontiguousarray(weight.reshape(canonical), dtype=self.dtype))
         self.groups, self.cin_g, self.cout_g = canonical[:3]
         self.out_channels = self.groups * self.cout_g
         self.out_spatial = geometry.output_spatial(self.input_shape[2:], self.params)
@@ -164,7 +164,7 @@ class PreparedLayer:
             if bias.dtype.kind not in "biuf":
                 raise ShapeError(f"bias must be numeric, got dtype {bias.dtype}")
             geometry.check_bias_shape(bias.shape, self.out_channels)
-            self.bias = np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype)
+            self.bias = _writeable(np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype))
         self._axis_phases = None
         self.path = choose_path(self.cin_g, self.cout_g, self._phases())
         # (Only when a caller forces a path that cannot run the layer.)
@@ -426,6 +426,13 @@ def _plane_steps(out_start, out_stop, n_batch, progress):
         yield o0, o1
         if progress:
             progress(n_batch * (o1 - o0))
+
+
+def _writeable(array):
+    """``array``, or a copy of it when it is read-only: Numba types read-only arrays apart,
+    so a read-only weight or bias (a broadcast view, a memory map) would compile every
+    kernel a second time. Weights are small; inputs are not copied."""
+    return array if array.flags.writeable else array.copy()
 
 
 def _all_finite(x):

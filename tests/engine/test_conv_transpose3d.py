@@ -371,7 +371,6 @@ def test_progress_steps_match_one_call_without_strided_kernels(path):
     """With progress the kernels run about 50 plane ranges of a multi-channel output. They
     get the whole output and the range, so the result is bitwise that of one call and no
     kernel is ever compiled for a strided (non C-contiguous) array, which runs twice as slow."""
-    from convt3d_cli.engine import _numba_env
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 3, 9, 5, 6))
     w = rng.standard_normal((3, 2, 2, 2, 2))  # k2 s2: every kernel can run it
@@ -381,10 +380,37 @@ def test_progress_steps_match_one_call_without_strided_kernels(path):
     assert len(calls) > 2
     np.testing.assert_array_equal(stepped, conv_transpose3d(x, w, b, stride=2))
     np.testing.assert_allclose(stepped, conv_transpose3d_ref(x, w, b, stride=2), atol=1e-12)
+    assert_one_kernel_variant_per_dtype()
+
+
+def assert_one_kernel_variant_per_dtype():
+    """No kernel compiled so far in this process took a strided or a read-only array (Numba
+    compiles each such variant separately)."""
+    from numba import types
+
+    from convt3d_cli.engine import _numba_env
     kern = _numba_env.kernels()
     for name in ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm"):
         for signature in getattr(kern, name).signatures:
-            assert all(getattr(t, "layout", "C") == "C" for t in signature), (name, signature)
+            arrays = [t for t in signature if isinstance(t, types.Array)]
+            assert all(t.layout == "C" and t.mutable for t in arrays), (name, signature)
+
+
+def test_read_only_weights_and_builtins_share_the_kernels():
+    from convt3d_cli.builtin import builtin_weight
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((1, 1, 4, 5, 6))
+    w = rng.standard_normal((1, 1, 4, 4, 4))
+    b = rng.standard_normal(1)
+    w_ro, b_ro = w.copy(), b.copy()
+    w_ro.flags.writeable = False
+    b_ro.flags.writeable = False
+    np.testing.assert_array_equal(conv_transpose3d(x, w_ro, b_ro, stride=2, padding=1),
+                                  conv_transpose3d(x, w, b, stride=2, padding=1))
+    linear = builtin_weight("linear", 2, 1, np.float64)
+    assert linear.flags.writeable
+    conv_transpose3d(x, linear, stride=2, padding=1)
+    assert_one_kernel_variant_per_dtype()
 
 
 def test_threads_option_gives_identical_results():

@@ -815,7 +815,7 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
 @njit(parallel=True, **_JIT)
 def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, first_h, count_h, taps_h, kern_h,
                 shift_h, w_kern, w_off, n_pair, n_a, d_chunk, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start,
-                n_id, out_start, n_od, plane0):
+                n_id, out_start, n_od, plane0, x_bits, exponent):
     """Few-channel path for W stride 2: both W phases of an output row in one pass.
 
     x : (N, Cin, Dslab, H, W); w : (G, Cin/G, Cout/G, kD, kH, kW); bias : (Cout,)
@@ -825,6 +825,12 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
         output, output count, tap count, kernel index and input shift of each tap.
     w_kern, w_off : (2, 2) kernel index (-1: none) and padded-row column offset of the two
         taps of W phase A (even columns, ``n_a`` outputs) and B (odd columns, ``n_pair``).
+    x_bits, exponent : ``x`` flat as unsigned integers of its width, and the exponent mask.
+
+    Returns the number of non-finite inputs the jobs read (a plane read by two jobs counts
+    twice). When it is not 0 the outputs are not valid: zero-weight terms multiply inputs,
+    and 0 * nan or 0 * inf would reach outputs that do not depend on them. The caller then
+    runs the blocked kernel; counting here saves a separate pass over the input.
 
     Output ``2 q`` is A's position ``q`` and ``2 q + 1`` is B's, so with every (input
     channel, D tap, H tap) as a term, position ``q`` of a row is a sum over terms of
@@ -845,8 +851,9 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     stride_d = first_d.shape[0]
     stride_h = first_h.shape[0]
     q_lo, q_hi = _slab_positions(first_d, count_d, stride_d, out_start, n_od, n_id)
+    n_nonfinite = 0
     if q_hi <= q_lo:
-        return
+        return n_nonfinite
     n_chunks = (q_hi - q_lo + d_chunk - 1) // d_chunk
     order_d = np.argsort(first_d)
     order_h = np.argsort(first_h)
@@ -866,6 +873,8 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
         q1 = min(q_hi, q0 + d_chunk)
         xp = np.empty(cin_g * n_dp * n_hp * n_wp, dtype=out.dtype)
         _fill_block(x, xp, n, g, cin_g, q0 + sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start, n_id)
+        n_nonfinite += _nonfinite_planes(x_bits, exponent, x.shape, n, g * cin_g, cin_g, q0 + sd_lo, n_dp,
+                                         in_start, n_id)
         # Per (ci, kd, kh): A's two tap weights, then B's (zero for a missing tap); one zero
         # entry at the end for padding terms.
         zero_w = cin_g * k_d * k_h * 4
@@ -999,6 +1008,25 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
                             for q in range(n_pair):
                                 out[n, co, od, oh, 2 * q] = acc_a[q]
                                 out[n, co, od, oh, 2 * q + 1] = acc_b[q]
+
+    return n_nonfinite
+
+@njit(**_JIT)
+def _nonfinite_planes(x_bits, exponent, x_shape, n, c0, n_c, d0, n_dp, in_start, n_id):
+    """How many values of channels ``c0 ..`` (``n_c``), global planes ``d0 ..`` (``n_dp``, those
+    inside the input and the slab) of sample ``n`` are non-finite (all exponent bits set)."""
+    n_chan, n_slab = x_shape[1], x_shape[2]
+    plane_len = x_shape[3] * x_shape[4]
+    count = 0
+    for ci in range(n_c):
+        for pl in range(n_dp):
+            d_local = d0 + pl - in_start
+            if d0 + pl < 0 or d0 + pl >= n_id or d_local < 0 or d_local >= n_slab:
+                continue
+            plane = x_bits[((n * n_chan + c0 + ci) * n_slab + d_local) * plane_len:][:plane_len]
+            for i in range(plane_len):
+                count += (plane[i] & exponent) == exponent
+    return count
 
 
 @njit(**_JIT)

@@ -211,11 +211,12 @@ class PreparedLayer:
             Called with the number of output planes (N * D) finished since the last call.
         """
         path = self.path
-        if path not in ("blocked", "shuffle") and not _all_finite(x_slab):
+        if path in ("fir", "subpixel") and not _all_finite(x_slab):
             # The FIR, sub-pixel and paired kernels multiply some inputs by zeros (a window
             # position, a phase or a padding term without a tap there); 0 * inf and 0 * nan
             # would spread to outputs that do not depend on that input. The blocked and
-            # shuffle kernels multiply real taps only.
+            # shuffle kernels multiply real taps only. The paired kernel counts non-finite
+            # inputs as it copies them and hands its planes over itself.
             path = "blocked"
         if path == "shuffle":
             self._run_shuffle(x_slab, in_start, out_start, out_stop, out, progress)
@@ -331,15 +332,21 @@ class PreparedLayer:
     def _run_paired(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
         args = self._paired_plan()["args"]
+        bits, exponent = _bits(x_slab)
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
-            kern.paired_rows(x_slab, self.weight, self.bias, out, *args, in_start, self.input_shape[2], o0,
-                             o1 - o0, o0 - out_start)
+            if kern.paired_rows(x_slab, self.weight, self.bias, out, *args, in_start, self.input_shape[2], o0,
+                                o1 - o0, o0 - out_start, bits, exponent):
+                # Non-finite inputs: these planes again with real taps only (see run_slab).
+                self._run_blocked(x_slab, in_start, out_start, out_stop, out, None, (o0, o1))
 
-    def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress):
+    def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress, planes=None):
+        """The blocked kernel on output planes ``planes`` (global ``(o0, o1)``, default the
+        whole slab ``[out_start, out_stop)`` in progress steps)."""
         kern = _kernels()
         plan = self._blocked_plan()
         s = self.params.stride
-        for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
+        steps = [planes] if planes else _plane_steps(out_start, out_stop, x_slab.shape[0], progress)
+        for o0, o1 in steps:
             kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"], out, *plan["tables"],
                                 s[0], s[1], s[2], *plan["blocking"], in_start, self.input_shape[2], o0, o1 - o0,
                                 o0 - out_start)
@@ -435,13 +442,17 @@ def _writeable(array):
     return array if array.flags.writeable else array.copy()
 
 
+def _bits(x):
+    """``x`` (float32 or float64, C-contiguous) flat as unsigned integers of its width, and
+    the exponent mask: a value is non-finite when all its exponent bits are set."""
+    if x.dtype == np.float64:
+        return x.reshape(-1).view(np.uint64), np.uint64(0x7FF0000000000000)
+    return x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)
+
+
 def _all_finite(x):
     """Whether every value of ``x`` (float32 or float64, C-contiguous) is finite."""
-    if x.dtype == np.float64:
-        bits, exponent = x.reshape(-1).view(np.uint64), np.uint64(0x7FF0000000000000)
-    else:
-        bits, exponent = x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)
-    return _kernels().count_nonfinite(bits, exponent) == 0
+    return _kernels().count_nonfinite(*_bits(x)) == 0
 
 
 def _is_int_like(value):

@@ -413,6 +413,34 @@ def test_read_only_weights_and_builtins_share_the_kernels():
     assert_one_kernel_variant_per_dtype()
 
 
+@pytest.mark.parametrize("progress", [False, True])
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_paired_rows_hand_non_finite_planes_to_the_blocked_kernel(kernel, progress):
+    """The paired kernel counts non-finite inputs while copying them; the planes (or
+    progress steps) that read one are computed again by the blocked kernel, so a NaN or
+    inf reaches only the outputs that read it, as with finite input elsewhere."""
+    from convt3d_cli.engine import PreparedLayer
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 2, 9, 5, 7))
+    x[0, 1, 6, 2, 3] = np.nan
+    x[1, 0, 1, 4, 0] = np.inf
+    w = rng.standard_normal((2, 1, kernel, kernel, kernel))  # k3: zero-weight terms
+    kwargs = dict(stride=2, padding=1, groups=2)
+    assert PreparedLayer(x.shape, w, **kwargs).path == "paired"
+    with np.errstate(invalid="ignore"):
+        expected = conv_transpose3d_ref(x, w, **kwargs)
+    got = conv_transpose3d(x, w, **kwargs, progress=(lambda done, total: None) if progress else None)
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(test(got), test(expected))
+    finite = np.isfinite(expected)
+    assert finite.sum() > 0.9 * finite.size
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-12 * np.abs(expected[finite]).max())
+    clean = x.copy()
+    clean[~np.isfinite(clean)] = 0
+    np.testing.assert_allclose(conv_transpose3d(clean, w, **kwargs), conv_transpose3d_ref(clean, w, **kwargs),
+                               rtol=0, atol=1e-12 * np.abs(expected[finite]).max())
+
+
 def test_threads_option_gives_identical_results():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 8, 6, 6, 6)).astype(np.float32)

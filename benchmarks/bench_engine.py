@@ -7,9 +7,9 @@ Usage::
 Per case it prints the engine's median time, PyTorch's (when installed) with
 the same thread count, the speed-up, GFLOP/s and its share of this machine's
 sgemm rate (NumPy's BLAS, measured here), the output floor (allocating and
-writing the output once with all threads; timed in the same loop, each of the
-engine's and the floor's calls right after a PyTorch call, median like them) and
-the engine's peak extra memory
+writing the output once with all threads; median like the others), *x floor*
+(the median over repeats of engine / floor, the two timed back to back after
+the same PyTorch call, in alternating order) and the engine's peak extra memory
 as a multiple of the output size (tracemalloc sees NumPy's allocations).
 Nothing here is a pass/fail test: timings on shared machines are noisy.
 """
@@ -135,7 +135,7 @@ def main():
             with torch.no_grad():
                 for _ in range(2):
                     torch.nn.functional.conv_transpose3d(tx, tw, tb, **kwargs)
-        eng_times, torch_times, floor_times = [], [], []
+        eng_times, torch_times, floor_times, floor_ratios = [], [], [], []
 
         def run_torch():
             if torch is not None:
@@ -144,16 +144,25 @@ def main():
                     torch.nn.functional.conv_transpose3d(tx, tw, tb, **kwargs)
                     torch_times.append(time.perf_counter() - t)
 
-        for _ in range(args.repeat):
-            # The engine and the floor each right after a PyTorch call, so both meet the same
-            # cache and allocator state (PyTorch frees large buffers, and fresh pages cost).
-            run_torch()
+        def run_engine():
             t = time.perf_counter()
             y = conv_transpose3d(x, w, b, **kwargs)
             eng_times.append(time.perf_counter() - t)
             del y
-            run_torch()
+
+        def run_floor():
             floor_times.append(floor(out_bytes // np.dtype(dtype).itemsize, dtype))
+
+        for i in range(args.repeat):
+            # The engine and the floor back to back after one PyTorch call, so both meet the
+            # same cache and allocator state. That state drifts: the 64 MB floor read 4 to
+            # 16 ms in different runs (likely whether fresh pages come as huge pages; with
+            # NumPy's huge-page advice off it takes 20 ms). A pair meets the same state; the
+            # order alternates.
+            run_torch()
+            for step in ((run_engine, run_floor) if i % 2 == 0 else (run_floor, run_engine)):
+                step()
+            floor_ratios.append(eng_times[-1] / floor_times[-1])
 
         eng = float(np.median(eng_times))
         flops = 2.0 * n * cin * (cout // g) * np.prod(k3) * np.prod(spatial)
@@ -166,7 +175,8 @@ def main():
         else:
             line += f"{'-':>10s} {'-':>8s} "
         floor_t = float(np.median(floor_times))
-        line += (f"{gflops:8.1f} {100 * gflops / gemm_rate:6.1f}% {floor_t * 1e3:9.1f} {eng / floor_t:6.1f}x "
+        line += (f"{gflops:8.1f} {100 * gflops / gemm_rate:6.1f}% {floor_t * 1e3:9.1f} "
+                 f"{float(np.median(floor_ratios)):6.1f}x "
                  f"{peak / out_bytes:7.2f}x")
         print(line, flush=True)
     if ratios:

@@ -176,7 +176,7 @@ def main():
             line += f"{'-':>10s} {'-':>8s} "
         floor_t = float(np.median(floor_times))
         line += (f"{gflops:8.1f} {100 * gflops / gemm_rate:6.1f}% {floor_t * 1e3:9.1f} "
-                 f"{float(np.median(floor_ratios)):6.1f}x "
+                 f"{float(np.median(floor_ratios)):6.2f}x "
                  f"{peak / out_bytes:7.2f}x")
         print(line, flush=True)
     if ratios:

@@ -95,8 +95,7 @@ def builtin_weight(name, stride, channels=1, dtype="float32"):
     s = as_triple(stride, "stride")
     taps = [_taps(name, kv, sv) for kv, sv in zip(k, s)]
     kernel = np.einsum("i,j,k->ijk", *taps).astype(dtype)
-    # A real (writeable) copy: a broadcast view is read-only, and a read-only weight would
-    # make Numba compile every kernel a second time.
+    # A real (writeable) array, as from a weights file: a broadcast view is read-only.
     return np.array(np.broadcast_to(kernel, (channels, 1) + kernel.shape), order="C")
 
 

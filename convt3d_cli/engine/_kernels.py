@@ -827,8 +827,8 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
         taps of W phase A (even columns, ``n_a`` outputs) and B (odd columns, ``n_pair``).
     x_bits, exponent : ``x`` flat as unsigned integers of its width, and the exponent mask.
 
-    Returns the number of non-finite inputs the jobs read (a plane read by two jobs counts
-    twice). When it is not 0 the outputs are not valid: zero-weight terms multiply inputs,
+    Returns the number of non-finite inputs the jobs read (checked by each group's first
+    output channel; a plane two chunks read counts twice). When it is not 0 the outputs are not valid: zero-weight terms multiply inputs,
     and 0 * nan or 0 * inf would reach outputs that do not depend on them. The caller then
     runs the blocked kernel; counting here saves a separate pass over the input.
 
@@ -873,8 +873,10 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
         q1 = min(q_hi, q0 + d_chunk)
         xp = np.empty(cin_g * n_dp * n_hp * n_wp, dtype=out.dtype)
         _fill_block(x, xp, n, g, cin_g, q0 + sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start, n_id)
-        n_nonfinite += _nonfinite_planes(x_bits, exponent, x.shape, n, g * cin_g, cin_g, q0 + sd_lo, n_dp,
-                                         in_start, n_id)
+        if co_g == 0:
+            # The group's other output channels read the same planes: checked once.
+            n_nonfinite += _nonfinite_planes(x_bits, exponent, x.shape, n, g * cin_g, cin_g, q0 + sd_lo, n_dp,
+                                             in_start, n_id)
         # Per (ci, kd, kh): A's two tap weights, then B's (zero for a missing tap); one zero
         # entry at the end for padding terms.
         zero_w = cin_g * k_d * k_h * 4
@@ -1010,6 +1012,7 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
                                 out[n, co, od, oh, 2 * q + 1] = acc_b[q]
 
     return n_nonfinite
+
 
 @njit(**_JIT)
 def _nonfinite_planes(x_bits, exponent, x_shape, n, c0, n_c, d0, n_dp, in_start, n_id):

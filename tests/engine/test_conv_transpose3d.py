@@ -130,6 +130,17 @@ def test_adjoint_of_conv3d(seed, path):
     assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
 
 
+def assert_planes_bitwise_equal(layer, x, got):
+    """Each output plane of ``got`` computed alone (a tightly budgeted stream: one plane and
+    its input window) is bitwise equal to the whole-volume result."""
+    from convt3d_cli import geometry
+    for o in range(got.shape[2]):
+        i0, i1 = geometry.input_window(o, o + 1, x.shape[2], 0, layer.params)
+        out = np.empty(got.shape[:2] + (1,) + got.shape[3:])
+        layer.run_slab(np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)]), i0, o, o + 1, out)
+        assert np.array_equal(out[:, :, 0], got[:, :, o])
+
+
 @pytest.mark.parametrize("kind, seed", [("paired", seed) for seed in range(3000, 3060)]
                          + [("shuffle", seed) for seed in range(3100, 3160)])
 def test_kernels_on_their_own_layers(kind, seed, monkeypatch):
@@ -137,7 +148,6 @@ def test_kernels_on_their_own_layers(kind, seed, monkeypatch):
     random kernel == stride layers (the fixture's random layers seldom fit them): against
     the reference, and one output plane at a time (a tightly budgeted stream) bitwise
     equal to the whole volume."""
-    from convt3d_cli import geometry
     from convt3d_cli.engine import PreparedLayer
     monkeypatch.setattr(_layer, "choose_path", lambda *args: kind)
     rng = np.random.default_rng(seed)
@@ -152,11 +162,7 @@ def test_kernels_on_their_own_layers(kind, seed, monkeypatch):
     expected = conv_transpose3d_ref(x, w, b, **kwargs)
     got = conv_transpose3d(x, w, b, **kwargs, dtype="float64")
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * max(1.0, np.abs(expected).max()))
-    for o in range(got.shape[2]):
-        i0, i1 = geometry.input_window(o, o + 1, x.shape[2], 0, layer.params)
-        out = np.empty(got.shape[:2] + (1,) + got.shape[3:])
-        layer.run_slab(np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)]), i0, o, o + 1, out)
-        assert np.array_equal(out[:, :, 0], got[:, :, o])
+    assert_planes_bitwise_equal(layer, x, got)
 
 
 @pytest.mark.parametrize("padding, output_padding, width, groups", [
@@ -166,7 +172,6 @@ def test_paired_shared_column_rows(padding, output_padding, width, groups):
     input channel per group, where ``paired_rows`` loads each column once: odd output
     widths (A's extra last column), several groups and samples, against the reference and
     one plane at a time."""
-    from convt3d_cli import geometry
     from convt3d_cli.engine import PreparedLayer
     rng = np.random.default_rng(width)
     x = rng.standard_normal((2, groups, 4, 5, width))
@@ -179,11 +184,7 @@ def test_paired_shared_column_rows(padding, output_padding, width, groups):
     expected = conv_transpose3d_ref(x, w, b, **kwargs)
     got = conv_transpose3d(x, w, b, **kwargs, dtype="float64")
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
-    for o in range(got.shape[2]):
-        i0, i1 = geometry.input_window(o, o + 1, x.shape[2], 0, layer.params)
-        out = np.empty(got.shape[:2] + (1,) + got.shape[3:])
-        layer.run_slab(np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)]), i0, o, o + 1, out)
-        assert np.array_equal(out[:, :, 0], got[:, :, o])
+    assert_planes_bitwise_equal(layer, x, got)
 
 
 def test_unbatched_input_and_megengine_grouped_weight(path):

@@ -2,7 +2,7 @@
 
 Dask does the distribution (scheduling, worker failures, data locality, the
 dashboard); convt3d only submits one task per file, each calling
-:func:`convt3d_cli.batch.run_task` on a worker, and gathers the results as
+:func:`convt3d_cli.tasks.run_task` on a worker, and gathers the results as
 they complete. Workers need convt3d installed and see the files at the same
 absolute paths (a shared file system).
 
@@ -16,7 +16,11 @@ import asyncio
 import threading
 import uuid
 
-from . import batch
+from .errors import DistributedUnavailable, SchedulerError
+from .tasks import lost_result, run_task
+
+#: What to run to get the cluster support.
+INSTALL_HINT = 'pip install "convt3d[distributed]"'
 
 # One file at a time per worker process. Numba already spreads a file over the
 # process' cores; two files computing at once in one process would oversubscribe
@@ -40,15 +44,15 @@ def require():
     try:
         import distributed
     except ImportError as err:
-        raise batch.DistributedUnavailable(
-            f"--scheduler needs Dask ({err}); install it with: {batch.INSTALL_HINT}") from None
+        raise DistributedUnavailable(
+            f"--scheduler needs Dask ({err}); install it with: {INSTALL_HINT}") from None
     return distributed
 
 
 def run_on_worker(task):
     """The Dask task: process one file on a worker (never raises for a bad file)."""
     with _COMPUTE:
-        return batch.run_task(task)
+        return run_task(task)
 
 
 def _lost(task, error):
@@ -61,7 +65,7 @@ def _lost(task, error):
                   "--skip-existing to resume")
     else:
         reason = f"the Dask task failed: {name}: {error}"
-    return batch.lost_result(task, " ".join(reason.split()))
+    return lost_result(task, " ".join(reason.split()))
 
 
 def run_on_scheduler(address, tasks, on_result):
@@ -71,8 +75,8 @@ def run_on_scheduler(address, tasks, on_result):
     ----------
     address : str
         Scheduler address, e.g. ``tcp://10.0.0.5:8786``.
-    tasks : list of batch.Task
-    on_result : callable(batch.FileResult)
+    tasks : list of tasks.Task
+    on_result : callable(tasks.FileResult)
         Called in this process, in completion order.
 
     Raises
@@ -84,7 +88,7 @@ def run_on_scheduler(address, tasks, on_result):
     try:
         client = distributed.Client(address, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as err:
-        raise batch.SchedulerError(f"cannot reach the Dask scheduler at {address}: {err}") from None
+        raise SchedulerError(f"cannot reach the Dask scheduler at {address}: {err}") from None
     with client:
         token = uuid.uuid4().hex[:8]
         futures = {}

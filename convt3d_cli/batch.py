@@ -16,88 +16,26 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-from dataclasses import dataclass, field
 
-from .errors import Convt3dError, FileFormatError, OutputError, ParameterError
+from .errors import (
+    CollisionError,
+    DistributedUnavailable,
+    FileFormatError,
+    OutputError,
+    ParameterError,
+    SchedulerError,
+)
+from .tasks import FileResult, Task, lost_result, make_task, run_task
 
-#: ``--format`` choices and the suffix each one writes.
-FORMATS = {"nii": ".nii", "nii.gz": ".nii.gz", "h5": ".h5", "npz": ".npz", "npy": ".npy"}
-
-#: What to run to get the cluster support.
-INSTALL_HINT = 'pip install "convt3d[distributed]"'
+__all__ = ["run_batch", "FileResult", "Task", "make_task", "run_task", "lost_result", "CollisionError",
+           "DistributedUnavailable", "SchedulerError", "output_name", "plan_outputs", "read_list",
+           "result_line", "summary_line", "batch_exit_code"]
 
 #: ``run_file`` keyword arguments the batch sets itself (the others pass through).
 _BATCH_CONTROLLED = ("input", "output", "overwrite", "echo", "progress")
 
 
-class CollisionError(OutputError):
-    """Two inputs would be written to one output, or an output would replace an input."""
-
-
-class DistributedUnavailable(Convt3dError):
-    """``scheduler=`` was given but Dask's ``distributed`` cannot be imported.
-
-    Exit code 2: like a bad option, it is refused before any work and fixed by
-    changing the installation or the command, not the data.
-    """
-
-    exit_code = 2
-
-
-class SchedulerError(Convt3dError):
-    """The Dask scheduler cannot be reached."""
-
-
 # --------------------------------------------------------------------------- results
-
-@dataclass
-class FileResult:
-    """What happened to one input file.
-
-    Attributes
-    ----------
-    index : int
-        Position of the input in the batch (results are returned in this order).
-    input, output : str
-        The input spec as given and the output path (inside ``out_dir`` as given).
-    status : {"ok", "skipped", "failed"}
-    error : str or None
-        One-line reason of a failure.
-    report : dict or None
-        What :func:`~convt3d_cli.pipeline.run_file` returned (``"ok"`` only).
-    exit_code : int
-        0, or the exit code ``convt3d run`` would have ended with for this file.
-    traceback : str or None
-        Only for unexpected exceptions (a bug rather than a bad file).
-    """
-
-    index: int
-    input: str
-    output: str
-    status: str
-    error: str | None = None
-    report: dict | None = None
-    exit_code: int = 0
-    traceback: str | None = field(default=None, repr=False)
-
-    @property
-    def seconds(self):
-        """Time ``run_file`` took for this file (0 when it did not finish)."""
-        return float(self.report.get("seconds", 0.0)) if self.report else 0.0
-
-    def as_json(self):
-        """One ``--json`` line: the ``run`` report plus ``status`` and ``error``.
-
-        Skipped and failed files have no report; they carry ``input`` and ``output``.
-        """
-        line = {"status": self.status, "error": self.error, "input": self.input, "output": self.output}
-        if self.report:
-            line.update(self.report)
-            # The report names the paths the task ran on; show them as the user gave them.
-            line["input"], line["output"] = self.input, self.output
-        return line
-
 
 def result_line(result):
     """The one-line stderr summary of a file: ``ok a.nii -> out/a.nii (1.2 s)`` or ``FAILED a.nii: ...``."""
@@ -152,17 +90,6 @@ def read_list(stream):
     return specs
 
 
-def _split_name(name):
-    """``("sub01", ".nii.gz")``: the supported suffix counts as one (``.nii.gz``), else the extension."""
-    from .io import SUFFIXES
-
-    lower = name.lower()
-    for suffix in SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)], name[-len(suffix):]
-    return os.path.splitext(name)
-
-
 def output_name(spec, *, suffix="", format=None):
     """File name the output of ``spec`` gets inside the output folder.
 
@@ -173,18 +100,19 @@ def output_name(spec, *, suffix="", format=None):
         array, under the format's default key).
     suffix : str
         Inserted before the extension: ``sub01.nii.gz`` + ``_x2`` -> ``sub01_x2.nii.gz``.
-    format : {"nii", "nii.gz", "h5", "npz", "npy"}, optional
-        Output format; default: the input's.
+    format : str, optional
+        Output format by suffix without its dot (``nii.gz``, ``h5``, ...: the
+        keys of :func:`convt3d_cli.io.registry.output_choices`); default: the input's.
 
     Returns
     -------
     str
     """
-    from .io import split_spec
+    from .io.registry import output_choices, split_name, split_spec
 
-    stem, extension = _split_name(os.path.basename(split_spec(spec)[0]))
+    stem, extension = split_name(os.path.basename(split_spec(spec)[0]))
     if format is not None:
-        extension = FORMATS[format]
+        extension = output_choices()[format]
     return f"{stem}{suffix}{extension}"
 
 
@@ -253,7 +181,7 @@ def check_layer(*, weights=None, bias=None, kernel=None, layer_options=None, **_
     FileFormatError
         Missing or unreadable weights or bias file.
     """
-    from . import io, report
+    from . import io, layerplan
 
     layer_options = dict(layer_options or {})
     for name in ("stride", "padding", "output_padding", "dilation", "groups"):
@@ -264,103 +192,10 @@ def check_layer(*, weights=None, bias=None, kernel=None, layer_options=None, **_
         builtin_params(kernel, layer_options["stride"])
     elif weights:
         found = io.inspect_weights(weights)
-        report.plan_layer((1, 1, 1, 1, 1), layer_options, weight_shape=found.shape,
+        layerplan.plan_layer((1, 1, 1, 1, 1), layer_options, weight_shape=found.shape,
                           file_options=found.options)
     if bias and not os.path.isfile(io.split_spec(bias)[0]):
         raise FileFormatError(f"no such file: {io.split_spec(bias)[0]}")
-
-
-# --------------------------------------------------------------------------- one file
-
-@dataclass(frozen=True)
-class Task:
-    """One file to process, picklable for worker processes and Dask.
-
-    ``input``/``output`` are shown to the user; ``input_path``/``output_path``
-    are absolute, so a Dask worker whose working folder differs (another
-    machine, same shared file system) opens the same files. ``options`` are the
-    :func:`run_file` keyword arguments, with absolute weight and bias paths.
-    """
-
-    index: int
-    input: str
-    output: str
-    input_path: str
-    output_path: str
-    options: dict
-    renames: tuple = ()
-
-
-def _absolute_spec(spec):
-    """``PATH[:KEY]`` with an absolute ``PATH``; returns ``(spec, path, absolute path)``."""
-    from .io import split_spec
-
-    path, key = split_spec(spec)
-    absolute = os.path.abspath(path)
-    return (absolute if key is None else f"{absolute}:{key}"), path, absolute
-
-
-def make_task(index, spec, output, options):
-    """Build the :class:`Task` for one input (paths made absolute, renames remembered)."""
-    options = dict(options)
-    renames = []
-    input_path, path, absolute = _absolute_spec(spec)
-    renames.append((absolute, path))
-    output_path = os.path.abspath(output)
-    renames.append((output_path, output))
-    for name in ("weights", "bias"):
-        if options.get(name):
-            options[name], path, absolute = _absolute_spec(options[name])
-            renames.append((absolute, path))
-    # Longest first, so that /data/a.nii.gz is restored before a folder /data/a.
-    renames = tuple(sorted({a: p for a, p in renames if a != p}.items(), key=lambda r: -len(r[0])))
-    return Task(index, spec, output, input_path, output_path, options, renames)
-
-
-def _restore(text, renames):
-    """Put the user's spelling of the paths back into a message or report value."""
-    if not isinstance(text, str):
-        return text
-    for absolute, given in renames:
-        text = text.replace(absolute, given)
-    return text
-
-
-def run_task(task):
-    """Process one file; every error becomes a ``"failed"`` result.
-
-    This runs in the worker (a local process or a Dask worker), so it returns
-    a plain picklable :class:`FileResult` and never raises except for
-    interruptions (KeyboardInterrupt, SystemExit from SIGTERM): those must
-    stop the worker, and the atomic writer has removed its temporary file.
-    """
-    from . import pipeline
-
-    failure = None
-    try:
-        report = pipeline.run_file(task.input_path, task.output_path, **task.options)
-    except Convt3dError as err:
-        failure = (str(err), err.exit_code, None)
-    except MemoryError:
-        failure = ("out of memory; use --max-memory, fewer --jobs or a bigger machine", 1, None)
-    except OSError as err:
-        reason = err.strerror or str(err) or type(err).__name__
-        failure = (f"{err.filename}: {reason}" if err.filename else reason, 1, None)
-    except Exception as err:  # a bug, not a bad file: still let the other files run
-        failure = (f"unexpected {type(err).__name__}: {err}", 1, traceback.format_exc())
-    if failure is not None:
-        message, code, trace = failure
-        return FileResult(task.index, task.input, task.output, "failed",
-                          error=" ".join(_restore(message, task.renames).split()),
-                          exit_code=code, traceback=trace)
-    for name in ("input", "output", "weights", "bias"):
-        report[name] = _restore(report.get(name), task.renames)
-    return FileResult(task.index, task.input, task.output, "ok", report=report)
-
-
-def lost_result(task, reason):
-    """A ``"failed"`` result for a file whose worker died or could not run it."""
-    return FileResult(task.index, task.input, task.output, "failed", error=reason, exit_code=1)
 
 
 # --------------------------------------------------------------------------- local processes
@@ -503,8 +338,8 @@ def run_batch(inputs, out_dir, *, suffix="", format=None, jobs=1, threads=None, 
         Output folder; created (with its parents) if missing.
     suffix : str
         Inserted in every output name before the extension (``_x2``).
-    format : {"nii", "nii.gz", "h5", "npz", "npy"}, optional
-        Output format; default: each input's own.
+    format : str, optional
+        Output format (see :func:`output_name`); default: each input's own.
     jobs : int
         Files processed at once in local worker processes. 1 runs them one after
         the other in this process with all cores. Must stay 1 (or ``None``) with
@@ -564,8 +399,10 @@ def run_batch(inputs, out_dir, *, suffix="", format=None, jobs=1, threads=None, 
     if scheduler and (jobs or 1) > 1:
         raise ParameterError("jobs", "--jobs is for local processes; with --scheduler the Dask "
                                      "workers decide how many files run at once")
-    if format is not None and format not in FORMATS:
-        raise ParameterError("format", f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    from .io.registry import output_choices
+
+    if format is not None and format not in output_choices():
+        raise ParameterError("format", f"format must be one of {', '.join(output_choices())}, got {format!r}")
     if os.sep in suffix or (os.altsep and os.altsep in suffix):
         raise ParameterError("suffix", f"the suffix {suffix!r} must not contain a path separator")
     jobs = jobs or 1

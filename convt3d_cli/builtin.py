@@ -1,4 +1,6 @@
-"""Built-in depthwise upsampling kernels: ``nearest`` and ``linear`` (CONTRACT §5).
+"""Built-in depthwise upsampling kernels: ``nearest`` and ``linear``.
+
+See ``docs/behaviour.md``, *Built-in kernels*, for what users may rely on.
 
 Both are ordinary transposed convolutions with one group per channel, so they
 run on the same engine as user weights:

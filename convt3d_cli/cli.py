@@ -225,7 +225,7 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
     is --weights, --kernel, or --out-channels with --kernel-size. With --target,
     list the padding and output padding that give that size on each axis.
     """
-    from . import report
+    from . import layerplan, report
 
     if (input is None) == (input_shape is None):
         raise click.UsageError("give either INPUT or --input-shape")
@@ -249,14 +249,14 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
         loaded = io.inspect_weights(weights)
         weight_shape = loaded.shape
     elif out_channels is not None:
-        weight_shape = report.weight_shape_for(input_shape[-4], out_channels, kernel_size, layer_cli)
+        weight_shape = layerplan.weight_shape_for(input_shape[-4], out_channels, kernel_size, layer_cli)
     else:
         weight_shape = None
-    plan = report.plan_layer(input_shape, layer_cli, kernel=kernel_name, weight_shape=weight_shape,
+    plan = layerplan.plan_layer(input_shape, layer_cli, kernel=kernel_name, weight_shape=weight_shape,
                              file_options=None if loaded is None else loaded.options)
     echo = (lambda line="": None) if as_json else click.echo
     report.emit_plan(echo, plan, report.input_label(input, info) if input else report.shape_str(input_shape),
-               report.layer_label(plan, loaded and loaded.source))
+                     report.layer_label(plan, loaded and loaded.source))
     plan.validate()
     echo(f"output:  {report.shape_str(plan.output_shape)}")
     out = plan.as_dict()
@@ -264,7 +264,7 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
     out["weights"] = loaded and loaded.source
     missing = []
     if target is not None:
-        axes = report.target_plan(input_shape[-3:], target, plan.params)
+        axes = layerplan.target_plan(input_shape[-3:], target, plan.params)
         for line in report.target_lines(axes, plan.params):
             echo(line)
         out["target"] = axes
@@ -303,8 +303,8 @@ def info(spec, as_json):
                    "lines starting with # ignored.")
 @click.option("--suffix", default="", metavar="TEXT",
               help="Insert TEXT before the extension of every output name (_x2: a.nii.gz -> a_x2.nii.gz).")
-@click.option("--format", "out_format", type=click.Choice(["nii", "nii.gz", "h5", "npz", "npy"]),
-              default=None, help="Output format [default: each input's own].")
+@click.option("--format", "out_format", type=opt.OutputFormat(), default=None,
+              help="Output format [default: each input's own].")
 @opt.job_options
 @click.option("--skip-existing", is_flag=True, default=False,
               help="Leave files whose output exists (resume an interrupted batch).")

@@ -49,3 +49,21 @@ class OutputError(Convt3dError):
 
 class MemoryLimitError(Convt3dError):
     """The data would not fit in the memory convt3d is allowed to use."""
+
+
+class CollisionError(OutputError):
+    """Two inputs of a batch would be written to one output, or an output would replace an input."""
+
+
+class DistributedUnavailable(Convt3dError):
+    """A Dask scheduler was asked for but Dask's ``distributed`` cannot be imported.
+
+    Exit code 2: like a bad option, it is refused before any work and fixed by
+    changing the installation or the command, not the data.
+    """
+
+    exit_code = 2
+
+
+class SchedulerError(Convt3dError):
+    """The Dask scheduler cannot be reached."""

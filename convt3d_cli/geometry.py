@@ -70,7 +70,7 @@ class LayerParams:
     """Validated, per-axis layer parameters of a ConvTranspose3d.
 
     Build with :meth:`create`, which accepts ints or triples and checks every
-    rule that does not depend on the data (see ``CONTRACT.md`` §1).
+    rule that does not depend on the data (see ``docs/behaviour.md``, *Semantics*).
     """
 
     kernel_size: tuple
@@ -107,15 +107,15 @@ class LayerParams:
             raise ParameterError("groups", f"groups must be a positive integer, got {groups!r}")
         groups = int(groups)
         if min(k) < 1:
-            raise ParameterError("kernel_size", f"kernel_size must be >= 1, got {_fmt(k)}")
+            raise ParameterError("kernel_size", f"kernel_size must be >= 1, got {format_triple(k)}")
         if min(s) < 1:
-            raise ParameterError("stride", f"stride must be >= 1, got {_fmt(s)}")
+            raise ParameterError("stride", f"stride must be >= 1, got {format_triple(s)}")
         if min(d) < 1:
-            raise ParameterError("dilation", f"dilation must be >= 1, got {_fmt(d)}")
+            raise ParameterError("dilation", f"dilation must be >= 1, got {format_triple(d)}")
         if min(p) < 0:
-            raise ParameterError("padding", f"padding must be >= 0, got {_fmt(p)}")
+            raise ParameterError("padding", f"padding must be >= 0, got {format_triple(p)}")
         if min(op) < 0:
-            raise ParameterError("output_padding", f"output_padding must be >= 0, got {_fmt(op)}")
+            raise ParameterError("output_padding", f"output_padding must be >= 0, got {format_triple(op)}")
         for axis, (op_i, s_i, d_i) in enumerate(zip(op, s, d)):
             if op_i >= max(s_i, d_i):
                 raise ParameterError(
@@ -126,11 +126,6 @@ class LayerParams:
         if groups < 1:
             raise ParameterError("groups", f"groups must be >= 1, got {groups}")
         return cls(k, s, p, op, d, groups)
-
-    def with_kernel(self, kernel_size):
-        """Return a copy with another kernel size (validated)."""
-        return LayerParams.create(kernel_size, self.stride, self.padding,
-                                  self.output_padding, self.dilation, self.groups)
 
     def as_dict(self):
         """Plain-JSON view: lists of ints and ``groups``."""
@@ -145,11 +140,12 @@ class LayerParams:
 
     def short(self):
         """Compact one-line description, short enough for NIfTI ``descrip`` (80 bytes)."""
-        return (f"convt3d k={_fmt(self.kernel_size)} s={_fmt(self.stride)} p={_fmt(self.padding)} "
-                f"op={_fmt(self.output_padding)} d={_fmt(self.dilation)} g={self.groups}")
+        return (f"convt3d k={format_triple(self.kernel_size)} s={format_triple(self.stride)} p={format_triple(self.padding)} "
+                f"op={format_triple(self.output_padding)} d={format_triple(self.dilation)} g={self.groups}")
 
 
-def _fmt(triple):
+def format_triple(triple):
+    """``2`` when all three values agree, else ``2,2,1``."""
     return str(triple[0]) if len(set(triple)) == 1 else ",".join(str(v) for v in triple)
 
 
@@ -298,7 +294,7 @@ def output_shape(input_shape, out_channels, kernel_size, stride=1, padding=0, ou
 
 
 def output_affine(affine, params):
-    """Affine of the output grid: ``A_out = A_in @ T`` (CONTRACT §4).
+    """Affine of the output grid: ``A_out = A_in @ T`` (``docs/behaviour.md``, *Spatial metadata*).
 
     Output voxel ``o`` lies at input index ``(o + p - d * (k - 1) / 2) / s``,
     the centre of the kernel footprint that produced it.
@@ -330,6 +326,16 @@ def output_zooms(zooms, params):
     """Divide the three spatial zooms by the stride; keep any further (time) zooms."""
     zooms = [float(z) for z in zooms]
     return tuple(z / s for z, s in zip(zooms[:3], params.stride)) + tuple(zooms[3:])
+
+
+def oriented(shape, transposed):
+    """A 5-D engine shape in slab orientation: ``(N, C, W, H, D)`` when ``transposed``.
+
+    Slabs of a NIfTI file run along its slowest axis, engine W (see
+    :mod:`convt3d_cli.slabs`); the transposition is its own inverse.
+    """
+    shape = tuple(int(v) for v in shape)
+    return shape[:2] + shape[:1:-1] if transposed else shape
 
 
 def input_window(out_start, out_stop, n_in, axis, params):

@@ -179,6 +179,29 @@ bias_opt = click.option(
 no_bias_opt = click.option("--no-bias", is_flag=True, default=False,
                            help="Ignore any bias stored with the weights.")
 
+
+
+class OutputFormat(click.Choice):
+    """``--format``: the output formats of the suffix registry (:mod:`convt3d_cli.io.registry`).
+
+    The list is read when click first needs it (help or parsing), not when the
+    option is declared, so that importing the command line loads no file layer.
+    """
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from .io.registry import output_choices
+
+        return tuple(output_choices())
+
+    @choices.setter
+    def choices(self, value):
+        """Ignored: the registry is the only list of formats."""
+
+
 kernel_opt = click.option(
     "--kernel", "-k", "kernel_name", type=click.Choice(["nearest", "linear"]), default=None,
     help="Built-in depthwise upsampling kernel instead of --weights (needs --stride).")

@@ -13,17 +13,11 @@ import time
 
 import numpy as np
 
-from . import io, report
+from . import io, layerplan, report
 
 
 def _silent(line=""):
     return None
-
-
-def layer_output_shape(layer, transposed):
-    """Engine output ``(N, C, D, H, W)`` of an oriented layer (undoing the transposition)."""
-    shape = tuple(layer.output_shape)
-    return shape[:2] + tuple(reversed(shape[2:])) if transposed else shape
 
 
 def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=None, layer_options=None,
@@ -48,7 +42,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     max_memory : int, optional
         Bytes the working set may take (default: half of the available memory). When the
         whole volume does not fit, the output is computed and written in slabs
-        (:mod:`convt3d_cli.stream`); the result is byte for byte the same.
+        (:mod:`convt3d_cli.slabs`); the result is byte for byte the same.
     overwrite : bool
         Replace an existing output (never an input).
     echo : callable(str), optional
@@ -61,7 +55,8 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     Returns
     -------
     dict
-        The JSON report of CONTRACT §6 (shapes, layer options, formula, output, seconds, ...).
+        The JSON report (``docs/behaviour.md``, *Command line, reports and exit codes*):
+        shapes, layer options, formula, output, seconds, ...
 
     Raises
     ------
@@ -74,7 +69,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
 
     info = io.probe_volume(input)
     loaded = io.read_weights(weights, bias, no_bias=no_bias) if weights else None
-    plan = report.plan_layer(
+    plan = layerplan.plan_layer(
         info.engine_shape, layer_options, kernel=kernel,
         weight_shape=None if loaded is None else loaded.weight.shape,
         bias_shape=None if loaded is None or loaded.bias is None else loaded.bias.shape,
@@ -84,30 +79,30 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         report.layer_label(plan, loaded.source, loaded.bias_source)
     report.emit_plan(echo, plan, report.input_label(input, info), layer_label)
     plan.validate()
-    io.check_output(output, plan.output_shape, params=plan.params, formula=plan.formula,
-                    inputs=[input, weights, bias], overwrite=overwrite)
-    from . import stream
+    io.check_output(output, plan.output_shape, inputs=[input, weights, bias], overwrite=overwrite)
+    from . import slabs
+    from .io.safety import human_bytes
 
     compute = np.dtype(np.float64 if dtype == "float64" else np.float32)
-    transposed = io.output_format(output) == "nifti"
+    transposed = io.transposed_slabs(output)
     p = plan.params
-    layer, pad = stream.oriented_layer(
+    layer, pad = slabs.oriented_layer(
         info.engine_shape, None if loaded is None else loaded.weight,
         None if loaded is None else loaded.bias, p, compute, transposed, kernel=kernel)
-    slabs = stream.plan_slabs(layer, pad, max_memory, resident=stream.source_resident_bytes(info),
-                              transposed=transposed)
+    slab_plan = slabs.plan_slabs(layer, pad, max_memory, resident=io.resident_bytes(info),
+                                 transposed=transposed)
     echo(f"output:  {report.shape_str(plan.output_shape)} {dtype} -> {output}")
-    if slabs.count > 1:
-        echo(f"stream:  {slabs.count} slabs along {slabs.axis}, about {io._common.human_bytes(slabs.needed)} "
-             f"each (budget {io._common.human_bytes(slabs.budget)})")
+    if slab_plan.count > 1:
+        echo(f"stream:  {slab_plan.count} slabs along {slab_plan.axis}, about {human_bytes(slab_plan.needed)} "
+             f"each (budget {human_bytes(slab_plan.budget)})")
 
     folder = os.path.dirname(os.path.abspath(io.split_spec(output)[0]))
-    source = stream.open_source(info, transposed, compute, pad, folder)
+    source = io.open_source(info, transposed, compute, pad, folder)
     try:
-        with io.open_writer(output, layer_output_shape(layer, transposed), like=info, params=p,
-                            formula=plan.formula, overwrite=overwrite, source=input, dtype=compute,
+        with io.open_writer(output, plan.output_shape, like=info, params=p, formula=plan.formula,
+                            overwrite=overwrite, source=input, dtype=compute,
                             compress_level=compress_level) as writer:
-            stream.run_slabs(layer, source, writer, slabs, progress)
+            slabs.run_slabs(layer, source, writer, slab_plan, progress)
     finally:
         source.close()
     written = io.split_spec(output)[0]
@@ -125,7 +120,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         "output_file_shape": list(io.probe_volume(output).stored_shape),
         "output_affine": output_affine(info.affine, plan.params).tolist(),
         "seconds": round(seconds, 6),
-        "slabs": slabs.count,
-        "peak_memory_bytes": stream.peak_memory_bytes(),
+        "slabs": slab_plan.count,
+        "peak_memory_bytes": slabs.peak_memory_bytes(),
     })
     return out

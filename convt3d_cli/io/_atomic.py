@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 
 from ..errors import OutputError
-from ._common import real_suffix
+from .registry import real_suffix
 
 TEMP_MARK = ".convt3d-"
 
@@ -51,7 +51,7 @@ def same_file(a, b):
 
 
 def temp_path(target):
-    """A fresh hidden name beside ``target`` keeping its suffix (nibabel needs ``.nii.gz``)."""
+    """A fresh hidden name beside ``target`` keeping its suffix (``.nii.gz`` counts as one)."""
     folder, name = os.path.split(os.path.abspath(target))
     token = secrets.token_hex(8)
     # Keep well under NAME_MAX (255) whatever the target's name.

@@ -50,3 +50,58 @@ def compressor(level=DEFAULT_LEVEL):
 def open_read(path):
     """A binary reader of a gzip file (ISA-L's igzip when available); checks the CRC at its end."""
     return _igzip.open(path, "rb")
+
+
+#: Bytes decompressed per call when skipping, copying or draining a stream.
+READ_PIECE = 16 << 20
+
+
+def skip(stream, count):
+    """Read past ``count`` bytes of a decompressing ``stream``.
+
+    Raises
+    ------
+    EOFError
+        The stream ends first.
+    """
+    while count > 0:
+        got = len(stream.read(min(count, READ_PIECE)))
+        if not got:
+            raise EOFError(f"the stream ends {count} bytes before the data it was asked to skip to")
+        count -= got
+
+
+def fill(stream, view):
+    """Decompress into the byte buffer ``view`` until it is full or the stream ends.
+
+    Returns
+    -------
+    int
+        Bytes filled; fewer than ``len(view)`` means the stream ended.
+    """
+    view = memoryview(view).cast("B")
+    done = 0
+    while done < len(view):
+        got = stream.readinto(view[done:done + READ_PIECE])
+        if not got:
+            break
+        done += got
+    return done
+
+
+def copy(stream, file, count):
+    """Copy ``count`` decompressed bytes into ``file``; return how many there were."""
+    done = 0
+    while done < count:
+        piece = stream.read(min(READ_PIECE, count - done))
+        if not piece:
+            break
+        file.write(piece)
+        done += len(piece)
+    return done
+
+
+def drain(stream):
+    """Read ``stream`` to its end: gzip checks its CRC there only, and corrupt data must not pass."""
+    while stream.read(READ_PIECE):
+        pass

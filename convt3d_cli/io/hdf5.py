@@ -11,10 +11,16 @@ import numpy as np
 
 from ..errors import FileFormatError
 from ..geometry import output_affine
-from ._base import ArrayFormat
-from ._common import VOXEL_SIZE_ATTRS, VOLUME, Entry, choose_entry, dtype_name, jsonable, reading
+from .base import ArrayFormat, ArrayWriter, jsonable
+from .dtypes import dtype_name
+from .entries import VOLUME, choose_entry
+from .records import Entry
+from .safety import reading
+from .streaming import Source, oriented_view
 
 LABEL = "HDF5"
+# Attributes that hold a voxel size in (D, H, W) order; scaled by 1/stride on output.
+VOXEL_SIZE_ATTRS = ("element_size_um", "spacing", "voxel_size")
 # Chunks of about this many bytes, made of whole W rows (then H planes, ...):
 # slab-wise readers touch few chunks, and no chunk is tiny.
 CHUNK_BYTES = 1 << 20
@@ -57,12 +63,74 @@ def chunk_shape(shape, itemsize, target=CHUNK_BYTES):
     return tuple(chunks)
 
 
+class Hdf5Writer(ArrayWriter):
+    """A chunked dataset (chunks of whole W rows, D extent 1: D-slabs fill whole chunks)."""
+
+    def __init__(self, path, out_shape, dtype, overwrite, like, key, attrs):
+        super().__init__(path, out_shape, dtype, overwrite, like)
+        h5py = _h5py()
+        self.handle = None
+        try:
+            self.handle = h5py.File(self.tmp, "w")
+            self.dataset = self.handle.create_dataset(
+                key, shape=self.file_shape, dtype=self.dtype,
+                chunks=chunk_shape(self.file_shape, self.dtype.itemsize))
+            for attr, value in attrs.items():
+                if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    value = np.array(value, dtype=h5py.string_dtype())
+                self.dataset.attrs[attr] = value
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, start, stop, block):
+        lead = len(self.file_shape) - 3
+        index = (slice(None),) * lead + (slice(start, stop),)
+        self.dataset[index] = block.reshape(block.shape[5 - len(self.file_shape):])
+        self.handle.flush()
+
+    def _release(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+
+class Hdf5Source(Source):
+    """An HDF5 dataset, sliced per slab (h5py reads only the chunks touched)."""
+
+    def __init__(self, info, transposed, dtype, pad):
+        super().__init__(info, transposed, dtype, pad)
+        with reading(info.path, LABEL):
+            self.handle = _h5py().File(info.path, "r")
+            self.dataset = self.handle[info.key]
+        self.rank = len(info.stored_shape)
+
+    def _raw(self, a, b):
+        lead = self.rank - 3
+        if self.transposed:
+            index = (slice(None),) * (lead + 2) + (slice(a, b),)
+        else:
+            index = (slice(None),) * lead + (slice(a, b),)
+        with reading(self.info.path, LABEL):
+            block = self.dataset[index]
+        block = block.reshape((1,) * (5 - block.ndim) + block.shape)
+        return oriented_view(block, self.transposed)
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+
 class Hdf5Format(ArrayFormat):
     """HDF5 files: any number of datasets; outputs default to ``/volume``."""
 
     name = "hdf5"
     label = "HDF5"
     default_key = "/volume"
+    writer = Hdf5Writer
 
     def entries(self, path):
         h5py = _h5py()
@@ -115,16 +183,6 @@ class Hdf5Format(ArrayFormat):
                 attrs[name] = size / np.asarray(params.stride, dtype=np.float64)
         return attrs
 
-    def save_array(self, tmp_path, name, array, attrs):
-        h5py = _h5py()
-        with h5py.File(tmp_path, "w") as handle:
-            dataset = handle.create_dataset(name, data=array,
-                                            chunks=chunk_shape(array.shape, array.dtype.itemsize))
-            for attr, value in attrs.items():
-                if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                    value = np.array(value, dtype=h5py.string_dtype())
-                dataset.attrs[attr] = value
-
     def describe_extra(self, path, entries, entry):
         try:
             default = choose_entry(entries, None, VOLUME, path).name
@@ -133,6 +191,9 @@ class Hdf5Format(ArrayFormat):
         tree = [{"path": e.name, "shape": list(e.shape), "dtype": dtype_name(e.dtype),
                  "attrs": jsonable(e.attrs)} for e in entries]
         return {"tree": tree, "default": default, "root_attrs": jsonable(self._root_attrs(path))}
+
+    def open_source(self, info, transposed, dtype, pad, scratch_dir):
+        return Hdf5Source(info, transposed, dtype, pad)
 
 
 FORMAT = Hdf5Format()

@@ -2,8 +2,13 @@
 
 Axes: ``(X, Y, Z)`` is one channel with D=X, H=Y, W=Z; ``(X, Y, Z, C)`` and
 ``(X, Y, Z, 1, C)`` carry channels on the last axis. Scaling (``scl_slope``,
-``scl_inter``) is applied on read. Outputs get the affine of CONTRACT §4 and
-inherit the header of a NIfTI input (codes, units, intent, extensions, ...).
+``scl_inter``) is applied on read. Outputs get the affine of the upsampled grid
+(``docs/behaviour.md``, *Spatial metadata*) and inherit the header of a NIfTI
+input (codes, units, intent, extensions, ...).
+
+Streaming: the file is Fortran-ordered, engine D = X its fastest axis, so slabs
+run along engine W = NIfTI Z (``transposed``): a Z-slab of one channel is one
+contiguous run of bytes, written (and gzip-compressed) in file order.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ from __future__ import annotations
 import io as _io
 import math
 import os
+import tempfile
 
 import numpy as np
 
 from ..errors import FileFormatError, OutputError, ShapeError
 from ..geometry import output_affine, output_zooms
 from . import _gzip
-from ._common import (VolumeInfo, byte_order, check_nonempty, check_numeric, check_payload,
-                      dtype_name, jsonable, native, reading, require_file)
+from .base import Format, jsonable
+from .dtypes import byte_order, check_numeric, dtype_name, native
+from .records import VolumeInfo
+from .safety import check_nonempty, check_payload, reading, require_file
+from .streaming import IO_CHUNK, ArraySource, Source, Spool, StreamWriter, apply_scaling, chunks, pwrite_all
 
 LABEL = "NIfTI"
 # NIfTI-1 stores dimensions as int16; anything larger needs NIfTI-2.
@@ -31,8 +40,6 @@ MAX_NIFTI1_DIM = 32767
 # readers that ignore a form with code 0 would fall back to bare pixdim.
 DEFAULT_XFORM_CODE = 2
 DESCRIP_BYTES = 80
-# Decompress .nii.gz data in slices of this size (no second full-size buffer).
-GZIP_SLICE = 16 << 20
 _LAYOUTS = {3: "(X,Y,Z)", 4: "(X,Y,Z,C)", 5: "(X,Y,Z,1,C)"}
 
 
@@ -66,15 +73,6 @@ def engine_view(raw):
     if raw.ndim == 5:
         raw = raw[:, :, :, 0, :]
     return np.moveaxis(raw, 3, 0)[None]
-
-
-def apply_scaling(array, scale):
-    """Apply ``(slope, inter)`` in place (no-op for ``None``), in the array's own dtype."""
-    if scale is not None:
-        slope, inter = scale
-        array *= array.dtype.type(slope)
-        if inter:
-            array += array.dtype.type(inter)
 
 
 def scaling(image):
@@ -113,39 +111,27 @@ def read_raw(path, shape, dtype, offset):
     if not _is_gzip(path):
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
     raw = np.empty(math.prod(shape), dtype=dtype)
-    buffer = memoryview(raw.view(np.uint8))
     with _gzip.open_read(path) as stream:
-        _skip(stream, offset)
-        done = 0
-        while done < len(buffer):
-            got = stream.readinto(buffer[done:done + GZIP_SLICE])
-            if not got:
-                raise FileFormatError(
-                    f"{path} is truncated: its header declares {tuple(shape)} {dtype_name(dtype)} "
-                    f"({len(buffer)} bytes) but the stream ends after {done} bytes of data")
-            done += got
-        while stream.read(GZIP_SLICE):
-            pass
+        _gzip.skip(stream, offset)
+        done = _gzip.fill(stream, raw.view(np.uint8))
+        if done < raw.nbytes:
+            raise FileFormatError(
+                f"{path} is truncated: its header declares {tuple(shape)} {dtype_name(dtype)} "
+                f"({raw.nbytes} bytes) but the stream ends after {done} bytes of data")
+        _gzip.drain(stream)
     return raw.reshape(shape, order="F")
-
-
-def _skip(stream, count):
-    while count > 0:
-        got = len(stream.read(min(count, GZIP_SLICE)))
-        if not got:
-            raise EOFError("the stream ends inside the header")
-        count -= got
 
 
 def _is_gzip(path):
     return path.lower().endswith(".gz")
 
 
-class NiftiFormat:
+class NiftiFormat(Format):
     """NIfTI-1/2 images: one image per file, no key."""
 
     name = "nifti"
     label = LABEL
+    transposed = True
 
     # ---- reading --------------------------------------------------------------------
 
@@ -210,24 +196,51 @@ class NiftiFormat:
         apply_scaling(out, info.scaling)
         return out
 
+    # ---- slab-wise reading ------------------------------------------------------------
+
+    def open_source(self, info, transposed, dtype, pad, scratch_dir):
+        stored = np.dtype(info.stored_dtype)
+        shape = tuple(info.stored_shape)
+        if not _is_gzip(info.path):
+            with reading(info.path, LABEL):
+                raw = np.memmap(info.path, dtype=stored, mode="r", offset=info.data_offset, shape=shape,
+                                order="F")
+            return ArraySource(info, transposed, dtype, pad, engine_view(raw))
+        if transposed and info.engine_shape[1] == 1:
+            return GzipPlaneSource(info, dtype, pad)
+        # Random access into a .nii.gz: decompress once into an anonymous file, map it.
+        spool = tempfile.TemporaryFile(dir=scratch_dir, prefix=".convt3d-input-")
+        with reading(info.path, LABEL), _gzip.open_read(info.path) as stream:
+            _gzip.skip(stream, info.data_offset)
+            need = math.prod(shape) * stored.itemsize
+            done = _gzip.copy(stream, spool, need)
+            if done < need:
+                raise EOFError(f"{info.path} is truncated: the stream ends after {done} of "
+                               f"{need} bytes of data")
+            _gzip.drain(stream)
+        spool.flush()
+        raw = np.memmap(spool, dtype=stored, mode="r", shape=shape, order="F")
+        return ArraySource(info, transposed, dtype, pad, engine_view(raw), keep=spool)
+
     # ---- writing --------------------------------------------------------------------
 
-    def prepare(self, key, data, like, params, formula, source, dtype):
+    def stored_dtype(self, dtype, data_dtype=None):
+        """float64 when asked for, else float32 (NIfTI outputs hold real values)."""
+        return np.dtype(np.float64 if dtype is not None and np.dtype(dtype) == np.float64 else np.float32)
+
+    def output_key(self, key, out_shape):
+        """Always ``None`` (one image per file); refuses a key and a batch."""
         if key is not None:
             raise OutputError(f"a NIfTI file holds one image; remove ':{key}' from the output")
-        n, channels = data.shape[:2]
-        if n > 1:
-            raise OutputError(f"a NIfTI file cannot hold a batch of {n} volumes; write the result "
-                              f"to .h5, .npz or .npy instead")
-        out_dtype = np.dtype(np.float64 if dtype is not None and np.dtype(dtype) == np.float64
-                             else np.float32)
-        array = data[0, 0] if channels == 1 else np.moveaxis(data[0], 0, -1)
-        array = array.astype(out_dtype, copy=False)
-        return _output_image(array, like, params)
+        if out_shape[0] > 1:
+            raise OutputError(f"a NIfTI file cannot hold a batch of {out_shape[0]} volumes; write the "
+                              f"result to .h5, .npz or .npy instead")
+        return None
 
-    def save(self, tmp_path, image):
-        # nibabel picks gzip from the ".nii.gz" ending the temporary name keeps.
-        _nib().save(image, tmp_path)
+    def open_writer(self, path, key, out_shape, dtype, *, overwrite, like, params, formula, source,
+                    compress_level=None):
+        self.output_key(key, out_shape)
+        return NiftiWriter(path, out_shape, dtype, overwrite, like, params, compress_level)
 
     # ---- info -----------------------------------------------------------------------
 
@@ -260,7 +273,7 @@ class NiftiFormat:
 
 
 def _output_image(array, like, params):
-    """Build the output image: header inherited from a NIfTI input, affine per CONTRACT §4."""
+    """Build the output image: header inherited from a NIfTI input, affine of the upsampled grid."""
     nib = _nib()
     inherited = like.header if like is not None and isinstance(like.header, nib.Nifti1Header) else None
     in_affine = np.asarray(like.affine if like is not None else np.eye(4), dtype=np.float64)
@@ -358,6 +371,132 @@ def _inherit_header(inherited, header_class):
     if header.endianness != native_code:
         header = header.as_byteswapped(native_code)
     return header
+
+
+# --------------------------------------------------------------------------- streaming
+
+class NiftiWriter(StreamWriter):
+    """``.nii`` and ``.nii.gz``: header first, then the data in file order (Z-slabs, transposed)."""
+
+    transposed = NiftiFormat.transposed
+
+    def __init__(self, path, out_shape, dtype, overwrite, like, params, compress_level):
+        head, self.offset = header_bytes(output_array_shape(out_shape), dtype, like, params)
+        super().__init__(path, out_shape, dtype, overwrite)
+        self.gz = path.lower().endswith(".gz")
+        _, channels, x, y, z = self.out_shape
+        self.channel_bytes = x * y * z * self.dtype.itemsize
+        self.plane_bytes = x * y * self.dtype.itemsize
+        self.file = open(self.tmp, "r+b")
+        self.spool = None
+        try:
+            if self.gz:
+                self.deflate = _gzip.compressor(compress_level)
+                self.stage = bytearray()
+                self._emit(head)
+                if channels > 1:  # channel-major on disk: collect, compress at the end
+                    self.spool = Spool(os.path.dirname(os.path.abspath(path)), channels * self.channel_bytes)
+            else:
+                self.file.write(head)
+                self.file.flush()
+                os.ftruncate(self.file.fileno(), self.offset + channels * self.channel_bytes)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _emit(self, data):
+        # The compressor sees fixed IO_CHUNK pieces whatever the slab sizes, so the
+        # .nii.gz bytes do not depend on --max-memory.
+        data = memoryview(data).cast("B")
+        while len(data):
+            room = IO_CHUNK - len(self.stage)
+            self.stage += data[:room]
+            data = data[room:]
+            if len(self.stage) == IO_CHUNK:
+                self._deflate(self.stage)
+                self.stage = bytearray()
+
+    def _deflate(self, data):
+        out = self.deflate.compress(data)
+        if out:
+            self.file.write(out)
+
+    def _write(self, start, stop, block):
+        channels = self.out_shape[1]
+        if self.gz and self.spool is None:
+            if start != self.written:
+                raise OutputError(f"{self.path}: .nii.gz slabs must arrive in order")
+            for piece in chunks(block[0, 0]):
+                self._emit(piece)
+            return
+        for c in range(channels):
+            where = c * self.channel_bytes + start * self.plane_bytes
+            if self.spool is not None:
+                self.spool.pwrite(block[0, c], where)
+            else:
+                pwrite_all(self.file.fileno(), block[0, c], self.offset + where)
+
+    def _finish(self):
+        if self.gz:
+            if self.spool is not None:
+                for piece in self.spool.pieces():
+                    self._emit(piece)
+            self._deflate(self.stage)
+            self.stage = bytearray()
+            self.file.write(self.deflate.flush())
+        self.file.flush()
+
+    def _release(self):
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        if not self.file.closed:
+            self.file.close()
+
+
+class GzipPlaneSource(Source):
+    """A one-channel ``.nii.gz`` read forward, Z plane by Z plane (transposed orientation only).
+
+    Slabs ask for non-decreasing plane ranges, so the stream is decompressed
+    once, keeping only the planes the current slab needs.
+    """
+
+    def __init__(self, info, dtype, pad):
+        super().__init__(info, True, dtype, pad)
+        x, y = info.stored_shape[:2]
+        self.plane_shape = (y, x)
+        self.stored = np.dtype(info.stored_dtype)
+        self.plane_bytes = x * y * self.stored.itemsize
+        self.n = self.shape[2]
+        with reading(info.path, LABEL):
+            self.stream = _gzip.open_read(info.path)
+            _gzip.skip(self.stream, info.data_offset)
+        self.cache = np.empty((0,) + self.plane_shape, dtype=self.stored)
+        self.first = 0  # global index of cache[0]
+
+    def _raw(self, a, b):
+        if a < self.first:
+            raise RuntimeError("a .nii.gz input is read forward only")
+        have_stop = self.first + len(self.cache)
+        block = np.empty((b - a,) + self.plane_shape, dtype=self.stored)
+        keep = max(0, min(have_stop, b) - a)
+        if keep:
+            block[:keep] = self.cache[a - self.first:a - self.first + keep]
+        todo = block[keep:].reshape(-1).view(np.uint8)
+        with reading(self.info.path, LABEL):
+            _gzip.skip(self.stream, max(0, a - have_stop) * self.plane_bytes)
+            done = _gzip.fill(self.stream, todo)
+            if done < len(todo):
+                raise EOFError(f"the stream ends after {(keep * self.plane_bytes + done)} bytes of the slab")
+            if b == self.n:
+                _gzip.drain(self.stream)
+        self.cache, self.first = block, a
+        return block[None, None]
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
 
 FORMAT = NiftiFormat()

@@ -1,21 +1,73 @@
 """``.npz``: a zip of ``.npy`` members, read with ``allow_pickle=False`` always.
 
 Member headers are read straight from the archive so that ``probe`` and
-``describe`` never decompress voxel data.
+``describe`` never decompress voxel data. Outputs hold one stored
+(uncompressed) member, ``volume`` unless the output spec names another.
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
 
 import numpy as np
 
-from ..errors import FileFormatError
-from ._base import ArrayFormat
-from ._common import Entry, bare, dtype_name, reading
-from .npy import needs_copy, read_npy_header
+from ..errors import FileFormatError, OutputError
+from .base import ArrayFormat, ArrayWriter
+from .dtypes import dtype_name
+from .entries import bare
+from .npy import needs_copy, npy_header, read_npy_header
+from .records import Entry
+from .safety import check_memory, reading
+from .streaming import ArraySource, Spool, chunks
 
 LABEL = "an npz archive"
+
+
+class NpzWriter(ArrayWriter):
+    """One stored (uncompressed) ``.npy`` member written in pieces, like ``np.savez``."""
+
+    def __init__(self, path, out_shape, dtype, overwrite, like, key, attrs=None):
+        super().__init__(path, out_shape, dtype, overwrite, like)
+        self.archive = self.member = self.spool = None
+        try:
+            self.archive = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+            self.member = self.archive.open(bare(key) + ".npy", "w", force_zip64=True)
+            self.member.write(npy_header(self.file_shape, self.dtype))
+            if self.out_shape[0] * self.out_shape[1] > 1:
+                self.spool = Spool(os.path.dirname(os.path.abspath(path)), self.total_bytes)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, start, stop, block):
+        if self.spool is None:
+            if start != self.written:
+                raise OutputError(f"{self.path}: npz slabs must arrive in order")
+            for piece in chunks(block):
+                self.member.write(piece)
+            return
+        for where, piece in self._pieces(start, block):
+            self.spool.pwrite(piece, where)
+
+    def _finish(self):
+        if self.spool is not None:
+            for piece in self.spool.pieces():
+                self.member.write(piece)
+        self.member.close()
+        self.member = None
+        self.archive.close()
+        self.archive = None
+
+    def _release(self):
+        for thing in (self.member, self.archive, self.spool):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception:  # noqa: BLE001 - a half-written zip on the way out
+                    pass
+        self.member = self.archive = self.spool = None
+
 
 
 class NpzFormat(ArrayFormat):
@@ -24,6 +76,7 @@ class NpzFormat(ArrayFormat):
     name = "npz"
     label = "npz"
     default_key = "volume"
+    writer = NpzWriter
 
     def entries(self, path):
         with reading(path, LABEL), zipfile.ZipFile(path) as archive:
@@ -52,17 +105,18 @@ class NpzFormat(ArrayFormat):
             member.read()
             return array
 
-    def save_array(self, tmp_path, name, array, attrs):
-        # What np.savez does, minus its pitfalls: it appends ".npz" to a file name
-        # that lacks it and cannot take a member called "file".
-        with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED,
-                             allowZip64=True) as archive, \
-                archive.open(bare(name) + ".npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-
     def describe_extra(self, path, entries, entry):
         return {"arrays": [{"name": e.name, "shape": list(e.shape), "dtype": dtype_name(e.dtype)}
                            for e in entries]}
+
+    def resident_bytes(self, info):
+        return info.nbytes
+
+    def open_source(self, info, transposed, dtype, pad, scratch_dir):
+        # Members may be compressed: no random access, so the volume is loaded whole
+        # (resident_bytes tells the slab planner).
+        check_memory(info.memory_needed, info.path)
+        return ArraySource(info, transposed, dtype, pad, self.load(info))
 
 
 FORMAT = NpzFormat()

@@ -78,7 +78,7 @@ REPORT_KEYS = {"input_shape", "weight_shape", "output_shape", "stride", "padding
 
 @pytest.fixture
 def report_keys():
-    """Keys every ``--json`` report of ``run`` has (CONTRACT §6 and issue #4)."""
+    """Keys every ``--json`` report of ``run`` has (docs/behaviour.md, *Command line, reports and exit codes*)."""
     return REPORT_KEYS
 
 

@@ -11,7 +11,7 @@ from convt3d_cli import io
 from convt3d_cli.errors import (FileFormatError, KeyNotFoundError, MemoryLimitError, OutputError,
                                 ShapeError)
 from convt3d_cli.geometry import LayerParams, formula_lines
-from convt3d_cli.io import _common
+from convt3d_cli.io import safety
 
 SHAPES = {3: (4, 5, 6), 4: (2, 4, 5, 6), 5: (3, 2, 4, 5, 6)}
 DTYPES = [np.float32, np.float64, np.int16]
@@ -337,14 +337,14 @@ def test_max_bytes(tmp_path):
 
 def test_available_memory_is_checked(tmp_path, monkeypatch):
     np.save(tmp_path / "a.npy", np.zeros((10, 10, 10), np.float64))
-    monkeypatch.setattr(_common, "available_memory", lambda: 4096)
+    monkeypatch.setattr(safety, "available_memory", lambda: 4096)
     with pytest.raises(MemoryLimitError, match="only 4.0 KiB of memory is available"):
         io.read_volume(str(tmp_path / "a.npy"))
 
 
 def test_huge_declared_dataset_is_refused_before_allocating(tmp_path):
     """A 4 TiB dataset that HDF5 never allocated: refused from the header, quickly."""
-    if _common.available_memory() is None:
+    if safety.available_memory() is None:
         pytest.skip("no MemAvailable on this system")
     path = tmp_path / "huge.h5"
     with h5py.File(path, "w") as handle:
@@ -357,10 +357,10 @@ def test_huge_declared_dataset_is_refused_before_allocating(tmp_path):
 def test_available_memory_parsing(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  100 kB\nMemFree:  10 kB\nMemAvailable:   2048 kB\n")
-    assert _common.available_memory(str(meminfo)) == 2048 * 1024
+    assert safety.available_memory(str(meminfo)) == 2048 * 1024
     meminfo.write_text("MemTotal:  100 kB\n")
-    assert _common.available_memory(str(meminfo)) is None
-    assert _common.available_memory(str(tmp_path / "missing")) is None
+    assert safety.available_memory(str(meminfo)) is None
+    assert safety.available_memory(str(tmp_path / "missing")) is None
 
 
 # --------------------------------------------------------------------------- writing
@@ -399,7 +399,7 @@ def test_hdf5_output_attributes(tmp_path):
 
 
 def _expected_affine(params):
-    """A_out = T for an identity input: scale 1/s, shift (p - d(k-1)/2)/s (CONTRACT §4)."""
+    """A_out = T for an identity input: scale 1/s, shift (p - d(k-1)/2)/s (docs/behaviour.md, *Spatial metadata*)."""
     k, s, p, d = (np.array(v, float) for v in (params.kernel_size, params.stride, params.padding,
                                                 params.dilation))
     expected = np.eye(4)

@@ -8,14 +8,14 @@ import textwrap
 import threading
 import time
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from convt3d_cli import io
 from convt3d_cli.errors import OutputError
 from convt3d_cli.io._atomic import Terminated, atomic_write, same_file
-from convt3d_cli.io.npy import NpyFormat
+from convt3d_cli.io.nifti import NiftiWriter
+from convt3d_cli.io.npy import NpyWriter
 
 
 def test_writes_and_renames(tmp_path, listing):
@@ -90,12 +90,12 @@ def test_failing_array_writer_leaves_nothing(tmp_path, listing, monkeypatch, ide
     np.save(tmp_path / "in.npy", np.ones((2, 2, 2), np.float32))
     volume = io.read_volume(str(tmp_path / "in.npy"))
 
-    def broken(self, tmp_path_, name, array, attrs):
-        with open(tmp_path_, "wb") as handle:
+    def broken(self, start, stop, block):
+        with open(self.tmp, "wb") as handle:
             handle.write(b"\x93NUMPY partial")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(NpyFormat, "save_array", broken)
+    monkeypatch.setattr(NpyWriter, "_write", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         io.write_volume(str(tmp_path / "out.npy"), volume.data, like=volume,
                         params=identity_params, formula=[])
@@ -103,12 +103,11 @@ def test_failing_array_writer_leaves_nothing(tmp_path, listing, monkeypatch, ide
 
 
 def test_failing_nifti_writer_leaves_nothing(tmp_path, listing, monkeypatch, identity_params):
-    def broken(image, filename):
-        with open(filename, "wb") as handle:
-            handle.write(b"\x1f\x8b partial")
+    def broken(self, data):
+        self.file.write(b"\x1f\x8b partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(nib, "save", broken)
+    monkeypatch.setattr(NiftiWriter, "_deflate", broken)
     with pytest.raises(OutputError, match="No space left on device") as err:
         io.write_volume(str(tmp_path / "out.nii.gz"), np.zeros((1, 1, 2, 2, 2)), like=None,
                         params=identity_params, formula=[])
@@ -122,10 +121,10 @@ def test_failing_existing_output_is_kept(tmp_path, monkeypatch, identity_params)
     np.save(target, np.arange(3))
     before = target.read_bytes()
 
-    def broken(self, tmp_path_, name, array, attrs):
+    def broken(self, start, stop, block):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(NpyFormat, "save_array", broken)
+    monkeypatch.setattr(NpyWriter, "_write", broken)
     with pytest.raises(RuntimeError):
         io.write_volume(str(target), np.zeros((1, 1, 2, 2, 2)), like=None, params=identity_params,
                         formula=[], overwrite=True)

@@ -1,4 +1,4 @@
-"""Spatial metadata of written files, checked from first principles (CONTRACT §4, §5).
+"""Spatial metadata of written files, checked from first principles (docs/behaviour.md, *Spatial metadata* and *Built-in kernels*).
 
 Upsampled data come from a plain NumPy reference written here (not from the
 engine): ``nearest`` repeats every voxel s times per axis; ``linear`` is
@@ -60,7 +60,7 @@ def upsample_linear(x, strides):
 
 
 def layer(mode, strides):
-    """Layer parameters that reproduce the reference upsampling (CONTRACT §5)."""
+    """Layer parameters that reproduce the reference upsampling (docs/behaviour.md, *Built-in kernels*)."""
     strides = np.array(strides)
     if mode == "nearest":
         return LayerParams.create(tuple(strides), stride=tuple(strides), padding=0)
@@ -182,7 +182,7 @@ def test_hdf5_affine_attribute_follows_the_same_rule(tmp_path, make_nifti, make_
 
 
 def test_general_layer_centres_the_kernel_footprint(tmp_path, make_nifti, make_affine):
-    """Any layer: o sits at input index (o + p - d(k-1)/2) / s (CONTRACT §4), checked per axis."""
+    """Any layer: o sits at input index (o + p - d(k-1)/2) / s (docs/behaviour.md, *Spatial metadata*), checked per axis."""
     in_affine = make_affine()
     _, volume = make_input(tmp_path, make_nifti, in_affine)
     params = LayerParams.create((3, 5, 2), stride=(2, 3, 1), padding=(1, 2, 0), dilation=(1, 2, 3),

@@ -298,7 +298,7 @@ def test_both_codes_zero_input_gets_aligned_codes(tmp_path, make_nifti):
     image = nib.load(_write(tmp_path / "out.nii", volume, np.zeros((1, 1, 8, 8, 8), np.float32),
                             params))
     assert int(image.header["sform_code"]) == 2 and int(image.header["qform_code"]) == 2
-    # nibabel's affine for a code-less input (from pixdim), transformed per CONTRACT §4
+    # nibabel's affine for a code-less input (from pixdim), transformed per docs/behaviour.md, *Spatial metadata*
     np.testing.assert_allclose(image.affine, volume.affine @ _transform(params), atol=1e-6)
 
 

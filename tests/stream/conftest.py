@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convt3d_cli import stream
+from convt3d_cli import slabs
+from convt3d_cli.engine import PreparedLayer
 from convt3d_cli.cli import cli
 
 AFFINE = np.array([[1.5, 0.0, 0.0, -10.0],
@@ -25,8 +26,8 @@ AFFINE = np.array([[1.5, 0.0, 0.0, -10.0],
 
 @pytest.fixture
 def tiny_budget(monkeypatch):
-    monkeypatch.setattr(stream, "FIXED_BYTES", 0)
-    monkeypatch.setattr(stream, "engine_scratch", lambda layer: 0)
+    monkeypatch.setattr(slabs, "FIXED_BYTES", 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
 
 
 @pytest.fixture(scope="session")

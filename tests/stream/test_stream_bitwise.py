@@ -95,7 +95,7 @@ def test_streamed_nii_is_what_nibabel_writes(run, tiny_budget, volumes):
     run("run", "vol.nii.gz", "nb_streamed.nii", *LAYERS["w1"], "--max-memory", "12K", "-q")
     info = io.probe_volume(str(volumes / "vol.nii.gz"))
     data = _load(volumes / "nb_streamed.nii")
-    from convt3d_cli.report import plan_layer
+    from convt3d_cli.layerplan import plan_layer
 
     plan = plan_layer(info.engine_shape, {"stride": (2, 3, 1), "padding": (1, 0, 1),
                                           "output_padding": (1, 0, 0)},

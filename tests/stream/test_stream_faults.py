@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from convt3d_cli.io import _stream
+from convt3d_cli.io import hdf5, nifti, npy, npz
 
 LINEAR = ("--kernel", "linear", "--stride", "2")
 
@@ -38,18 +38,18 @@ def _full_disk_after(calls):
 original = None
 
 
-@pytest.mark.parametrize("output,target", [
-    ("out.nii", "_pwrite_all"), ("out.npy", "_pwrite_all"),
-    ("out.nii.gz", "NiftiWriter._deflate"), ("out.h5", "Hdf5Writer._write"),
-    ("out.npz", "NpzWriter._write"),
+@pytest.mark.parametrize("output,module,target", [
+    ("out.nii", nifti, "pwrite_all"), ("out.npy", npy, "pwrite_all"),
+    ("out.nii.gz", nifti, "NiftiWriter._deflate"), ("out.h5", hdf5, "Hdf5Writer._write"),
+    ("out.npz", npz, "NpzWriter._write"),
 ])
-def test_disk_full_midway(run, tiny_budget, monkeypatch, output, target):
+def test_disk_full_midway(run, tiny_budget, monkeypatch, output, module, target):
     global original
-    owner = _stream
+    owner = module
     name = target
     if "." in target:
         owner_name, name = target.split(".")
-        owner = getattr(_stream, owner_name)
+        owner = getattr(module, owner_name)
     original = getattr(owner, name)
     # .nii.gz compresses once per 4 MiB and at the end: fail that first call.
     monkeypatch.setattr(owner, name, _full_disk_after(0 if output.endswith(".gz") else 2))
@@ -110,10 +110,10 @@ def test_permission_denied_creating_the_temporary(run, monkeypatch):
 
 # Tiny fixed allowances (many slabs) and 30 ms per slab, so that the signal surely lands
 # mid-stream however loaded the machine is.
-SCRIPT = ("import sys, time; from convt3d_cli import stream; stream.FIXED_BYTES = 0; "
-          "stream.engine_scratch = lambda layer: 0; from convt3d_cli.io import _stream; "
-          "slow = _stream.StreamWriter.write_slab; "
-          "_stream.StreamWriter.write_slab = lambda *a: (time.sleep(0.03), slow(*a)); "
+SCRIPT = ("import sys, time; from convt3d_cli import slabs; slabs.FIXED_BYTES = 0; "
+          "from convt3d_cli.engine import PreparedLayer; PreparedLayer.scratch_bytes = lambda layer: 0; "
+          "from convt3d_cli.io import streaming; slow = streaming.StreamWriter.write_slab; "
+          "streaming.StreamWriter.write_slab = lambda *a: (time.sleep(0.03), slow(*a)); "
           "from convt3d_cli.cli import main; sys.argv[0] = 'convt3d'; main()")
 
 

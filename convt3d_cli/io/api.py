@@ -1,0 +1,403 @@
+"""The file layer's public functions; each finds the format by suffix and asks it.
+
+Nothing here knows a format: :mod:`convt3d_cli.io.registry` maps a suffix to
+its module, whose ``FORMAT`` object does the work (:mod:`convt3d_cli.io.base`
+describes the interface). Reading and writing go through one path each:
+:func:`write_volume` is the streaming writer fed a single slab, so the library
+and ``convt3d run`` write the same bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FileFormatError, OutputError, ParameterError, ShapeError
+from . import _gzip
+from ._atomic import check_target, same_file
+from .dtypes import check_numeric, dtype_name
+from .entries import BIAS, WEIGHT, choose_entry, entry_source, find_bias, parse_options
+from .records import Volume, Weights, WeightsInfo
+from .registry import format_for, format_module, output_format_for, split_spec, weight_suffixes
+from .safety import check_memory, require_file
+from .streaming import oriented_view
+
+
+def format_of(path):
+    """Format name (``"nifti"``, ``"hdf5"``, ``"npz"``, ``"npy"``) for a path's suffix.
+
+    Raises
+    ------
+    FileFormatError
+        For an unsupported suffix.
+    """
+    return format_module(split_spec(path)[0])
+
+
+def output_format(spec):
+    """Format name an output ``PATH[:KEY]`` will be written in; checks the suffix only.
+
+    Raises
+    ------
+    OutputError
+        For an unsupported suffix, listing the supported ones.
+    """
+    return output_format_for(split_spec(spec)[0]).name
+
+
+def transposed_slabs(spec):
+    """Whether an output ``PATH[:KEY]`` takes its slabs along engine W, transposed.
+
+    See :mod:`convt3d_cli.io.streaming`; the pipeline computes such outputs as the
+    transposed problem (:func:`convt3d_cli.slabs.oriented_layer`).
+    """
+    return output_format_for(split_spec(spec)[0]).transposed
+
+
+def _reader(spec):
+    path, key = split_spec(spec)
+    require_file(path)
+    return path, key, format_for(path)
+
+
+# --------------------------------------------------------------------------- volumes
+
+def probe_volume(spec):
+    """Describe the volume ``spec`` would read, from headers only.
+
+    Parameters
+    ----------
+    spec : str
+        ``PATH`` or ``PATH:KEY``.
+
+    Returns
+    -------
+    VolumeInfo
+        Shapes (stored and engine), dtypes, affine, header, attributes, sizes.
+
+    Raises
+    ------
+    FileFormatError, KeyNotFoundError, ShapeError
+        Missing, unsupported, corrupt, truncated or ambiguous files; wrong ranks.
+    """
+    path, key, fmt = _reader(spec)
+    return fmt.probe(path, key)
+
+
+def read_volume(spec, *, max_bytes=None):
+    """Read a volume in engine layout ``(N, C, D, H, W)``.
+
+    Parameters
+    ----------
+    spec : str
+        ``PATH`` or ``PATH:KEY``.
+    max_bytes : int, optional
+        Refuse to allocate more than this for the data.
+
+    Returns
+    -------
+    Volume
+
+    Raises
+    ------
+    FileFormatError, KeyNotFoundError, ShapeError
+        See :func:`probe_volume`.
+    MemoryLimitError
+        The header declares more data than ``max_bytes`` or the available memory.
+
+    Notes
+    -----
+    Sizes are checked against the header before anything is allocated: a
+    truncated ``.nii``/``.npy`` is refused without reading it.
+    """
+    path, key, fmt = _reader(spec)
+    info = fmt.probe(path, key)
+    check_memory(info.memory_needed, path, max_bytes)
+    data = fmt.load(info)
+    return Volume(data=data, affine=np.array(info.affine, dtype=np.float64),
+                  source_ndim=info.source_ndim, format=info.format, path=path, key=info.key,
+                  header=info.header, attrs=dict(info.attrs))
+
+
+def open_source(info, transposed, dtype, pad, scratch_dir):
+    """Input planes of a probed volume for a slab-wise run.
+
+    Parameters
+    ----------
+    info : VolumeInfo
+        From :func:`probe_volume`.
+    transposed : bool
+        Slab orientation of the output (:func:`transposed_slabs`).
+    dtype : numpy dtype
+        Compute dtype of the planes handed out.
+    pad : int
+        Edge voxels to replicate per side (the ``linear`` built-in kernel).
+    scratch_dir : str
+        Folder for a temporary decompressed copy, when the format needs one.
+
+    Returns
+    -------
+    Source
+        ``read(a, b)`` gives planes ``[a, b)``; ``close()`` when done.
+    """
+    return format_for(info.path).open_source(info, transposed, dtype, pad, scratch_dir)
+
+
+def resident_bytes(info):
+    """Bytes :func:`open_source` holds for the whole run (an input it must load whole)."""
+    return format_for(info.path).resident_bytes(info)
+
+
+def describe(spec):
+    """Everything ``convt3d info`` shows about a file, without loading voxel data.
+
+    Parameters
+    ----------
+    spec : str
+        ``PATH`` or ``PATH:KEY``.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable: ``path``, ``key``, ``format``, ``file_size``,
+        ``stored_shape``, ``dtype``, ``byte_order``, ``data_bytes``,
+        ``engine_shape``, ``batch``, ``channels``, ``layout``, ``spatial_axes``;
+        NIfTI adds ``nifti_version``, ``affine``, ``zooms``, ``sform_code``,
+        ``qform_code``, ``units``, ``scl_slope``, ``scl_inter``, ...; HDF5 adds
+        ``tree`` (every dataset with its attributes), ``default`` and
+        ``root_attrs``; npz adds ``arrays``. When a file holds several arrays
+        and none is the default, the shape fields are absent and ``note`` says why.
+    """
+    path, key, fmt = _reader(spec)
+    return fmt.describe(path, key)
+
+
+# --------------------------------------------------------------------------- weights
+
+def _array_reader(spec, what):
+    path, key, fmt = _reader(spec)
+    if not fmt.holds_weights:
+        *others, last = weight_suffixes()
+        raise FileFormatError(f"{path}: {what} must be stored in a {', '.join(others)} or {last} file")
+    fmt.check_key(path, key)
+    return path, key, fmt
+
+
+def _load_checked(fmt, path, entry):
+    where = entry_source(path, entry)
+    check_numeric(entry.dtype, where)
+    check_memory(entry.nbytes * (2 if entry.needs_copy else 1), where)
+    return np.asarray(fmt.load_entry(path, entry), dtype=entry.dtype.newbyteorder("="), order="C")
+
+
+def inspect_weights(spec):
+    """Weight shape, dtype and stored layer options, without loading the weight.
+
+    Parameters
+    ----------
+    spec : str
+        ``PATH`` or ``PATH:KEY`` of an npz, npy or HDF5 file.
+
+    Returns
+    -------
+    WeightsInfo
+        ``shape``, ``dtype``, ``options`` (see :class:`Weights`) and ``source``.
+    """
+    path, key, fmt = _array_reader(spec, "weights")
+    entries = fmt.entries(path)
+    entry = choose_entry(entries, key, WEIGHT, path)
+    where = entry_source(path, entry)
+    check_numeric(entry.dtype, where)
+    options = parse_options(fmt.stored_options(path, entry, entries), where)
+    return WeightsInfo(shape=tuple(entry.shape), dtype=dtype_name(entry.dtype), options=options,
+                       source=where)
+
+
+def probe_weights(spec):
+    """Shape of the weight ``spec`` names, from the header only.
+
+    Returns
+    -------
+    tuple of int
+    """
+    return inspect_weights(spec).shape
+
+
+def read_weights(spec, bias_spec=None, *, no_bias=False):
+    """Read a weight, its bias and the layer options stored with it.
+
+    Parameters
+    ----------
+    spec : str
+        ``PATH`` or ``PATH:KEY`` of an npz, npy or HDF5 file. Without a key:
+        the only array, else ``weight`` or a single ``*.weight`` (option
+        arrays and biases are not candidates).
+    bias_spec : str, optional
+        Read the bias from here (the only array, ``bias`` or a single
+        ``*.bias``) instead of from the weight's file.
+    no_bias : bool
+        Ignore any bias.
+
+    Returns
+    -------
+    Weights
+        The weight as stored (either layout; the engine validates it), the bias
+        or ``None``, and ``options`` from npz arrays / HDF5 attributes (the
+        weight dataset's attributes win over the file's root attributes).
+
+    Raises
+    ------
+    FileFormatError, KeyNotFoundError
+        Unreadable files, NIfTI weights, missing or ambiguous arrays, bad options.
+    ParameterError
+        Both ``bias_spec`` and ``no_bias``.
+    """
+    if bias_spec is not None and no_bias:
+        raise ParameterError("bias", "give either a bias file or no_bias, not both")
+    path, key, fmt = _array_reader(spec, "weights")
+    entries = fmt.entries(path)
+    entry = choose_entry(entries, key, WEIGHT, path)
+    weight = _load_checked(fmt, path, entry)
+    options = parse_options(fmt.stored_options(path, entry, entries), entry_source(path, entry))
+
+    bias, bias_source = None, None
+    if bias_spec is not None:
+        bias_path, bias_key, bias_fmt = _array_reader(bias_spec, "a bias")
+        bias_entry = choose_entry(bias_fmt.entries(bias_path), bias_key, BIAS, bias_path)
+        bias = _load_checked(bias_fmt, bias_path, bias_entry)
+        bias_source = entry_source(bias_path, bias_entry)
+    elif not no_bias:
+        bias_entry = find_bias(entries, entry.name, path)
+        if bias_entry is not None:
+            bias = _load_checked(fmt, path, bias_entry)
+            bias_source = entry_source(path, bias_entry)
+    return Weights(weight=weight, bias=bias, options=options, source=entry_source(path, entry),
+                   bias_source=bias_source)
+
+
+# --------------------------------------------------------------------------- writing
+
+def check_output(spec, out_shape, *, inputs=(), overwrite=False, params=None, formula=None):
+    """Refuse, before any computation, an output that :func:`open_writer` would refuse.
+
+    Parameters
+    ----------
+    spec : str
+        Output ``PATH[:KEY]``.
+    out_shape : tuple of int
+        The result's ``(N, Cout, D, H, W)``.
+    inputs : iterable of str
+        Specs of every file the run reads; the output may be none of them, with
+        or without ``overwrite``, however the path is spelled.
+    overwrite : bool
+    params, formula
+        Accepted for symmetry with :func:`open_writer`; no rule depends on them.
+
+    Raises
+    ------
+    OutputError
+        Unsupported suffix, output is an input, existing output without
+        ``overwrite``, missing or read-only folder, or a result the format cannot
+        hold (a key for NIfTI/npy, a batch into NIfTI).
+    """
+    path, key = split_spec(spec)
+    for other in inputs:
+        if other and same_file(path, split_spec(other)[0]):
+            raise OutputError(f"the output {path} is the input file {other}; choose another output name "
+                              f"(--overwrite never replaces an input)")
+    fmt = output_format_for(path)
+    check_target(path, overwrite)
+    fmt.output_key(key, tuple(out_shape))
+
+
+def open_writer(spec, out_shape, *, like, params, formula, overwrite=False, source=None, dtype=np.float32,
+                compress_level=None):
+    """Open the streaming writer for ``spec``; the format follows the suffix.
+
+    Parameters
+    ----------
+    spec : str
+        Output ``PATH[:KEY]`` (HDF5 dataset, default ``/volume``; npz member,
+        default ``volume``; no key for NIfTI and npy).
+    out_shape : tuple
+        Engine output ``(N, Cout, D, H, W)``.
+    like : Volume or VolumeInfo or None
+        The input: its rank, affine, NIfTI header and HDF5 voxel-size
+        attributes shape the output (``docs/behaviour.md``, *Files, axes and
+        keys* and *Spatial metadata*).
+    params : LayerParams
+        Layer parameters used (output affine, HDF5 attributes, NIfTI descrip).
+    formula : list of str
+        The three formula lines (HDF5 attribute ``formula``).
+    overwrite : bool
+        Replace an existing output (never the input).
+    source : str, optional
+        Input spec, stored as HDF5 attribute ``source``.
+    dtype : numpy dtype
+        The dtype of the slabs; array files store it, NIfTI stores float64 when
+        it is float64, else float32 (``writer.dtype`` says which).
+    compress_level : int, optional
+        ``.nii.gz`` only: 0 (fastest) to 3 (smallest), default 1.
+
+    Returns
+    -------
+    StreamWriter
+        ``write_slab(start, stop, block)`` then ``commit()`` (or use it as a context
+        manager); ``transposed`` tells the slab orientation.
+
+    Raises
+    ------
+    OutputError
+        Unsupported suffix, the output is the input, an existing output without
+        ``overwrite``, a missing folder, a result the format cannot hold.
+    """
+    path, key = split_spec(spec)
+    fmt = output_format_for(path)
+    if like is not None and getattr(like, "path", None) and same_file(path, like.path):
+        raise OutputError(f"{path} is the input file; choose another output")
+    if compress_level is not None and compress_level not in _gzip.LEVELS:
+        raise ParameterError("compress_level", f"compress_level must be 0 to 3, got {compress_level!r}")
+    return fmt.open_writer(path, key, tuple(int(v) for v in out_shape), fmt.stored_dtype(dtype, dtype),
+                           overwrite=overwrite, like=like, params=params, formula=list(formula),
+                           source=source, compress_level=compress_level)
+
+
+def write_volume(spec, data, *, like, params, formula, overwrite=False, source=None, dtype=None,
+                 compress_level=None):
+    """Write an engine result atomically: the streaming writer fed a single slab.
+
+    Parameters
+    ----------
+    spec : str
+        ``PATH`` or ``PATH:KEY``; see :func:`open_writer`.
+    data : numpy.ndarray
+        ``(N, Cout, D, H, W)``.
+    like, params, formula, overwrite, source, compress_level
+        As for :func:`open_writer`.
+    dtype : numpy dtype, optional
+        Array outputs: cast to it (default: keep the data's). NIfTI: float64 if it
+        is float64, else float32.
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Raises
+    ------
+    OutputError
+        Existing output without ``overwrite``, output is the input, missing
+        folder, batch into NIfTI, a key for npy/NIfTI, write failure.
+    ShapeError
+        ``data`` is not 5-D.
+    """
+    path = split_spec(spec)[0]
+    fmt = output_format_for(path)
+    data = np.asarray(data)
+    if data.ndim != 5:
+        raise ShapeError(f"data to write must be (N, C, D, H, W), got shape {data.shape}")
+    stored = fmt.stored_dtype(dtype, data.dtype)
+    with open_writer(spec, data.shape, like=like, params=params, formula=formula, overwrite=overwrite,
+                     source=source, dtype=stored, compress_level=compress_level) as writer:
+        block = oriented_view(data, writer.transposed)
+        writer.write_slab(0, writer.axis_length, np.ascontiguousarray(block, dtype=writer.dtype))
+    return path

@@ -1,0 +1,184 @@
+"""What the file layer hands out: arrays found in a file, volumes, weights.
+
+Plain records with no behaviour beyond derived sizes; every format module
+fills them the same way, so the rest of convt3d never asks which format a
+file was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dtypes import dtype_name, is_numeric
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One array inside a file, known from its header only.
+
+    ``name`` is the npz member (without ``.npy``), the absolute HDF5 dataset
+    path, or ``None`` for a ``.npy`` file. ``needs_copy`` says whether turning
+    the stored array into a C-contiguous native-endian one costs a second copy.
+    """
+
+    name: str | None
+    shape: tuple
+    dtype: np.dtype
+    needs_copy: bool = False
+    attrs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self):
+        return self.size * self.dtype.itemsize
+
+    @property
+    def numeric(self):
+        return is_numeric(self.dtype)
+
+    def label(self):
+        """``name (shape) dtype`` for listings in error messages."""
+        shape = "(" + ", ".join(str(n) for n in self.shape) + ("," if self.ndim == 1 else "") + ")"
+        prefix = f"{self.name} " if self.name is not None else ""
+        return f"{prefix}{shape} {dtype_name(self.dtype)}"
+
+
+@dataclass
+class VolumeInfo:
+    """What a volume file holds, read from its header only (no voxel data).
+
+    Attributes
+    ----------
+    path, key, format : str
+        File, array actually chosen (``None`` for npy/NIfTI) and format name.
+    stored_shape : tuple of int
+        Shape as stored (NIfTI: ``(X, Y, Z[, 1][, C])``).
+    engine_shape : tuple of int
+        ``(N, C, D, H, W)`` as :func:`read_volume` returns it.
+    dtype : str
+        Stored element type (``"int16"``; byte order in :attr:`byte_order`).
+    source_ndim : int
+        Rank as stored; drives the rank of array outputs.
+    affine : numpy.ndarray
+        4x4 voxel-to-world affine; identity for array files.
+    zooms : tuple of float or None
+        NIfTI voxel sizes (all axes), else ``None``.
+    header : nibabel header or None
+    attrs : dict
+        HDF5 attributes of the dataset, else ``{}``.
+    read_dtype : str
+        Element type of ``Volume.data`` (float when NIfTI scaling applies).
+    nbytes : int
+        Size of ``Volume.data``.
+    memory_needed : int
+        Peak bytes :func:`read_volume` allocates (data plus any temporary copy).
+    file_size : int
+    byte_order : str
+        ``"little"``, ``"big"`` or ``"not applicable"`` (1-byte types).
+    scaling : tuple of float or None
+        ``(scl_slope, scl_inter)`` when NIfTI scaling is applied on read.
+    stored_dtype : numpy.dtype or None
+        Stored element type with its byte order.
+    data_offset : int or None
+        Byte offset of the voxel data (npy, NIfTI; uncompressed stream for .nii.gz).
+    """
+
+    path: str
+    key: str | None
+    format: str
+    stored_shape: tuple
+    engine_shape: tuple
+    dtype: str
+    source_ndim: int
+    affine: np.ndarray
+    zooms: tuple | None
+    header: object | None
+    attrs: dict
+    read_dtype: str
+    nbytes: int
+    memory_needed: int
+    file_size: int
+    byte_order: str
+    scaling: tuple | None = None
+    stored_dtype: np.dtype | None = None
+    data_offset: int | None = None
+    entry: Entry | None = field(default=None, repr=False)
+
+
+@dataclass
+class Volume:
+    """A volume in engine layout plus the metadata needed to write the result.
+
+    Attributes
+    ----------
+    data : numpy.ndarray
+        ``(N, C, D, H, W)``, C-contiguous, native byte order; dtype as stored
+        except for scaled NIfTI images, which come back as float.
+    affine : numpy.ndarray
+        ``(4, 4)`` float64 voxel-to-world; identity for npy/npz/h5.
+    source_ndim : int
+        Rank as stored (3, 4 or 5).
+    format : str
+        ``"nifti"``, ``"hdf5"``, ``"npz"`` or ``"npy"``.
+    path : str
+    key : str or None
+        Dataset path / npz member actually read.
+    header : nibabel header or None
+        Header of a NIfTI input (codes, units, 4th zoom), else ``None``.
+    attrs : dict
+        HDF5 attributes of the dataset read, else ``{}``.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    source_ndim: int
+    format: str
+    path: str
+    key: str | None = None
+    header: object | None = None
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Weights:
+    """A weight array, its optional bias and the layer options stored with it.
+
+    Attributes
+    ----------
+    weight : numpy.ndarray
+        As stored: ``(Cin, Cout/g, kD, kH, kW)`` or ``(g, Cin/g, Cout/g, kD, kH, kW)``.
+    bias : numpy.ndarray or None
+    options : dict
+        Any of ``stride``, ``padding``, ``output_padding``, ``dilation``
+        (int or list of 3 ints) and ``groups`` (int) found in the file.
+    source : str
+        ``"path:key"`` actually read (just the path for ``.npy``).
+    bias_source : str or None
+        Where the bias came from.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    options: dict
+    source: str
+    bias_source: str | None = None
+
+
+@dataclass
+class WeightsInfo:
+    """Header-only view of a weights file (see :func:`convt3d_cli.io.inspect_weights`)."""
+
+    shape: tuple
+    dtype: str
+    options: dict
+    source: str

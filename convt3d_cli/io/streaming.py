@@ -1,0 +1,257 @@
+"""Slab writers and slab sources: the bases every format's streaming builds on.
+
+A run computes its output in slabs of planes along one engine axis (see
+:mod:`convt3d_cli.slabs`). Each format module subclasses :class:`StreamWriter`
+to put slabs straight into its file, and :class:`Source` (usually through
+:class:`ArraySource`) to hand out the input planes a slab reads.
+
+Slab orientation (``transposed``, a class attribute of a format)
+    Arrays (npy, npz, HDF5) are C-ordered ``(N, C, D, H, W)``: D is the slowest
+    spatial axis, so a D-slab is one contiguous run of bytes per (n, c). NIfTI
+    is Fortran-ordered ``(X, Y, Z[, C])`` with engine D = X the *fastest* axis;
+    its slabs run along engine W = NIfTI Z instead, and arrive *transposed*,
+    ``(N, C, W, H, D)`` C-ordered, which is the file's byte order.
+
+The writer's file lives at a temporary name beside the target until
+:meth:`StreamWriter.commit` renames it (:func:`~convt3d_cli.io._atomic.atomic_write`:
+a failure, Ctrl-C or SIGTERM removes the temporary file). Writes go through
+``os.pwrite`` rather than memory maps: dirty pages of a mapped output count in
+the resident size until the kernel writes them back, which would defeat
+``--max-memory``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from .. import geometry
+from ..errors import OutputError, ShapeError
+from ._atomic import atomic_write
+
+# Bytes handed to the compressor / copied from a spool file at a time.
+IO_CHUNK = 4 << 20
+
+
+def pwrite_all(fd, data, offset):
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def chunks(array):
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    for start in range(0, len(view), IO_CHUNK):
+        yield view[start:start + IO_CHUNK]
+
+
+class StreamWriter:
+    """Base: atomic temporary file, slab bookkeeping, commit/abort.
+
+    Parameters
+    ----------
+    path : str
+        Target file.
+    out_shape : tuple
+        Engine output ``(N, C, D, H, W)`` (never transposed).
+    dtype : numpy dtype
+        The dtype slabs arrive in (and are stored in).
+    """
+
+    #: Whether slabs arrive along engine W, transposed to ``(N, C, W, H, D)``.
+    transposed = False
+
+    def __init__(self, path, out_shape, dtype, overwrite):
+        self.path = path
+        self.out_shape = tuple(int(v) for v in out_shape)
+        self.dtype = np.dtype(dtype)
+        self._context = atomic_write(path, overwrite=overwrite)
+        self.tmp = self._context.__enter__()
+        self._open = True
+        self.written = 0  # slab planes received
+
+    @property
+    def slab_shape(self):
+        """The engine output shape in the orientation slabs arrive in."""
+        return geometry.oriented(self.out_shape, self.transposed)
+
+    @property
+    def axis_length(self):
+        return self.slab_shape[2]
+
+    def write_slab(self, start, stop, block):
+        """Store output planes ``[start, stop)`` (slab orientation, C-contiguous, ``self.dtype``)."""
+        expected = self.slab_shape[:2] + (stop - start,) + self.slab_shape[3:]
+        if tuple(block.shape) != expected or block.dtype != self.dtype:
+            raise ShapeError(f"slab must be {self.dtype} {expected}, got {block.dtype} {block.shape}")
+        try:
+            self._write(start, stop, np.ascontiguousarray(block))
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self.written += stop - start
+
+    def commit(self):
+        """Finish the file and move it onto the target."""
+        if self.written != self.axis_length:
+            raise OutputError(f"cannot write {self.path}: only {self.written} of "
+                              f"{self.axis_length} planes were computed")
+        try:
+            self._finish()
+            self._release()
+            self._open = False
+            self._context.__exit__(None, None, None)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self, exc_info=(None, None, None)):
+        """Remove the temporary file (idempotent)."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self._release()
+        except Exception:  # noqa: BLE001 - already failing; the file goes anyway
+            pass
+        error = exc_info[1] if exc_info[1] is not None else OutputError("aborted")
+        try:
+            self._context.__exit__(type(error), error, exc_info[2])
+        except BaseException as raised:  # atomic_write re-raises what it was given
+            if raised is not error:
+                raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort((exc_type, exc, tb))
+        return False
+
+    # ---- per format
+    def _write(self, start, stop, block):
+        raise NotImplementedError
+
+    def _finish(self):
+        pass
+
+    def _release(self):
+        pass
+
+
+class Spool:
+    """An anonymous file beside the target holding raw data written out of order."""
+
+    def __init__(self, folder, size):
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".convt3d-spool-")
+        os.ftruncate(self.file.fileno(), size)
+        self.size = size
+
+    def pwrite(self, data, offset):
+        pwrite_all(self.file.fileno(), data, offset)
+
+    def pieces(self):
+        fd = self.file.fileno()
+        offset = 0
+        while offset < self.size:
+            piece = os.pread(fd, min(IO_CHUNK, self.size - offset), offset)
+            if not piece:
+                raise OSError("the spool file is shorter than expected")
+            offset += len(piece)
+            yield piece
+
+    def close(self):
+        self.file.close()
+
+
+# --------------------------------------------------------------------------- sources
+
+class Source:
+    """Input planes ``[a, b)`` along the slab axis, in compute dtype, C-contiguous.
+
+    Subclasses provide :meth:`_raw`, planes of the unpadded input in slab
+    orientation in any dtype; this class converts them (applying the volume's
+    scaling, e.g. NIfTI ``scl_slope``, in the reading dtype exactly as a whole
+    read does) and adds the replicated edge of the ``linear`` kernel.
+    """
+
+    def __init__(self, info, transposed, dtype, pad):
+        self.info = info
+        self.transposed = transposed
+        self.dtype = np.dtype(dtype)
+        self.pad = pad
+        self.shape = geometry.oriented(info.engine_shape, transposed)  # unpadded
+        self.read_dtype = np.dtype(info.read_dtype)
+        self.scaling = getattr(info, "scaling", None)
+
+    def _raw(self, a, b):
+        raise NotImplementedError
+
+    def _converted(self, a, b):
+        raw = self._raw(a, b)
+        shape = self.shape[:2] + (b - a,) + self.shape[3:]
+        if self.scaling is None and self.read_dtype == self.dtype:
+            out = np.empty(shape, dtype=self.dtype)
+            np.copyto(out, raw, casting="unsafe")
+            return out
+        stage = np.empty(shape, dtype=self.read_dtype)
+        np.copyto(stage, raw, casting="unsafe")
+        del raw
+        apply_scaling(stage, self.scaling)
+        return np.ascontiguousarray(stage, dtype=self.dtype)
+
+    def read(self, a, b):
+        """Planes ``[a, b)`` of the (padded) input along the slab axis."""
+        if not self.pad:
+            return self._converted(a, b)
+        n = self.shape[2]
+        lo, hi = min(max(a - 1, 0), n - 1), min(max(b - 2, 0), n - 1) + 1
+        core = self._converted(lo, hi)
+        index = np.clip(np.arange(a, b) - 1, 0, n - 1) - lo
+        planes = np.take(core, index, axis=2)
+        del core
+        return np.pad(planes, [(0, 0)] * 3 + [(1, 1)] * 2, mode="edge")
+
+    def close(self):
+        pass
+
+
+class ArraySource(Source):
+    """Anything indexable in engine layout: a NumPy memory map, an in-memory array."""
+
+    def __init__(self, info, transposed, dtype, pad, engine_array, keep=None):
+        super().__init__(info, transposed, dtype, pad)
+        self.array = oriented_view(engine_array, transposed)
+        self._keep = keep
+
+    def _raw(self, a, b):
+        return self.array[:, :, a:b]
+
+    def close(self):
+        self.array = None
+        if self._keep is not None:
+            self._keep.close()
+            self._keep = None
+
+
+def oriented_view(array, transposed):
+    """A 5-D engine-layout array in slab orientation (a view: spatial axes reversed when transposed)."""
+    return array.transpose(0, 1, 4, 3, 2) if transposed else array
+
+
+def apply_scaling(array, scale):
+    """Apply ``(slope, inter)`` in place (no-op for ``None``), in the array's own dtype."""
+    if scale is not None:
+        slope, inter = scale
+        array *= array.dtype.type(slope)
+        if inter:
+            array += array.dtype.type(inter)

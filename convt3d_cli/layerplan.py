@@ -1,0 +1,160 @@
+"""Plan a layer for an input: resolve its parameters, validate it, report its shape.
+
+``convt3d run``, ``convt3d shape`` and ``convt3d batch`` share everything here:
+resolving the layer parameters (command line over weights file over
+defaults), the output shape and the JSON report of the layer, and the
+padding choices that reach a target size. All arithmetic is delegated to
+:mod:`convt3d_cli.geometry`; the text lines are :mod:`convt3d_cli.report`'s.
+
+The plan is built in two steps on purpose: :func:`plan_layer` only needs the
+parameters, so the formula can be shown before anything else can fail, and
+:meth:`LayerPlan.validate` then checks the data-dependent rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import geometry
+from .builtin import builtin_params
+from .errors import ParameterError
+from .options import merge_layer_options
+
+
+@dataclass
+class LayerPlan:
+    """One ConvTranspose3d applied to an input of known shape.
+
+    Attributes
+    ----------
+    input_shape : tuple of int
+        ``(N, C, D, H, W)`` or ``(C, D, H, W)``; the output keeps the rank.
+    weight_shape : tuple of int
+        As stored, or the equivalent depthwise weight of a built-in kernel.
+    params : geometry.LayerParams
+    kernel : str or None
+        Name of a built-in kernel, ``None`` for user weights.
+    bias_shape : tuple of int or None
+    """
+
+    input_shape: tuple
+    weight_shape: tuple
+    params: geometry.LayerParams
+    kernel: str | None = None
+    bias_shape: tuple | None = None
+    output_shape: tuple | None = field(default=None, init=False)
+
+    @property
+    def formula(self):
+        """The three formula lines (valid even before :meth:`validate`)."""
+        return geometry.formula_lines(self.input_shape[-3:], self.params)
+
+    def validate(self):
+        """Check channels, groups, bias and output size; return the output shape.
+
+        Raises
+        ------
+        ShapeError, ParameterError
+        """
+        channels = self.input_shape[-4]
+        canonical = geometry.canonical_weight_shape(self.weight_shape, channels, self.params.groups)
+        out_channels = canonical[0] * canonical[2]
+        if self.bias_shape is not None:
+            geometry.check_bias_shape(self.bias_shape, out_channels)
+        spatial = geometry.output_spatial(self.input_shape[-3:], self.params)
+        self.output_shape = self.input_shape[:-4] + (out_channels,) + spatial
+        return self.output_shape
+
+    def as_dict(self):
+        """JSON-ready report of the layer (shapes, parameters, formula)."""
+        report = {
+            "input_shape": list(self.input_shape),
+            "weight_shape": list(self.weight_shape),
+            "output_shape": list(self.output_shape) if self.output_shape is not None else None,
+            "kernel": self.kernel,
+        }
+        report.update(self.params.as_dict())
+        report["formula"] = self.formula
+        return report
+
+
+def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias_shape=None,
+               file_options=None):
+    """Resolve the layer parameters for an input shape.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(N, C, D, H, W)`` or ``(C, D, H, W)``.
+    cli_options : dict
+        ``stride``, ``padding``, ... from the command line (``None`` = not given).
+    weight_shape : tuple of int, optional
+        Shape of the user weight; its last three axes are the kernel size.
+    kernel : str, optional
+        Built-in kernel name instead of ``weight_shape`` (uses only ``stride``).
+    bias_shape : tuple of int, optional
+    file_options : dict, optional
+        Layer options stored in the weights file; the command line overrides them.
+
+    Returns
+    -------
+    LayerPlan
+        Not validated yet; call :meth:`LayerPlan.validate`.
+    """
+    input_shape = tuple(int(v) for v in input_shape)
+    geometry.check_input_shape(input_shape)
+    channels = input_shape[-4]
+    if kernel is not None:
+        params = builtin_params(kernel, cli_options["stride"], channels)
+        weight_shape = (channels, 1) + params.kernel_size
+        return LayerPlan(input_shape, weight_shape, params, kernel=kernel)
+    weight_shape = tuple(int(v) for v in weight_shape)
+    if len(weight_shape) not in (5, 6):
+        # Let geometry word the rank error, as the library does.
+        geometry.canonical_weight_shape(weight_shape, channels, 1)
+    file_options = dict(file_options or {})
+    if len(weight_shape) == 6:
+        # A grouped (MegEngine) weight states its number of groups.
+        file_options.setdefault("groups", weight_shape[0])
+    options = merge_layer_options(cli_options, file_options)
+    params = geometry.LayerParams.create(weight_shape[-3:], **options)
+    return LayerPlan(input_shape, weight_shape, params, bias_shape=bias_shape)
+
+
+def weight_shape_for(in_channels, out_channels, kernel_size, cli_options):
+    """Weight shape ``(Cin, Cout/groups, kD, kH, kW)`` for ``convt3d shape --out-channels``.
+
+    Raises
+    ------
+    ParameterError
+        If ``out_channels`` is not a positive multiple of ``groups``.
+    """
+    groups = merge_layer_options(cli_options)["groups"]
+    if out_channels < 1 or out_channels % groups:
+        raise ParameterError("out_channels", f"out_channels must be a positive multiple of groups "
+                                             f"({groups}), got {out_channels}")
+    return (in_channels, out_channels // groups) + tuple(kernel_size)
+
+
+def target_plan(input_spatial, target, params):
+    """``(padding, output_padding)`` choices per axis that give ``target``.
+
+    Parameters
+    ----------
+    input_spatial, target : tuple of 3 ints
+    params : geometry.LayerParams
+        Supplies kernel size, stride and dilation.
+
+    Returns
+    -------
+    list of dict
+        One per axis: ``axis``, ``input``, ``target``, ``choices`` (list of
+        ``[padding, output_padding]``, empty when none exists).
+    """
+    axes = []
+    for axis, (n_in, n_out) in enumerate(zip(input_spatial, target)):
+        choices = geometry.padding_choices(n_in, n_out, params.kernel_size[axis], params.stride[axis],
+                                           params.dilation[axis])
+        axes.append({"axis": geometry.AXES[axis], "input": n_in, "target": n_out,
+                     "choices": [list(c) for c in choices]})
+    return axes

@@ -276,7 +276,7 @@ def read_weights(spec, bias_spec=None, *, no_bias=False):
 
 # --------------------------------------------------------------------------- writing
 
-def check_output(spec, out_shape, *, inputs=(), overwrite=False, params=None, formula=None):
+def check_output(spec, out_shape, *, inputs=(), overwrite=False):
     """Refuse, before any computation, an output that :func:`open_writer` would refuse.
 
     Parameters
@@ -289,8 +289,6 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False, params=None, fo
         Specs of every file the run reads; the output may be none of them, with
         or without ``overwrite``, however the path is spelled.
     overwrite : bool
-    params, formula
-        Accepted for symmetry with :func:`open_writer`; no rule depends on them.
 
     Raises
     ------

@@ -9,46 +9,55 @@ gets bitwise-identical results.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import geometry
 from ..errors import ParameterError, ShapeError
 from . import _plan
 
-# When the register-blocked kernel (blocks of 8 output channels) beats the FIR kernel,
-# measured per group on 64^3 k3 s2 layers: from Cin*Cout = 64 on, or from 16 on with at
-# least 3 input channels (FIR wins 1->16, 2->8 and 8->1; blocked wins 3->8, 4->4, 32->2).
+# Path selection (``choose_path`` tries paired rows, shuffle GEMM, sub-pixel, blocked, then
+# FIR). Each rule below says when a kernel is chosen and why; ``benchmarks/bench_paths.py``
+# runs every kernel on the same few-channel layers and shows the measurements behind the
+# thresholds.
+#
+# Blocked (register blocks of 8 output channels) instead of FIR when Cin*Cout per group is
+# at least 64, or at least 16 with at least 3 input channels: with fewer channels each
+# input load and padded-block copy serves too few multiplies to pay off.
 BLOCKED_MIN_CHANNEL_PRODUCT = 64
 BLOCKED_MIN_PRODUCT_FEW = 16
 BLOCKED_MIN_IN_CHANNELS_FEW = 3
-# When the sub-pixel kernel (phases as channels) beats both, measured on 64^3 and 128^3
-# s2 layers: at most 32 virtual channels (Cout/G x phases; 2->8 and 3->8 stay blocked),
-# W stride 1 or 2 with the two W phases side by side (stride 3 scatters one value at a
-# time: 2.7x slower than FIR), and for one input channel only windows with at least 8 taps
-# of which at least 3/4 are real (1 ch k4 9.4 vs 10.7 ms FIR, depthwise k4 35.8 vs 40.6;
-# k3 s2 has 42 % real taps and stays FIR, 6.4 vs 5.9; k2 has one tap: FIR 10.6 vs 11.8).
-# From 2 input channels on it wins below the blocked thresholds and above them for few
-# outputs: 8->1 3.1 vs 6.8 (FIR), 4->4 6.6 vs 9.9, 32->2 16.5 vs 25.5 (blocked).
-# When the paired-rows kernel (W stride 2, at most two taps per W phase) beats the others,
-# measured on 64^3 / 128^3 s2 layers: one input channel per group always (1 ch k3 3.4-5.2
-# vs 5.6-10.1 ms FIR, k4 5.4 vs 8.0 sub-pixel, k2 10.8 vs 19.8 FIR, depthwise 32 k3 17.5 vs
-# 34.5, 1->64 15.2 vs 28.3 blocked, 1->128 13.9 vs 24.6), two input channels below the
-# blocked threshold (2->1 1.25 vs 1.52 sub-pixel, 2->4 4.8 vs 5.3, 2->16 16.0 vs 16.3
-# blocked and 23.2 FIR; 2->32 19.1 vs 17.6 blocked). From 3 inputs on the sub-pixel and
-# blocked kernels, which share one input load among 8 channels, win (4->4 8.7 vs 6.5).
+# Paired rows (W stride 2, at most two taps per W phase) for one input channel per group
+# at any number of outputs, and for two while Cin*Cout is below the blocked threshold: it
+# computes both W phases of a row in one pass from unit-stride loads, without the FIR
+# kernel's coefficient rows or the sub-pixel kernel's scatter. From 3 input channels on
+# the sub-pixel and blocked kernels win, because they share one input load among 8
+# channels.
 PAIRED_MAX_IN_CHANNELS = 2
-# When the shuffle-GEMM kernel (kernel == stride without padding: the U-Net decoder's k2 s2,
-# pointwise layers) beats the others, measured on 64^3 layers (ms, same process): from the
-# point where paired rows stop winning (2->2 0.95 vs 0.88 paired, 2->16 7.1 vs 6.8, one
-# channel 12.8 vs 10.1, depthwise 14.8 vs 12.3): 4->4 2.2 vs 3.2 paired, 8->8 5.7 vs 7.2
-# blocked, 32->32 47.8 vs 55.2, 128->64 at 32^3 40.7 vs 46.3, 64->32 91.2 vs 89.6, pointwise
-# 16->16 3.2 vs 3.9. 320->256 at 8^3 takes 4.8 ms like the blocked kernel (which packs the
-# whole layer's weights per call: peak memory 1.67x the output against 1.03x). W stride 3
-# scatters one value at a time (8->8 k3 s3 20.9 vs 10.4 blocked): not used there.
+# Shuffle GEMM (kernel == stride without padding: the U-Net decoder's k2 s2, pointwise
+# layers) from 2 input channels per group on, unless paired rows take the layer: every
+# output has exactly one tap, so it reads each input once, with no halo and no packed
+# weights. On the largest layers it is as fast as the blocked kernel and needs far less
+# memory (that one packs the whole layer's weights per call). Not for W stride 3, where it
+# would scatter one value at a time.
 SHUFFLE_MIN_IN_CHANNELS = 2
 # Input bytes one shuffle-GEMM job reads: they stay in L2 (1 MiB here) while the job runs
 # through all its channel blocks.
 SHUFFLE_CHUNK_BYTES = 512 * 1024
+# Sub-pixel (phases as the channels of one stride-1 convolution) instead of FIR and blocked
+# when:
+# - there are at most 32 virtual channels (Cout/G x phases), beyond which the blocked
+#   kernel wins;
+# - W stride is 1, or 2 with the two W phases side by side, because any other W layout
+#   scatters one value at a time;
+# - there are at least 2 input channels per group: the phases fill the 8-channel register
+#   blocks that so few output channels would leave mostly empty, so it beats FIR below the
+#   blocked thresholds and the blocked kernel above them;
+# - or, with one input channel, the shared window has at least 8 taps of which at least
+#   3/4 are real, because with one channel the window's zero taps cost as much as its real
+#   ones (k3 s2, with 42 % real taps, and k2, with one tap, stay FIR).
 SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
@@ -63,6 +72,47 @@ BLOCK_SHARE_OF_OUTPUT = 0.04
 REP_BYTES = 1024 * 1024
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+class FirTables(NamedTuple):
+    """The FIR kernel's H and W tables (``PreparedLayer._static_tables``).
+
+    Attributes
+    ----------
+    h_table : tuple
+        ``(count, taps, inputs)`` of every output row (``_plan.gather_table``).
+    w_fir : ndarray of int64, shape (T, Wout)
+        Kernel index per window and output column (``_plan.fir_taps``).
+    """
+
+    h_table: tuple
+    w_fir: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedBlocked:
+    """A layer's run of the plain or the sub-pixel blocked kernel: the shared plan and what
+    the layer adds to it.
+
+    Attributes
+    ----------
+    plan : _plan.BlockedPlan
+        The cached plan, shared with other layers of the same shapes: read only.
+    w_packed : ndarray, shape ``plan.w_shape``
+        The layer's weights packed in term order.
+    bias_blocks : ndarray, (G, n_cob, channel_block * position_block)
+        Where the accumulator blocks start: the bias, zero past a group's (virtual) channels.
+    shuffle : ndarray of int64, (Cout_g * P, 4), or None
+        Sub-pixel only: ``(co, rd, rh, rw)`` of each virtual channel (``_plan.subpixel_weight``).
+    sub : tuple of 3 ndarrays, or None
+        Sub-pixel only: the D, H and W ``table`` of ``_plan.subpixel_phases``.
+    """
+
+    plan: _plan.BlockedPlan
+    w_packed: np.ndarray
+    bias_blocks: np.ndarray
+    shuffle: np.ndarray | None = None
+    sub: tuple | None = None
 
 
 def _kernels():
@@ -112,15 +162,15 @@ def _subpixel_pays(cin_g, cout_g, phases):
     n_phases = int(np.prod([len(axis) for axis in phases]))
     if n_phases < 2 or cout_g * n_phases > SUBPIXEL_MAX_VIRTUAL_CHANNELS or len(phases[2]) > 2:
         return False
-    tables = [_plan.subpixel_phases(axis) for axis in phases]
+    subpixel = [_plan.subpixel_phases(axis) for axis in phases]
     if len(phases[2]) == 2:
-        table = tables[2][1]
-        cols = table[0] + 2 * table[2]
+        first, _, offset = subpixel[2].table
+        cols = first + 2 * offset
         if abs(int(cols[0] - cols[1])) != 1:
             return False  # the two W phases are not side by side: no interleaved runs
     if cin_g >= 2:
         return True
-    window = int(np.prod([len(virtual[0].kernel) for virtual, _, _ in tables]))
+    window = int(np.prod([len(axis.virtual[0].kernel) for axis in subpixel]))
     real = np.prod([np.mean([len(ph.kernel) for ph in axis]) for axis in phases])
     return window >= SUBPIXEL_MIN_TAPS_ONE_INPUT and real / window >= SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT
 
@@ -185,10 +235,10 @@ class PreparedLayer:
         if self._static is None:
             k, s, p, d = (self.params.kernel_size, self.params.stride, self.params.padding,
                           self.params.dilation)
-            self._static = {
-                "h_table": _plan.gather_table(0, self.out_spatial[1], self.input_shape[3], k[1], s[1], p[1], d[1]),
-                "w_fir": _plan.fir_taps(self.out_spatial[2], k[2], s[2], p[2], d[2]),
-            }
+            self._static = FirTables(
+                h_table=_plan.gather_table(0, self.out_spatial[1], self.input_shape[3], k[1], s[1], p[1], d[1]),
+                w_fir=_plan.fir_taps(self.out_spatial[2], k[2], s[2], p[2], d[2]),
+            )
         return self._static
 
     def _phases(self):
@@ -237,7 +287,7 @@ class PreparedLayer:
         n_batch = x_slab.shape[0]
         for o0, o1 in _plane_steps(out_start, out_stop, n_batch, progress):
             d_table = _plan.gather_table(o0, o1, self.input_shape[2], k[0], s[0], p[0], d[0])
-            kern.direct_fir(x_slab, self.weight, self.bias, out, *d_table, *static["h_table"], static["w_fir"],
+            kern.direct_fir(x_slab, self.weight, self.bias, out, *d_table, *static.h_table, static.w_fir,
                             s[2], p[2], in_start, self._direct_chunk(o1 - o0, n_batch), o1 - o0, o0 - out_start)
 
     def scratch_bytes(self):
@@ -254,52 +304,49 @@ class PreparedLayer:
             return weights + _threads() * self._paired_job_bytes()
         if self.path == "shuffle":
             return weights + _threads() * self._shuffle_job_bytes()
-        plan = self._blocked_plan(self.path)
-        _, _, _, _, n_dp, _, n_hp, _, n_wp = plan["blocking"]
+        prepared = self._blocked_plan(self.path)
+        padded = prepared.plan.blocking.padded
         kern = _kernels()
         # The padded input block plus the kernel's result blocks (a row of them for the
         # sub-pixel kernel), per thread.
-        blocks = (n_wp + kern.WIDE_POSITION_BLOCK) * kern.CHANNEL_BLOCK + (
+        blocks = (padded.n_wp + kern.WIDE_POSITION_BLOCK) * kern.CHANNEL_BLOCK + (
             self.params.stride[2] * (kern.CHANNEL_BLOCK + 1) * kern.POSITION_BLOCK)
-        block = (self.cin_g * n_dp * n_hp * n_wp + kern.WIDE_POSITION_BLOCK + blocks) * self.dtype.itemsize
-        return weights + plan["w_packed"].nbytes + plan["terms"].nbytes + _threads() * block
+        block = (self.cin_g * padded.n_dp * padded.n_hp * padded.n_wp + kern.WIDE_POSITION_BLOCK
+                 + blocks) * self.dtype.itemsize
+        return weights + prepared.w_packed.nbytes + prepared.plan.terms.nbytes + _threads() * block
 
     def _blocked_plan(self, path="blocked"):
-        """Packed weights, terms and tables of the plain or the sub-pixel blocked kernel."""
+        """The :class:`PreparedBlocked` of the plain or the sub-pixel blocked kernel, once."""
         if path not in self._plans:
             kern = _kernels()
             phases = self._phases()
             weight = self.weight
-            plan = {}
+            shuffle = sub = None
             position_block = kern.POSITION_BLOCK
             if path == "subpixel":
                 subpixel = [_plan.subpixel_phases(axis) for axis in phases]
-                weight, plan["shuffle"] = _plan.subpixel_weight(
-                    weight, *phases, [sp[1] for sp in subpixel], [sp[2] for sp in subpixel])
-                plan["sub"] = tuple(sp[1] for sp in subpixel)
-                phases = [sp[0] for sp in subpixel]
+                sub = tuple(axis.table for axis in subpixel)
+                weight, shuffle = _plan.subpixel_weight(
+                    weight, *phases, list(sub), [axis.tap_index for axis in subpixel])
+                phases = [axis.virtual for axis in subpixel]
                 position_block = kern.WIDE_POSITION_BLOCK
-            # A copy of the shared cached plan: the layer adds its own weights to it.
-            plan.update(_plan.cached_blocked_plan(
+            # Shared with every layer of the same shapes: the layer's own arrays go beside it.
+            plan = _plan.cached_blocked_plan(
                 weight.shape, *(tuple(axis) for axis in phases),
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
                 position_block, self._block_bytes(), n_jobs_wanted=4 * _threads(),
                 n_outer=self.input_shape[0] * self.groups, row_blocks=path == "blocked",
-                whole_planes=path == "subpixel"))
-            w_packed = np.empty(plan["w_shape"], dtype=self.dtype)
-            kern.pack_weights(weight, w_packed, *plan["kernel_tables"])
-            plan["w_packed"] = w_packed
-            # Accumulator blocks start from the bias: (G, n_cob, channel_block * position_block),
-            # zero past the (virtual) channels of a group.
+                whole_planes=path == "subpixel")
+            w_packed = np.empty(plan.w_shape, dtype=self.dtype)
+            kern.pack_weights(weight, w_packed, *plan.kernel_tables)
             n_cob = w_packed.shape[1]
             channel_bias = self.bias.reshape(self.groups, self.cout_g)
             if path == "subpixel":
-                channel_bias = channel_bias[:, plan["shuffle"][:, 0]]
+                channel_bias = channel_bias[:, shuffle[:, 0]]
             bias_blocks = np.zeros((self.groups, n_cob * kern.CHANNEL_BLOCK), dtype=self.dtype)
             bias_blocks[:, :channel_bias.shape[1]] = channel_bias
-            plan["bias_blocks"] = np.repeat(bias_blocks, position_block, axis=1).reshape(
-                self.groups, n_cob, -1)
-            self._plans[path] = plan
+            bias_blocks = np.repeat(bias_blocks, position_block, axis=1).reshape(self.groups, n_cob, -1)
+            self._plans[path] = PreparedBlocked(plan, w_packed, bias_blocks, shuffle, sub)
         return self._plans[path]
 
     def _block_bytes(self):
@@ -312,14 +359,20 @@ class PreparedLayer:
 
     def _run_subpixel(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
-        plan = self._blocked_plan("subpixel")
-        sub_d, sub_h, sub_w = plan["sub"]
-        counts = [int(c[0]) for c in plan["tables"][1::2]]
+        prepared = self._blocked_plan("subpixel")
+        plan = prepared.plan
+        tables, blocking = plan.tables, plan.blocking
+        sub_d, sub_h, sub_w = prepared.sub
+        real_first, real_count, real_offset = sub_d  # the real D phases
+        # Each axis has a single virtual phase (``_plan.subpixel_phases``): the kernel takes
+        # its position count, not the phase tables.
+        n_vd, n_vh, n_vw = int(tables.count_d[0]), int(tables.count_h[0]), int(tables.count_w[0])
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
-            v_lo, v_hi = _plan.q_range(sub_d[0], sub_d[1], self.params.stride[0], sub_d[2], o0, o1)
-            kern.subpixel_blocked(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"], out, *counts,
-                                  *plan["blocking"][:2], *plan["blocking"][3:], in_start, self.input_shape[2], o0,
-                                  v_lo, v_hi, plan["shuffle"], sub_d, sub_h, sub_w, o1 - o0, o0 - out_start)
+            v_lo, v_hi = _plan.q_range(real_first, real_count, self.params.stride[0], real_offset, o0, o1)
+            kern.subpixel_blocked(x_slab, prepared.w_packed, plan.terms, prepared.bias_blocks, out, n_vd, n_vh,
+                                  n_vw, blocking.d_chunk, blocking.h_tile, *blocking.padded, in_start,
+                                  self.input_shape[2], o0, v_lo, v_hi, prepared.shuffle, sub_d, sub_h, sub_w,
+                                  o1 - o0, o0 - out_start)
 
     def _paired_plan(self):
         if "paired" not in self._plans:
@@ -331,7 +384,9 @@ class PreparedLayer:
 
     def _run_paired(self, x_slab, in_start, out_start, out_stop, out, progress):
         kern = _kernels()
-        args = self._paired_plan()["args"]
+        plan = self._paired_plan()
+        args = (*plan.d_phases, *plan.h_phases, plan.w_kern, plan.w_off, plan.n_pair, plan.n_a, plan.d_chunk,
+                *plan.padded)
         bits, exponent = _bits(x_slab)
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
             if kern.paired_rows(x_slab, self.weight, self.bias, out, *args, in_start, self.input_shape[2], o0,
@@ -343,13 +398,15 @@ class PreparedLayer:
         """The blocked kernel on output planes ``planes`` (global ``(o0, o1)``, default the
         whole slab ``[out_start, out_stop)`` in progress steps)."""
         kern = _kernels()
-        plan = self._blocked_plan()
+        prepared = self._blocked_plan()
+        plan = prepared.plan
+        blocking = plan.blocking
         s = self.params.stride
         steps = [planes] if planes else _plane_steps(out_start, out_stop, x_slab.shape[0], progress)
         for o0, o1 in steps:
-            kern.blocked_phases(x_slab, plan["w_packed"], plan["terms"], plan["bias_blocks"], out, *plan["tables"],
-                                s[0], s[1], s[2], *plan["blocking"], in_start, self.input_shape[2], o0, o1 - o0,
-                                o0 - out_start)
+            kern.blocked_phases(x_slab, prepared.w_packed, plan.terms, prepared.bias_blocks, out, *plan.tables,
+                                s[0], s[1], s[2], blocking.d_chunk, blocking.h_tile, blocking.rows_per_block,
+                                *blocking.padded, in_start, self.input_shape[2], o0, o1 - o0, o0 - out_start)
 
     def _shuffle_blocking(self, n_slab, in_start, out_start, out_stop):
         """``_plan.shuffle_blocking`` for the input planes that output planes ``[out_start,
@@ -378,7 +435,7 @@ class PreparedLayer:
         zero-padded last block, one channel block's weights and result blocks."""
         kern = _kernels()
         pb = kern.WIDE_POSITION_BLOCK
-        seg_len = self._shuffle_blocking(self.input_shape[2], 0, 0, self.out_spatial[0])[0]
+        seg_len = self._shuffle_blocking(self.input_shape[2], 0, 0, self.out_spatial[0]).seg_len
         values = self.cin_g * (pb + kern.CHANNEL_BLOCK) + (2 + -(-seg_len // pb)) * kern.CHANNEL_BLOCK * pb
         # A job copies its inputs only when the copy (at most its chunk plus two blocks per
         # channel) fits its share; a slab's chunks may differ from the whole volume's.
@@ -389,14 +446,14 @@ class PreparedLayer:
         """What one ``paired_rows`` job allocates: its padded input block, the weights of
         its output channel, two row accumulators and the term lists."""
         plan = self._paired_plan()
-        return plan["job_values"] * self.dtype.itemsize + plan["job_indices"] * 8
+        return plan.job_values * self.dtype.itemsize + plan.job_indices * 8
 
     def _fir_job_bytes(self):
         """What one FIR job allocates: repeated rows of the input planes its chunk reads
         (about ``REP_BYTES``, at least one chunk's worth) and one coefficient row per
         (input channel, kD, kH, window), which grows with the kernel, not the volume."""
         k, s, d = self.params.kernel_size, self.params.stride, self.params.dilation
-        n_win = self._static_tables()["w_fir"].shape[0]
+        n_win = self._static_tables().w_fir.shape[0]
         n_ow = self.out_spatial[2]
         chunk = self._direct_chunk(self.out_spatial[0], self.input_shape[0])
         in_planes = (chunk - 1) // s[0] + (k[0] - 1) * d[0] // s[0] + 2
@@ -408,7 +465,7 @@ class PreparedLayer:
         """Output planes per direct-kernel job: the repeated input rows it caches stay
         near ``REP_BYTES``, and there are enough jobs to keep every thread busy."""
         k, s, d = self.params.kernel_size[0], self.params.stride[0], self.params.dilation[0]
-        n_win = self._static_tables()["w_fir"].shape[0]
+        n_win = self._static_tables().w_fir.shape[0]
         rep_plane = self.cin_g * self.input_shape[3] * ((n_win - 1) * self.params.stride[2]
                                                         + self.out_spatial[2]) * self.dtype.itemsize
         in_planes = max(1, REP_BYTES // max(1, rep_plane))

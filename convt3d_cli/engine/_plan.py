@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +56,176 @@ class AxisPhase:
     shift: tuple
 
 
+# The records below are NamedTuples: ``*record`` passes their fields as separate arguments
+# of a Numba kernel, so the kernels keep plain scalar and array parameters. A record's field
+# order is therefore the order of the kernel's parameters.
+
+class PhaseArrays(NamedTuple):
+    """One axis's phases as arrays, in the order ``_kernels.paired_rows`` takes them.
+
+    Attributes
+    ----------
+    first, count, taps : ndarray of int64, shape (s,)
+        First output, output count and tap count of each phase.
+    kernel, shift : ndarray of int64, shape (s, max_taps)
+        Kernel index and input shift of each tap, 0 past a phase's taps.
+    """
+
+    first: np.ndarray
+    count: np.ndarray
+    taps: np.ndarray
+    kernel: np.ndarray
+    shift: np.ndarray
+
+
+class PhaseTables(NamedTuple):
+    """First output and output count of each phase per axis: the table arguments of
+    ``_kernels.blocked_phases``."""
+
+    first_d: np.ndarray
+    count_d: np.ndarray
+    first_h: np.ndarray
+    count_h: np.ndarray
+    first_w: np.ndarray
+    count_w: np.ndarray
+
+
+class KernelTables(NamedTuple):
+    """Tap count and kernel index of each tap per phase and axis: the table arguments of
+    ``_kernels.pack_weights``."""
+
+    taps_d: np.ndarray
+    kernel_d: np.ndarray
+    taps_h: np.ndarray
+    kernel_h: np.ndarray
+    taps_w: np.ndarray
+    kernel_w: np.ndarray
+
+
+class PaddedBlock(NamedTuple):
+    """Where one job's zero-padded copy of its input starts and how large it is, as the
+    blocked, sub-pixel and paired-rows kernels take it.
+
+    Attributes
+    ----------
+    sd_lo, sh_lo, sw_lo : int
+        Lowest input shift along D, H and W: the block's first plane, row and column
+        relative to the job's first position.
+    n_dp, n_hp, n_wp : int
+        Planes, rows and columns of the block (the job's positions plus the halo).
+    """
+
+    sd_lo: int
+    n_dp: int
+    sh_lo: int
+    n_hp: int
+    sw_lo: int
+    n_wp: int
+
+
+class Blocking(NamedTuple):
+    """Jobs of ``_kernels.blocked_phases`` and ``_kernels.subpixel_blocked``.
+
+    Attributes
+    ----------
+    d_chunk, h_tile : int
+        Phase positions along D and H per job.
+    rows_per_block : int
+        Short rows one position block covers (1: a block stays within one row); the
+        plain blocked kernel only.
+    padded : PaddedBlock
+    """
+
+    d_chunk: int
+    h_tile: int
+    rows_per_block: int
+    padded: PaddedBlock
+
+
+class BlockedPlan(NamedTuple):
+    """What :func:`blocked_plan` returns.
+
+    Callers share it through :func:`cached_blocked_plan`: read it, never change it (nor
+    its arrays).
+
+    Attributes
+    ----------
+    w_shape : tuple
+        Shape of the packed weights, ``(G, n_cob, Pd, Ph, Pw, max_terms * channel_block)``.
+    kernel_tables : KernelTables
+        The tables to pack the weights with (``_kernels.pack_weights``).
+    terms : ndarray of int64, shape (Pd, Ph, Pw, max_terms + 1)
+        Offset of each term's input in the padded block, ``-1`` after a phase's last term.
+    tables : PhaseTables
+    blocking : Blocking
+    """
+
+    w_shape: tuple
+    kernel_tables: KernelTables
+    terms: np.ndarray
+    tables: PhaseTables
+    blocking: Blocking
+
+
+class SubpixelAxis(NamedTuple):
+    """One axis of a sub-pixel layer (:func:`subpixel_phases`).
+
+    Attributes
+    ----------
+    virtual : list of one AxisPhase
+        ``first`` 0, positions ``v`` in ``[0, count)``, taps ``j`` reading ``v + lowest + j``.
+    table : ndarray of int64, shape (3, s)
+        Per phase: first output, output count, offset.
+    tap_index : list of tuples
+        Per phase, the window tap (``j``) of each of its taps.
+    """
+
+    virtual: list
+    table: np.ndarray
+    tap_index: list
+
+
+class ShuffleBlocking(NamedTuple):
+    """The blocking arguments of a ``_kernels.shuffle_gemm`` call (:func:`shuffle_blocking`;
+    the kernel describes them)."""
+
+    seg_len: int
+    chunk: int
+    n_ranges: int
+    copy_x: bool
+
+
+class PairedPlan(NamedTuple):
+    """What :func:`paired_plan` returns.
+
+    Attributes
+    ----------
+    d_phases, h_phases : PhaseArrays
+    w_kern, w_off : ndarray of int64, shape (2, 2)
+        Kernel index (-1: none) and padded-row column offset of the two taps of W phase A
+        (the one with the lower first output) and B.
+    n_pair, n_a : int
+        Outputs per row of phase B and of phase A.
+    d_chunk : int
+        Phase positions along D per job (a job covers whole planes).
+    padded : PaddedBlock
+    job_values, job_indices : int
+        How many values and int64 indices one job allocates (its padded input block,
+        weights, row accumulators; its term lists).
+    """
+
+    d_phases: PhaseArrays
+    h_phases: PhaseArrays
+    w_kern: np.ndarray
+    w_off: np.ndarray
+    n_pair: int
+    n_a: int
+    d_chunk: int
+    padded: PaddedBlock
+    job_values: int
+    job_indices: int
+
+
 def axis_phases(n_out, k, s, p, d):
     """The ``s`` phases of one axis, in phase order ``r = 0 .. s-1``."""
     phases = []
@@ -89,10 +260,18 @@ def fir_taps(n_out, k, s, p, d):
     return np.where((num % d == 0) & (num // d < k), num // d, -1).astype(np.int64)
 
 
-def _first_count(phases):
-    """First output and output count of each phase of one axis."""
-    return (np.array([ph.first for ph in phases], dtype=np.int64),
-            np.array([ph.count for ph in phases], dtype=np.int64))
+def _phase_arrays(phases):
+    """One axis's phases as :class:`PhaseArrays`."""
+    first = np.array([ph.first for ph in phases], dtype=np.int64)
+    count = np.array([ph.count for ph in phases], dtype=np.int64)
+    taps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
+    width = max(1, int(taps.max()))
+    kernel = np.zeros((len(phases), width), dtype=np.int64)
+    shift = np.zeros((len(phases), width), dtype=np.int64)
+    for r, ph in enumerate(phases):
+        kernel[r, :len(ph.kernel)] = ph.kernel
+        shift[r, :len(ph.shift)] = ph.shift
+    return PhaseArrays(first, count, taps, kernel, shift)
 
 
 def _shift_span(phases):
@@ -127,12 +306,7 @@ def subpixel_phases(phases):
 
     Returns
     -------
-    virtual : list of one AxisPhase
-        ``first`` 0, positions ``v`` in ``[0, count)``, taps ``j`` reading ``v + lowest + j``.
-    table : ndarray of int64, shape (3, s)
-        Per phase: first output, output count, offset.
-    tap_index : list of tuples
-        Per phase, the window tap (``j``) of each of its taps.
+    SubpixelAxis
     """
     with_taps = [ph for ph in phases if ph.shift]
     lowest = min((min(ph.shift) for ph in with_taps), default=0)
@@ -142,7 +316,7 @@ def subpixel_phases(phases):
     count = max(max(ph.count - off for ph, off in zip(phases, offsets)), 0)
     table = np.array([[ph.first for ph in phases], [ph.count for ph in phases], offsets], dtype=np.int64)
     virtual = AxisPhase(0, count, tuple(range(span)), tuple(lowest + j for j in range(span)))
-    return [virtual], table, tap_index
+    return SubpixelAxis([virtual], table, tap_index)
 
 
 def subpixel_weight(weight, phases_d, phases_h, phases_w, tables, tap_indices):
@@ -153,6 +327,7 @@ def subpixel_weight(weight, phases_d, phases_h, phases_w, tables, tap_indices):
     weight : ndarray, (G, Cin_g, Cout_g, kD, kH, kW)
     phases_d, phases_h, phases_w : lists of AxisPhase (the real phases)
     tables, tap_indices : the ``table`` and ``tap_index`` of :func:`subpixel_phases` per axis
+        (D, H, W)
 
     Returns
     -------
@@ -207,21 +382,17 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
 
     Returns
     -------
-    dict
-        ``terms``, the packed weights' shape and the tap tables to pack them with
-        (``_kernels.pack_weights``), and the scalar and table arguments of the kernel.
+    BlockedPlan
         Callers share it through :func:`cached_blocked_plan`: read it, never change it.
     """
     groups, cin_g, cout_g = weight_shape[:3]
-    first_d, count_d = _first_count(phases_d)
-    first_h, count_h = _first_count(phases_h)
-    first_w, count_w = _first_count(phases_w)
+    arrays_d, arrays_h, arrays_w = (_phase_arrays(phases) for phases in (phases_d, phases_h, phases_w))
     sd_lo, sd_hi = _shift_span(phases_d)
     sh_lo, sh_hi = _shift_span(phases_h)
     sw_lo, sw_hi = _shift_span(phases_w)
-    n_qd = int(count_d.max())
-    n_qh = int(count_h.max())
-    n_qw = int(count_w.max())
+    n_qd = int(arrays_d.count.max())
+    n_qh = int(arrays_h.count.max())
+    n_qw = int(arrays_w.count.max())
     if row_blocks and n_qw < position_block and sw_lo == sw_hi:
         # Short rows without a W halo lie back to back in the padded block: one position
         # block then covers several whole rows instead of wasting most of its lanes.
@@ -268,15 +439,15 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
                 rows = planes * n_hp + (np.array(ph.shift) - sh_lo)[None, None, :, None]
                 rel = rows * n_wp + (np.array(pw.shift) - sw_lo)[None, None, None, :]
                 terms[rd, rh, rw, :rel.size] = rel.reshape(-1)
-    kernel_tables = []
-    for phases in (phases_d, phases_h, phases_w):
-        kernel_tables += _phase_arrays(phases)[2:4]  # tap counts and kernel indices
-    return {
-        "w_shape": (groups, n_cob) + shape + (tap_max * channel_block,),
-        "kernel_tables": tuple(kernel_tables), "terms": terms,
-        "tables": (first_d, count_d, first_h, count_h, first_w, count_w),
-        "blocking": (d_chunk, h_tile, rows_per_block, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp),
-    }
+    return BlockedPlan(
+        w_shape=(groups, n_cob) + shape + (tap_max * channel_block,),
+        kernel_tables=KernelTables(arrays_d.taps, arrays_d.kernel, arrays_h.taps, arrays_h.kernel,
+                                   arrays_w.taps, arrays_w.kernel),
+        terms=terms,
+        tables=PhaseTables(arrays_d.first, arrays_d.count, arrays_h.first, arrays_h.count,
+                           arrays_w.first, arrays_w.count),
+        blocking=Blocking(d_chunk, h_tile, rows_per_block, PaddedBlock(sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp)),
+    )
 
 
 def paired_fits(phases_w):
@@ -293,7 +464,7 @@ def shuffle_fits(phases):
 
 def shuffle_blocking(n_positions, n_iw, cin_g, n_virtual, itemsize, chunk_bytes, copy_bytes, n_jobs_wanted,
                      n_outer, position_block, channel_block):
-    """``(seg_len, chunk, n_ranges, copy_x)`` of a ``_kernels.shuffle_gemm`` call.
+    """The blocking arguments of a ``_kernels.shuffle_gemm`` call.
 
     Parameters
     ----------
@@ -310,6 +481,10 @@ def shuffle_blocking(n_positions, n_iw, cin_g, n_virtual, itemsize, chunk_bytes,
         Jobs wanted to keep every thread busy, and samples x groups.
     position_block, channel_block : int
         The kernel's register block.
+
+    Returns
+    -------
+    ShuffleBlocking
     """
     seg_len = n_iw if n_iw >= position_block else position_block
     fit = max(seg_len, chunk_bytes // max(1, cin_g * itemsize) // seg_len * seg_len)
@@ -323,20 +498,7 @@ def shuffle_blocking(n_positions, n_iw, cin_g, n_virtual, itemsize, chunk_bytes,
     per_chunk = -(-n_positions // n_chunks)
     chunk = max(seg_len, -(-per_chunk // seg_len) * seg_len)  # whole segments
     copy_x = cin_g * (chunk + 2 * position_block) * itemsize <= copy_bytes
-    return seg_len, chunk, n_ranges, copy_x
-
-
-def _phase_arrays(phases):
-    """First output, count, tap count, kernel index and shift per tap, of one axis's phases."""
-    first, count = _first_count(phases)
-    taps = np.array([len(ph.kernel) for ph in phases], dtype=np.int64)
-    width = max(1, int(taps.max()))
-    kernel = np.zeros((len(phases), width), dtype=np.int64)
-    shift = np.zeros((len(phases), width), dtype=np.int64)
-    for r, ph in enumerate(phases):
-        kernel[r, :len(ph.kernel)] = ph.kernel
-        shift[r, :len(ph.shift)] = ph.shift
-    return first, count, taps, kernel, shift
+    return ShuffleBlocking(seg_len, chunk, n_ranges, copy_x)
 
 
 def paired_plan(phases_d, phases_h, phases_w, cin_g, kernel_dh, itemsize, block_bytes, n_jobs_wanted=1,
@@ -357,10 +519,7 @@ def paired_plan(phases_d, phases_h, phases_w, cin_g, kernel_dh, itemsize, block_
 
     Returns
     -------
-    dict
-        ``args``: the kernel's arguments from ``first_d`` to ``n_wp``; ``job_values`` and
-        ``job_indices``: how many values and int64 indices one job allocates (its padded
-        input block, weights, row accumulators; its term lists).
+    PairedPlan
     """
     phase_a, phase_b = sorted(phases_w, key=lambda ph: ph.first)
     sw_lo, sw_hi = _shift_span(phases_w)
@@ -377,20 +536,20 @@ def paired_plan(phases_d, phases_h, phases_w, cin_g, kernel_dh, itemsize, block_
     sd_lo, sd_hi = _shift_span(phases_d)
     sh_lo, sh_hi = _shift_span(phases_h)
     d_arrays, h_arrays = _phase_arrays(phases_d), _phase_arrays(phases_h)
-    n_qd = max(1, int(d_arrays[1].max()))
-    n_hp = int(h_arrays[1].max()) + sh_hi - sh_lo
+    n_qd = max(1, int(d_arrays.count.max()))
+    n_hp = int(h_arrays.count.max()) + sh_hi - sh_lo
     plane_bytes = max(1, cin_g * n_hp * n_wp * itemsize)
     d_chunk = max(1, block_bytes // plane_bytes - (sd_hi - sd_lo))
     chunks_wanted = -(-n_jobs_wanted // max(1, n_outer))
     d_chunk = min(d_chunk, n_qd, max(1, -(-n_qd // chunks_wanted)))
     n_dp = d_chunk + sd_hi - sd_lo
     k_d, k_h = kernel_dh
-    terms = cin_g * max(1, int(d_arrays[2].max())) * max(1, int(h_arrays[2].max())) + 4
-    return {
-        "args": (*d_arrays, *h_arrays, w_kern, w_off, n_pair, n_a, d_chunk, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp),
-        "job_values": cin_g * n_dp * n_hp * n_wp + (cin_g * k_d * k_h + 1) * 4 + 2 * n_a,
-        "job_indices": 2 * len(phases_h) * terms + len(phases_h),
-    }
+    terms = cin_g * max(1, int(d_arrays.taps.max())) * max(1, int(h_arrays.taps.max())) + 4
+    return PairedPlan(
+        d_arrays, h_arrays, w_kern, w_off, n_pair, n_a, d_chunk, PaddedBlock(sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp),
+        job_values=cin_g * n_dp * n_hp * n_wp + (cin_g * k_d * k_h + 1) * 4 + 2 * n_a,
+        job_indices=2 * len(phases_h) * terms + len(phases_h),
+    )
 
 
 # A layer called again and again (a decoder in a loop, a batch of volumes) plans once: the

@@ -17,7 +17,7 @@ from ._atomic import check_target, same_file
 from .dtypes import check_numeric, dtype_name
 from .entries import BIAS, WEIGHT, choose_entry, entry_source, find_bias, parse_options
 from .records import Volume, Weights, WeightsInfo
-from .registry import format_for, format_module, output_format_for, split_spec, weight_suffixes
+from .registry import format_for, format_module, output_format_for, split_spec
 from .safety import check_memory, require_file
 from .streaming import oriented_view
 
@@ -176,8 +176,7 @@ def describe(spec):
 def _array_reader(spec, what):
     path, key, fmt = _reader(spec)
     if not fmt.holds_weights:
-        *others, last = weight_suffixes()
-        raise FileFormatError(f"{path}: {what} must be stored in a {', '.join(others)} or {last} file")
+        raise FileFormatError(f"{path}: {what} must be stored in .npz, .npy or .h5/.hdf5 files")
     fmt.check_key(path, key)
     return path, key, fmt
 

@@ -118,11 +118,6 @@ def output_format_for(path):
                           f"are {', '.join(SUFFIXES)}") from exc
 
 
-def weight_suffixes():
-    """Suffixes of the formats that can hold weights (imports every format module)."""
-    return [suffix for suffix in SUFFIXES if format_for("x" + suffix).holds_weights]
-
-
 def output_choices():
     """Output formats by name, the suffix without its dot: ``nii``, ``nii.gz``, ``h5``, ...
 

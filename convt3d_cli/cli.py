@@ -237,23 +237,24 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
         raise click.UsageError("--target plans padding for --weights or --kernel-size, not --kernel")
 
     info = loaded = None
-    if input is not None:
-        from . import io
+    if input is not None or weights:
+        from . import io, notices
 
-        info = io.probe_volume(input)
-        input_shape = tuple(info.engine_shape)
+        with notices.collected(_echo_err(False)):
+            if input is not None:
+                info = io.probe_volume(input)
+                input_shape = tuple(info.engine_shape)
+            if weights:
+                # Shape and stored options only: nothing but headers is read.
+                loaded = io.inspect_weights(weights)
     if weights:
-        from . import io
-
-        # Shape and stored options only: nothing but headers is read.
-        loaded = io.inspect_weights(weights)
         weight_shape = loaded.shape
     elif out_channels is not None:
         weight_shape = layerplan.weight_shape_for(input_shape[-4], out_channels, kernel_size, layer_cli)
     else:
         weight_shape = None
     plan = layerplan.plan_layer(input_shape, layer_cli, kernel=kernel_name, weight_shape=weight_shape,
-                             file_options=None if loaded is None else loaded.options)
+                                file_options=None if loaded is None else loaded.options)
     echo = (lambda line="": None) if as_json else click.echo
     report.emit_plan(echo, plan, report.input_label(input, info) if input else report.shape_str(input_shape),
                      report.layer_label(plan, loaded and loaded.source))
@@ -284,9 +285,10 @@ def info(spec, as_json):
 
     NIfTI: the affine, zooms and codes; HDF5: the tree of datasets; npz: the arrays.
     """
-    from . import io
+    from . import io, notices
 
-    description = io.describe(spec)
+    with notices.collected(_echo_err(False)):
+        description = io.describe(spec)
     if as_json:
         click.echo(json.dumps(description, default=_json_default))
         return
@@ -360,6 +362,9 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
             if bar is not None:
                 click.echo("\r\033[K", nl=False, err=True)   # the line goes where the bar was
             click.echo(result_line(result), err=True)
+        if not quiet:
+            for warning in (result.report or {}).get("warnings", ()):
+                click.echo(f"Warning: {result.input}: {warning}", err=True)
             if debug and result.traceback:
                 click.echo(result.traceback, err=True, nl=False)
         if bar is not None:

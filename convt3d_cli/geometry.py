@@ -338,6 +338,28 @@ def oriented(shape, transposed):
     return shape[:2] + shape[:1:-1] if transposed else shape
 
 
+def growth_cause(in_spatial, params):
+    """What makes the output largest: ``"stride 1000 along D"``, ``"dilation 10 along W"``, ...
+
+    Per axis the output is ``(in - 1) * s - 2 * p + d * (k - 1) + op + 1``; the
+    largest axis is named with the term that dominates it, for error messages
+    about sizes.
+    """
+    best = None
+    for axis, n_in in enumerate(in_spatial):
+        k, s, p = params.kernel_size[axis], params.stride[axis], params.padding[axis]
+        op, d = params.output_padding[axis], params.dilation[axis]
+        size = output_size(n_in, k, s, p, op, d)
+        by_stride, by_kernel = (n_in - 1) * s, d * (k - 1)
+        if by_stride >= by_kernel:
+            cause = f"stride {s}"
+        else:
+            cause = f"dilation {d}" if d > k else f"kernel size {k}"
+        if best is None or size > best[0]:
+            best = (size, f"{cause} along {AXES[axis]}")
+    return best[1]
+
+
 def input_window(out_start, out_stop, n_in, axis, params):
     """Input index range ``[start, stop)`` that output indices ``[out_start, out_stop)`` read.
 

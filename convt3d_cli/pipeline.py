@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from . import io, layerplan, report
+from . import geometry, io, layerplan, notices, report
 
 
 def _silent(line=""):
@@ -56,7 +56,8 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     -------
     dict
         The JSON report (``docs/behaviour.md``, *Command line, reports and exit codes*):
-        shapes, layer options, formula, output, seconds, ...
+        shapes, layer options, formula, output, seconds, ``warnings`` (what was
+        repaired or odd, also echoed as ``Warning:`` lines), ...
 
     Raises
     ------
@@ -64,7 +65,15 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         Any refusal; nothing has been written then.
     """
     echo = echo or _silent
-    layer_options = dict(layer_options or {})
+    with notices.collected(echo) as warned:
+        out = _run(input, output, weights, bias, no_bias, kernel, dict(layer_options or {}), dtype,
+                   max_memory, overwrite, echo, progress, compress_level)
+    out["warnings"] = list(warned)
+    return out
+
+
+def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, max_memory, overwrite, echo,
+         progress, compress_level):
     started = time.perf_counter()
 
     info = io.probe_volume(input)
@@ -79,12 +88,14 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         report.layer_label(plan, loaded.source, loaded.bias_source)
     report.emit_plan(echo, plan, report.input_label(input, info), layer_label)
     plan.validate()
-    io.check_output(output, plan.output_shape, inputs=[input, weights, bias], overwrite=overwrite)
+    compute = np.dtype(np.float64 if dtype == "float64" else np.float32)
+    io.check_output(output, plan.output_shape, inputs=[input, weights, bias], overwrite=overwrite,
+                    dtype=compute, why=geometry.growth_cause(plan.input_shape[-3:], plan.params))
     from . import slabs
     from .io.safety import human_bytes
 
-    compute = np.dtype(np.float64 if dtype == "float64" else np.float32)
     transposed = io.transposed_slabs(output)
+    slabs.check_feasible(plan, compute, transposed, max_memory)
     p = plan.params
     layer, pad = slabs.oriented_layer(
         info.engine_shape, None if loaded is None else loaded.weight,
@@ -97,6 +108,9 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
              f"each (budget {human_bytes(slab_plan.budget)})")
 
     folder = os.path.dirname(os.path.abspath(io.split_spec(output)[0]))
+    from .io._atomic import remove_stale_temporaries
+
+    remove_stale_temporaries(io.split_spec(output)[0])  # those of killed runs; never a live writer's
     source = io.open_source(info, transposed, compute, pad, folder)
     try:
         with io.open_writer(output, plan.output_shape, like=info, params=p, formula=plan.formula,
@@ -109,8 +123,6 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     seconds = time.perf_counter() - started
     echo(f"wrote {written} in {seconds:.2f} s")
 
-    from .geometry import output_affine
-
     out = plan.as_dict()
     out.update({
         "input": input, "output": output, "dtype": dtype,
@@ -118,7 +130,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         "bias": None if loaded is None else loaded.bias_source,
         "input_file_shape": list(info.stored_shape),
         "output_file_shape": list(io.probe_volume(output).stored_shape),
-        "output_affine": output_affine(info.affine, plan.params).tolist(),
+        "output_affine": geometry.output_affine(info.affine, plan.params).tolist(),
         "seconds": round(seconds, 6),
         "slabs": slab_plan.count,
         "peak_memory_bytes": slabs.peak_memory_bytes(),

@@ -34,6 +34,7 @@ libraries (about 150-250 MiB resident) come on top.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,56 @@ DEFAULT_SHARE = 0.5
 SOFT_BUDGET = 128 << 20
 #: Fixed allowance for buffers outside the slabs (gzip, HDF5 chunk cache, zip, small tables).
 FIXED_BYTES = 8 << 20
+
+
+# --------------------------------------------------------------------------- feasibility
+
+def check_feasible(plan, dtype, transposed, max_memory=None, available=None):
+    """Refuse, before anything is built or allocated, a run whose smallest step cannot fit.
+
+    Sizes are Python integers (no overflow whatever the options). The layer's
+    weights (a built-in kernel's grow with the cube of the stride) and one
+    output plane, the least a slab can hold, must each fit the memory that may
+    be used; :func:`plan_slabs` then refines this with the engine's own buffers.
+
+    Parameters
+    ----------
+    plan : layerplan.LayerPlan
+        Validated (``output_shape`` known).
+    dtype : numpy dtype
+        Compute dtype.
+    transposed : bool
+        Slab orientation (a plane is ``N x C x D x H`` then, else ``N x C x H x W``).
+    max_memory : int, optional
+    available : int, optional
+        Available memory; measured when not given.
+
+    Raises
+    ------
+    MemoryLimitError
+        Naming the size, the limit and the layer setting that makes it so large.
+    """
+    if available is None:
+        available = available_memory()
+    limits = [v for v in (max_memory, available) if v is not None]
+    if not limits:
+        return
+    budget = min(limits)
+    limit = (f"--max-memory is {human_bytes(max_memory)}" if max_memory is not None and max_memory == budget
+             else f"only {human_bytes(budget)} of memory is available")
+    out_shape = tuple(int(v) for v in plan.output_shape)
+    n, c, d, h, w = (1,) * (5 - len(out_shape)) + out_shape
+    weight_bytes = math.prod(plan.weight_shape) * 8  # a built-in kernel is made in float64
+    plane = n * c * (d * h if transposed else h * w) * np.dtype(dtype).itemsize
+    if weight_bytes > budget:
+        raise MemoryLimitError(
+            f"the layer's weights {tuple(plan.weight_shape)} alone need {human_bytes(weight_bytes)} but {limit} "
+            f"(kernel_size {geometry.format_triple(plan.params.kernel_size)} is too large)")
+    if plane > budget:
+        cause = geometry.growth_cause(plan.input_shape[-3:], plan.params)
+        raise MemoryLimitError(
+            f"one plane of the output {out_shape} needs {human_bytes(plane)} but {limit} ({cause} makes "
+            f"the output this large); use a smaller setting or input")
 
 
 # --------------------------------------------------------------------------- layer

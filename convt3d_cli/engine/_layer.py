@@ -61,6 +61,9 @@ SHUFFLE_CHUNK_BYTES = 512 * 1024
 SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
+# What the planner may enumerate (see _check_plannable).
+MAX_AXIS_TERMS = 1 << 20
+MAX_PHASES = 1 << 21
 # Padded input block of one blocked-kernel job: about half an L2 cache, but for small outputs
 # no more than a few per cent of the output per thread (the "output + 10 %" memory budget);
 # below BLOCK_BYTES_MIN the halo copies start to cost more than that saves.
@@ -203,6 +206,7 @@ class PreparedLayer:
         canonical = geometry.canonical_weight_shape(weight.shape, self.input_shape[1], int(groups))
         self.params = geometry.LayerParams.create(canonical[3:], stride, padding, output_padding,
                                                   dilation, groups)
+        _check_plannable(self.params)
         self.weight = _writeable(np.ascontiguousarray(weight.reshape(canonical), dtype=self.dtype))
         self.groups, self.cin_g, self.cout_g = canonical[:3]
         self.out_channels = self.groups * self.cout_g
@@ -473,6 +477,26 @@ class PreparedLayer:
         jobs_wanted = 4 * _threads()
         by_balance = max(1, -(-(n_batch * self.out_channels * n_planes) // jobs_wanted) // max(1, n_batch * self.out_channels))
         return int(max(1, min(n_planes, by_memory, by_balance)))
+
+
+def _check_plannable(params):
+    """Refuse strides and kernels whose phase tables could not be planned in reasonable time.
+
+    The planner enumerates, in Python, every (phase, tap) pair of each axis and
+    every phase of the volume; real layers have a few dozen (stride 4, kernel 8).
+    The bounds only stop settings such as a stride of 10^9 from planning for hours
+    or exhausting memory before any size check could name them.
+    """
+    for axis, (k, s) in enumerate(zip(params.kernel_size, params.stride)):
+        if k * s > MAX_AXIS_TERMS:
+            name = "stride" if s >= k else "kernel_size"
+            raise ParameterError(name, f"{name} {s if name == 'stride' else k} along {geometry.AXES[axis]} is "
+                                       f"too large to plan (kernel_size x stride must be at most "
+                                       f"{MAX_AXIS_TERMS}, got {k} x {s})")
+    phases = params.stride[0] * params.stride[1] * params.stride[2]
+    if phases > MAX_PHASES:
+        raise ParameterError("stride", f"stride {geometry.format_triple(params.stride)} has {phases} output "
+                                       f"phases; at most {MAX_PHASES} can be planned")
 
 
 def _plane_steps(out_start, out_stop, n_batch, progress):

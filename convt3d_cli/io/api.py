@@ -18,7 +18,7 @@ from .dtypes import check_numeric, dtype_name
 from .entries import BIAS, WEIGHT, choose_entry, entry_source, find_bias, parse_options
 from .records import Volume, Weights, WeightsInfo
 from .registry import format_for, format_module, output_format_for, split_spec
-from .safety import check_memory, require_file
+from .safety import check_memory, human_bytes, require_file, writable_bytes
 from .streaming import oriented_view
 
 
@@ -275,7 +275,7 @@ def read_weights(spec, bias_spec=None, *, no_bias=False):
 
 # --------------------------------------------------------------------------- writing
 
-def check_output(spec, out_shape, *, inputs=(), overwrite=False):
+def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why=None):
     """Refuse, before any computation, an output that :func:`open_writer` would refuse.
 
     Parameters
@@ -288,13 +288,19 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False):
         Specs of every file the run reads; the output may be none of them, with
         or without ``overwrite``, however the path is spelled.
     overwrite : bool
+    dtype : numpy dtype, optional
+        The compute dtype: with it, the output must also fit the free space of
+        its folder and the process's file-size limit (when the format can tell
+        its size in advance).
+    why : str, optional
+        What makes the output large, for that message (``"stride 1000 along D"``).
 
     Raises
     ------
     OutputError
         Unsupported suffix, output is an input, existing output without
-        ``overwrite``, missing or read-only folder, or a result the format cannot
-        hold (a key for NIfTI/npy, a batch into NIfTI).
+        ``overwrite``, missing or read-only folder, a result the format cannot
+        hold (a key for NIfTI/npy, a batch into NIfTI), or no room for it.
     """
     path, key = split_spec(spec)
     for other in inputs:
@@ -302,8 +308,16 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False):
             raise OutputError(f"the output {path} is the input file {other}; choose another output name "
                               f"(--overwrite never replaces an input)")
     fmt = output_format_for(path)
-    check_target(path, overwrite)
-    fmt.output_key(key, tuple(out_shape))
+    folder = check_target(path, overwrite)
+    out_shape = tuple(int(v) for v in out_shape)
+    fmt.output_key(key, out_shape)
+    if dtype is not None:
+        need = fmt.disk_bytes(path, out_shape, fmt.stored_dtype(dtype, dtype))
+        room = writable_bytes(folder)
+        if need is not None and room is not None and need > room:
+            because = f" ({why} makes it this large)" if why else ""
+            raise OutputError(f"the output {out_shape} would take {human_bytes(need)} but only "
+                              f"{human_bytes(room)} can be written in {folder}{because}")
 
 
 def open_writer(spec, out_shape, *, like, params, formula, overwrite=False, source=None, dtype=np.float32,

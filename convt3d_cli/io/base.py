@@ -64,6 +64,13 @@ class Format:
         """Bytes :meth:`open_source` holds for the whole run (an input it must load whole)."""
         return 0
 
+    def disk_bytes(self, path, out_shape, dtype):
+        """Most bytes writing ``out_shape`` of ``dtype`` takes on disk at once, ``None`` if unknowable.
+
+        The data itself by default; a format that spools or compresses says otherwise.
+        """
+        return math.prod(out_shape) * np.dtype(dtype).itemsize
+
 
 # --------------------------------------------------------------------------- array containers
 

@@ -122,6 +122,49 @@ def read_raw(path, shape, dtype, offset):
     return raw.reshape(shape, order="F")
 
 
+def _coded(getter, field, header, unknown):
+    """A header code's meaning, or ``"unknown (code N)"`` where nibabel knows no such code."""
+    try:
+        return getter()
+    except KeyError:
+        value = f"unknown (code {int(np.asarray(header[field]).reshape(-1)[0])})"
+        return tuple(value if part is None else part for part in unknown) if len(unknown) > 1 else (value,)
+
+
+def _check_placement(path, facts):
+    """Refuse a header that cannot place the voxels in space, naming the fields at fault.
+
+    Non-finite voxel sizes, a non-finite quaternion or offset in a coded qform,
+    a non-finite or singular coded sform and a non-finite scaling would give
+    the output a meaningless grid or meaningless values; no repair is
+    unambiguous, so the file is refused (``docs/behaviour.md``, *Files, axes and keys*).
+    """
+    header = facts["header"]
+    problems = []
+    if not np.all(np.isfinite(header["pixdim"][1:4])):
+        problems.append(f"non-finite voxel sizes (pixdim[1:4] = {header['pixdim'][1:4].tolist()})")
+    if header["qform_code"] > 0:
+        quaternion = [float(header[name]) for name in ("quatern_b", "quatern_c", "quatern_d",
+                                                       "qoffset_x", "qoffset_y", "qoffset_z")]
+        if not np.all(np.isfinite(quaternion)):
+            problems.append("a non-finite qform (quatern_b/c/d, qoffset_x/y/z) with qform_code "
+                            f"{int(header['qform_code'])}")
+    if header["sform_code"] > 0:
+        rows = np.array([header[name] for name in ("srow_x", "srow_y", "srow_z")], dtype=np.float64)
+        if not np.all(np.isfinite(rows)):
+            problems.append(f"a non-finite sform (srow_x/y/z) with sform_code {int(header['sform_code'])}")
+        elif abs(np.linalg.det(rows[:, :3])) == 0:
+            problems.append(f"a singular sform (srow_x/y/z, e.g. all zero) with sform_code "
+                            f"{int(header['sform_code'])}")
+    if not problems and not np.all(np.isfinite(facts["affine"])):
+        problems.append("a non-finite affine")
+    if facts["scale"] is not None and not np.all(np.isfinite(facts["scale"])):
+        problems.append(f"a non-finite scaling (scl_slope, scl_inter = {facts['scale']})")
+    if problems:
+        raise FileFormatError(f"{path} has {' and '.join(problems)}; fix the header first (convt3d "
+                              f"cannot place or scale the output without guessing)")
+
+
 def _is_gzip(path):
     return path.lower().endswith(".gz")
 
@@ -171,6 +214,7 @@ class NiftiFormat(Format):
         shape, stored = facts["shape"], facts["stored"]
         check_numeric(stored, path)
         engine = engine_shape(shape, path)
+        _check_placement(path, facts)
         dtype = read_dtype(stored, facts["scale"])
         raw_bytes = math.prod(shape) * stored.itemsize
         if not _is_gzip(path):
@@ -228,6 +272,13 @@ class NiftiFormat(Format):
         """float64 when asked for, else float32 (NIfTI outputs hold real values)."""
         return np.dtype(np.float64 if dtype is not None and np.dtype(dtype) == np.float64 else np.float32)
 
+    def disk_bytes(self, path, out_shape, dtype):
+        # .nii.gz: one channel goes straight through gzip (its size is unknowable);
+        # several are spooled uncompressed first.
+        if _is_gzip(path) and out_shape[1] == 1:
+            return None
+        return super().disk_bytes(path, out_shape, dtype)
+
     def output_key(self, key, out_shape):
         """Always ``None`` (one image per file); refuses a key and a batch."""
         if key is not None:
@@ -247,7 +298,7 @@ class NiftiFormat(Format):
     def describe(self, path, key):
         facts = self._inspect(path, key)
         header, shape, stored, scale = facts["header"], facts["shape"], facts["stored"], facts["scale"]
-        space, time = header.get_xyzt_units()
+        space, time = _coded(header.get_xyzt_units, "xyzt_units", header, (None, None))
         report = {
             "path": path, "key": None, "format": self.name, "file_size": os.path.getsize(path),
             "nifti_version": 2 if isinstance(header, _nib().Nifti2Header) else 1,
@@ -257,11 +308,13 @@ class NiftiFormat(Format):
             "zooms": list(facts["zooms"]), "sform_code": int(header["sform_code"]),
             "qform_code": int(header["qform_code"]), "units": {"space": space, "time": time},
             "scl_slope": scale[0] if scale else None, "scl_inter": scale[1] if scale else None,
-            "descrip": header["descrip"], "intent": header.get_intent()[0],
+            "descrip": header["descrip"],
+            "intent": _coded(header.get_intent, "intent_code", header, (None,))[0],
         }
         try:
             check_numeric(stored, path)
             engine = engine_shape(shape, path)
+            _check_placement(path, facts)
         except (FileFormatError, ShapeError) as exc:
             report["engine_shape"] = None
             report["note"] = f"cannot be read as a volume: {exc}"

@@ -112,6 +112,11 @@ class NpzFormat(ArrayFormat):
     def resident_bytes(self, info):
         return info.nbytes
 
+    def disk_bytes(self, path, out_shape, dtype):
+        # Several (n, c) volumes are spooled, then copied into the member: both exist at once.
+        data = super().disk_bytes(path, out_shape, dtype)
+        return data * (2 if out_shape[0] * out_shape[1] > 1 else 1)
+
     def open_source(self, info, transposed, dtype, pad, scratch_dir):
         # Members may be compressed: no random access, so the volume is loaded whole
         # (resident_bytes tells the slab planner).

@@ -9,18 +9,38 @@ before it allocates, so a corrupt, truncated or hostile file ends in one
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import contextmanager
 
 from ..errors import Convt3dError, FileFormatError, MemoryLimitError, ShapeError
 from .dtypes import dtype_name
 
 
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def require_file(path):
-    """Raise :class:`FileFormatError` unless ``path`` is an existing regular file."""
-    if not os.path.exists(path):
-        raise FileFormatError(f"no such file: {path}")
-    if os.path.isdir(path):
+    """Raise :class:`FileFormatError` unless ``path`` is an existing regular file.
+
+    Checked with ``stat`` before anything opens the file: opening a FIFO
+    without a writer blocks forever, and a device such as ``/dev/zero`` (also
+    behind a symbolic link named like a volume) never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileFormatError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise FileFormatError(f"{path} is a folder, not a file")
+    for test, kind in _KINDS:
+        if test(mode):
+            raise FileFormatError(f"{path} is {kind}, not a regular file; convt3d reads volumes and "
+                                  f"weights from regular files only")
+    if not stat.S_ISREG(mode):
+        raise FileFormatError(f"{path} is not a regular file")
 
 
 @contextmanager
@@ -97,10 +117,37 @@ def check_memory(needed, path, max_bytes=None):
 
 
 def human_bytes(nbytes):
-    """``1536`` -> ``"1.5 KiB"``."""
+    """``1536`` -> ``"1.5 KiB"``; beyond 1024 EiB in powers of ten (``"6.6e+35 EiB"``)."""
     value = float(nbytes)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
+            if unit == "bytes":
+                return f"{int(value)} bytes"
+            return f"{value:.1f} {unit}" if value < 1024 else f"{value:.2g} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def writable_bytes(folder):
+    """Bytes this process may still write in ``folder``: free space, and the file-size limit.
+
+    Returns
+    -------
+    int or None
+        ``None`` where neither is known.
+    """
+    limits = []
+    try:
+        stats = os.statvfs(folder)
+        limits.append(stats.f_bavail * stats.f_frsize)
+    except (OSError, AttributeError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import numpy as np
 
 from .. import geometry
 from ..errors import OutputError, ShapeError
+from ..notices import Convt3dWarning
 from ._atomic import atomic_write
 
 # Bytes handed to the compressor / copied from a spool file at a time.
@@ -249,9 +251,19 @@ def oriented_view(array, transposed):
 
 
 def apply_scaling(array, scale):
-    """Apply ``(slope, inter)`` in place (no-op for ``None``), in the array's own dtype."""
-    if scale is not None:
-        slope, inter = scale
+    """Apply ``(slope, inter)`` in place (no-op for ``None``), in the array's own dtype.
+
+    Values that overflow the dtype become infinite, as the file says they are;
+    that is reported once as a :class:`~convt3d_cli.notices.Convt3dWarning`.
+    """
+    if scale is None:
+        return
+    slope, inter = scale
+    overflowed = []
+    with np.errstate(over="call", call=lambda kind, flag: overflowed.append(kind)):
         array *= array.dtype.type(slope)
         if inter:
             array += array.dtype.type(inter)
+    if overflowed:
+        warnings.warn(f"the scaling (scl_slope {slope:g}, scl_inter {inter:g}) overflows {array.dtype}: "
+                      f"some values are infinite", Convt3dWarning, stacklevel=2)

@@ -288,8 +288,8 @@ def _run_local(tasks, jobs, threads, on_result):
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        for task in retry:
-            _remove_temporary_files(task.output_path)
+        # The dead worker's temporary files: its lock on them died with it.
+        _remove_temporary_files(*(task.output_path for task in retry))
         queue.extendleft(reversed(retry))
 
 
@@ -306,22 +306,11 @@ def _can_submit(queue, running, jobs, deaths):
     return not running or queue[0].index not in deaths
 
 
-def _remove_temporary_files(output_path):
-    """Remove the hidden temporary files a killed worker left for ``output_path``.
+def _remove_temporary_files(*output_paths):
+    """Remove the temporary files killed runs left for these outputs (never a live writer's)."""
+    from .io._atomic import remove_stale_temporaries
 
-    Only called once the pool that wrote them is gone, for outputs this batch owns.
-    """
-    import glob
-
-    from .io._atomic import TEMP_MARK
-
-    folder, name = os.path.split(output_path)
-    # The atomic writer's naming: .NAME.convt3d-TOKEN.tmpSUFFIX (NAME cut at 100 characters).
-    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{name[:100]}{TEMP_MARK}") + "*.tmp*")):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    remove_stale_temporaries(*output_paths)
 
 
 # --------------------------------------------------------------------------- the batch
@@ -421,6 +410,7 @@ def run_batch(inputs, out_dir, *, suffix="", format=None, jobs=1, threads=None, 
     check_layer(**run_options)
     if inputs:
         _make_folder(out_dir)
+        _remove_temporary_files(*outputs)
 
     options = dict(run_options, overwrite=overwrite)
     results, tasks = [], []

@@ -108,6 +108,9 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
              f"each (budget {human_bytes(slab_plan.budget)})")
 
     folder = os.path.dirname(os.path.abspath(io.split_spec(output)[0]))
+    from .io._atomic import remove_stale_temporaries
+
+    remove_stale_temporaries(io.split_spec(output)[0])  # those of killed runs; never a live writer's
     source = io.open_source(info, transposed, compute, pad, folder)
     try:
         with io.open_writer(output, plan.output_shape, like=info, params=p, formula=plan.formula,

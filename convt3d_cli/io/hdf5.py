@@ -7,16 +7,25 @@ the output affine as attributes of the dataset.
 
 from __future__ import annotations
 
+import math
+import os
+import re
+
 import numpy as np
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, OutputError
 from ..geometry import output_affine
 from .base import ArrayFormat, ArrayWriter, jsonable
 from .dtypes import dtype_name
 from .entries import VOLUME, choose_entry
 from .records import Entry
-from .safety import reading
-from .streaming import Source, oriented_view
+from .safety import human_bytes, reading, reason, writable_bytes
+from .streaming import Source, oriented_view, pwrite_all
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not a POSIX system
+    resource = None
 
 LABEL = "HDF5"
 # Attributes that hold a voxel size in (D, H, W) order; scaled by 1/stride on output.
@@ -24,6 +33,11 @@ VOXEL_SIZE_ATTRS = ("element_size_um", "spacing", "voxel_size")
 # Chunks of about this many bytes, made of whole W rows (then H planes, ...):
 # slab-wise readers touch few chunks, and no chunk is tiny.
 CHUNK_BYTES = 1 << 20
+# What HDF5 writes besides the chunks, at most (measured: about 14 KiB, 60-90 bytes per
+# chunk for the chunk index, the attributes about once; the index's pages are spread
+# through the file).
+LAYOUT_BYTES = 64 << 10
+CHUNK_INDEX_BYTES = 256
 
 
 def _h5py():
@@ -64,36 +78,149 @@ def chunk_shape(shape, itemsize, target=CHUNK_BYTES):
 
 
 class Hdf5Writer(ArrayWriter):
-    """A chunked dataset (chunks of whole W rows, D extent 1: D-slabs fill whole chunks)."""
+    """A chunked dataset whose structure HDF5 writes first; the voxels then go in with ``os.pwrite``.
+
+    Why HDF5 never writes voxels: HDF5 does not survive a failed write. Once a
+    flush fails (disk full, file-size limit, I/O error), closing the file fails
+    too; the failed close frees the dataset but leaves its identifier
+    registered, and the next attempt to close it (h5py's garbage collection,
+    HDF5's own clean-up at exit) uses freed memory: the process dies with
+    SIGSEGV after printing its error (h5py issues 914 and 2160). No order of
+    closing avoids it once a write has failed.
+
+    So HDF5 only lays the file out, at the start: the dataset with every chunk
+    allocated and never filled (``ALLOC_TIME_EARLY``, ``FILL_TIME_NEVER``), its
+    attributes, then the file is closed. That takes a few KiB, checked against
+    the free space, and the whole file (which HDF5 sizes at once) against the
+    file-size limit, before HDF5 opens it. The slabs are then written to the
+    chunks' offsets like an ``.npy`` file's: a failing write is an ordinary
+    OSError, while no HDF5 object is alive.
+
+    Chunks (:func:`chunk_shape`) hold whole W rows: ``(1, ..., 1, k, whole...)``,
+    so each (n, c) part of a chunk that a D-slab reaches is one run of bytes.
+    """
 
     def __init__(self, path, out_shape, dtype, overwrite, like, key, attrs):
         super().__init__(path, out_shape, dtype, overwrite, like)
+        self.fd = None
+        # h5py raises both OSError and RuntimeError for file errors.
+        with self._failing_removes((OSError, RuntimeError), _hdf5_reason):
+            chunks = chunk_shape(self.file_shape, self.dtype.itemsize)
+            self.chunks = (1,) * (5 - len(chunks)) + chunks  # engine layout (N, C, D, H, W)
+            self.grid = tuple(-(-n // k) for n, k in zip(self.out_shape, self.chunks))
+            self._check_room(attrs)
+            self.offsets = self._lay_out(key, chunks, attrs)
+            self.fd = os.open(self.tmp, os.O_WRONLY)
+
+    def _check_room(self, attrs):
+        """Refuse before HDF5 opens the file what would make its own writes fail."""
+        count = math.prod(self.grid)
+        layout = LAYOUT_BYTES + CHUNK_INDEX_BYTES * count + 2 * _attr_bytes(attrs)
+        whole = count * math.prod(self.chunks) * self.dtype.itemsize + layout
+        folder = os.path.dirname(os.path.abspath(self.path))
+        limit = _file_size_limit()
+        if limit is not None and whole > limit:
+            raise OutputError(f"cannot write {self.path}: the HDF5 file may take {human_bytes(whole)}, "
+                              f"more than the file-size limit (ulimit -f) of {human_bytes(limit)}")
+        room = writable_bytes(folder)
+        if room is not None and layout > room:
+            raise OutputError(f"cannot write {self.path}: only {human_bytes(room)} can be written "
+                              f"in {folder}")
+
+    def _lay_out(self, key, chunks, attrs):
+        """Create the file and its dataset; the byte offset of every chunk, in an array shaped like the grid."""
         h5py = _h5py()
-        self.handle = None
-        try:
-            self.handle = h5py.File(self.tmp, "w")
-            self.dataset = self.handle.create_dataset(
-                key, shape=self.file_shape, dtype=self.dtype,
-                chunks=chunk_shape(self.file_shape, self.dtype.itemsize))
+        create = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        create.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        create.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        with h5py.File(self.tmp, "w") as handle:
+            dataset = handle.create_dataset(key, shape=self.file_shape, dtype=self.dtype,
+                                            chunks=chunks, dcpl=create)
             for attr, value in attrs.items():
                 if isinstance(value, list) and all(isinstance(v, str) for v in value):
                     value = np.array(value, dtype=h5py.string_dtype())
-                self.dataset.attrs[attr] = value
-        except BaseException:
-            self.abort()
-            raise
+                dataset.attrs[attr] = value
+            return chunk_offsets(dataset.id, self.grid, self.chunks)
 
     def _write(self, start, stop, block):
-        lead = len(self.file_shape) - 3
-        index = (slice(None),) * lead + (slice(start, stop),)
-        self.dataset[index] = block.reshape(block.shape[5 - len(self.file_shape):])
-        self.handle.flush()
+        kn, kc, kd, kh, _ = self.chunks
+        n_count, c_count, _, height, width = self.out_shape
+        run = kh * width * self.dtype.itemsize  # a chunk's bytes per D plane
+        for n in range(n_count):
+            for c in range(c_count):
+                d = start
+                while d < stop:
+                    end = min(stop, (d // kd + 1) * kd)
+                    planes = ((n % kn) * kc + c % kc) * kd + d % kd  # into the chunk
+                    for h in range(0, height, kh):
+                        # Whole rows: several planes only when the chunk has whole planes.
+                        piece = block[n, c, d - start:end - start, h:h + kh]
+                        where = self.offsets[n // kn, c // kc, d // kd, h // kh, 0]
+                        pwrite_all(self.fd, piece, int(where) + planes * run)
+                    d = end
 
     def _release(self):
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
+
+def chunk_offsets(dataset_id, grid, chunks):
+    """Byte offset of every allocated chunk, in an int64 array shaped like the chunk ``grid``.
+
+    ``grid`` and ``chunks`` are in engine layout (5-D); the dataset may have
+    fewer axes (the leading ones, of length 1, are left out). One pass over the
+    chunk index where HDF5 offers it (``chunk_iter``, HDF5 1.14); else one
+    lookup per chunk, whose cost grows with the chunk's place in the index.
+    """
+    offsets = np.full(grid, -1, dtype=np.int64)
+    lead = (0,) * (5 - dataset_id.rank)
+
+    def found(info):
+        if info.byte_offset is None:  # not allocated
+            return
+        corner = lead + tuple(info.chunk_offset)
+        offsets[tuple(i // k for i, k in zip(corner, chunks))] = info.byte_offset
+
+    if hasattr(dataset_id, "chunk_iter"):
+        dataset_id.chunk_iter(found)
+    else:
+        for index in np.ndindex(*grid):
+            corner = tuple(i * k for i, k in zip(index, chunks))[len(lead):]
+            found(dataset_id.get_chunk_info_by_coord(corner))
+    if (offsets < 0).any():
+        raise OutputError("HDF5 did not allocate every chunk of the dataset")
+    return offsets
+
+
+def _file_size_limit():
+    """The process's file-size limit (``ulimit -f``) in bytes, ``None`` when there is none."""
+    if resource is None:  # pragma: no cover - not a POSIX system
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _attr_bytes(attrs):
+    """About how many bytes the attributes take in the file (their values and names)."""
+    total = 0
+    for name, value in attrs.items():
+        if isinstance(value, str):
+            size = len(value.encode())
+        elif isinstance(value, list):
+            size = sum(len(str(v).encode()) + 16 for v in value)
+        else:
+            size = np.asarray(value).nbytes
+        total += len(str(name).encode()) + size + 64
+    return total
+
+
+def _hdf5_reason(exc):
+    """The system's reason when HDF5's long message names an errno, else the message."""
+    found = re.search(r"errno = (\d+)", str(exc))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return getattr(exc, "strerror", None) or reason(exc)
 
 
 class Hdf5Source(Source):

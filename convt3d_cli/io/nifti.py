@@ -27,7 +27,8 @@ from .base import Format, jsonable
 from .dtypes import byte_order, check_numeric, dtype_name, native
 from .records import VolumeInfo
 from .safety import check_nonempty, check_payload, reading, require_file
-from .streaming import IO_CHUNK, ArraySource, Source, Spool, StreamWriter, apply_scaling, chunks, pwrite_all
+from .streaming import (IO_CHUNK, ArraySource, Source, Spool, StreamWriter, apply_scaling, chunks,
+                        pwrite_all)
 
 LABEL = "NIfTI"
 # NIfTI-1 stores dimensions as int16; anything larger needs NIfTI-2.
@@ -440,9 +441,9 @@ class NiftiWriter(StreamWriter):
         _, channels, x, y, z = self.out_shape
         self.channel_bytes = x * y * z * self.dtype.itemsize
         self.plane_bytes = x * y * self.dtype.itemsize
-        self.file = open(self.tmp, "r+b")
-        self.spool = None
-        try:
+        self.file = self.spool = None
+        with self._failing_removes():
+            self.file = open(self.tmp, "r+b")
             if self.gz:
                 self.deflate = _gzip.compressor(compress_level)
                 self.stage = bytearray()
@@ -453,9 +454,6 @@ class NiftiWriter(StreamWriter):
                 self.file.write(head)
                 self.file.flush()
                 os.ftruncate(self.file.fileno(), self.offset + channels * self.channel_bytes)
-        except BaseException:
-            self.abort()
-            raise
 
     def _emit(self, data):
         # The compressor sees fixed IO_CHUNK pieces whatever the slab sizes, so the
@@ -503,7 +501,7 @@ class NiftiWriter(StreamWriter):
         if self.spool is not None:
             self.spool.close()
             self.spool = None
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
 
 

@@ -30,15 +30,12 @@ class NpzWriter(ArrayWriter):
     def __init__(self, path, out_shape, dtype, overwrite, like, key, attrs=None):
         super().__init__(path, out_shape, dtype, overwrite, like)
         self.archive = self.member = self.spool = None
-        try:
+        with self._failing_removes():
             self.archive = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
             self.member = self.archive.open(bare(key) + ".npy", "w", force_zip64=True)
             self.member.write(npy_header(self.file_shape, self.dtype))
             if self.out_shape[0] * self.out_shape[1] > 1:
                 self.spool = Spool(os.path.dirname(os.path.abspath(path)), self.total_bytes)
-        except BaseException:
-            self.abort()
-            raise
 
     def _write(self, start, stop, block):
         if self.spool is None:
@@ -86,7 +83,10 @@ class NpzFormat(ArrayFormat):
     @staticmethod
     def _entry(path, archive, info):
         with archive.open(info) as member:
-            shape, fortran, dtype, _ = read_npy_header(member)
+            try:
+                shape, fortran, dtype, _ = read_npy_header(member)
+            except ValueError as exc:
+                raise ValueError(f"member {info.filename}: {exc}") from exc
             offset = member.tell()
         entry = Entry(info.filename[: -len(".npy")], shape, dtype,
                       needs_copy=needs_copy(dtype, fortran))

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from ..errors import Convt3dError, FileFormatError, MemoryLimitError, ShapeError
 from .dtypes import dtype_name
 
-
 _KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -101,14 +102,22 @@ class StreamWriter:
         if self.written != self.axis_length:
             raise OutputError(f"cannot write {self.path}: only {self.written} of "
                               f"{self.axis_length} planes were computed")
-        try:
+        with self._failing_removes():
             self._finish()
             self._release()
             self._open = False
             self._context.__exit__(None, None, None)
-        except OSError as exc:
+
+    @contextmanager
+    def _failing_removes(self, errors=(OSError,), reason=None):
+        """Whatever fails inside removes the temporary file; ``errors`` become an
+        :class:`OutputError` naming the output (``reason(exc)`` words them)."""
+        try:
+            yield
+        except errors as exc:
             self.abort()
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            text = reason(exc) if reason is not None else (getattr(exc, "strerror", None) or exc)
+            raise OutputError(f"cannot write {self.path}: {text}") from exc
         except BaseException:
             self.abort()
             raise

@@ -90,6 +90,62 @@ def read_list(stream):
     return specs
 
 
+#: A list of inputs longer than this is not a list of files.
+MAX_LIST_BYTES = 64 << 20
+#: How long a pipe given to ``--from-list`` (``<(find ...)``) may stay silent.
+LIST_TIMEOUT = 60.0
+
+
+def list_lines(path, timeout=LIST_TIMEOUT):
+    """The lines of a ``--from-list`` source that is not standard input.
+
+    A regular file is read whole (at most :data:`MAX_LIST_BYTES`). A pipe, such
+    as a shell's ``<(find ...)``, is read without blocking: a writer silent for
+    ``timeout`` seconds is an error rather than a hang, and a pipe nobody writes
+    to is an empty list. Anything else (a device, a folder) is refused.
+
+    Raises
+    ------
+    FileFormatError
+    """
+    import select
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise FileFormatError(f"cannot read the list {path}: {err.strerror or err}") from None
+    if stat.S_ISREG(mode):
+        if os.path.getsize(path) > MAX_LIST_BYTES:
+            raise FileFormatError(f"the list {path} is larger than {MAX_LIST_BYTES >> 20} MiB")
+        with open(path, "rb") as handle:
+            data = handle.read()
+    elif stat.S_ISFIFO(mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        pieces, size = [], 0
+        try:
+            while True:
+                try:
+                    piece = os.read(fd, 1 << 16)
+                except BlockingIOError:  # a writer, no data yet
+                    ready, _, _ = select.select([fd], [], [], timeout)
+                    if not ready:
+                        raise FileFormatError(f"the list {path} sent nothing for {timeout:g} s") from None
+                    continue
+                if not piece:  # the writer closed it, or there never was one
+                    break
+                size += len(piece)
+                if size > MAX_LIST_BYTES:
+                    raise FileFormatError(f"the list {path} is larger than {MAX_LIST_BYTES >> 20} MiB")
+                pieces.append(piece)
+        finally:
+            os.close(fd)
+        data = b"".join(pieces)
+    else:
+        raise FileFormatError(f"the list {path} is not a file or a pipe")
+    return data.decode("utf-8", errors="surrogateescape").splitlines()
+
+
 def output_name(spec, *, suffix="", format=None):
     """File name the output of ``spec`` gets inside the output folder.
 

@@ -300,7 +300,8 @@ def info(spec, as_json):
 @click.argument("inputs", nargs=-1, metavar="[INPUT]...")
 @click.option("--out-dir", "-o", required=True, metavar="DIR",
               help="Folder for the outputs; created if missing.")
-@click.option("--from-list", "from_list", type=click.File("r"), default=None, metavar="FILE",
+@click.option("--from-list", "from_list", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              metavar="FILE",
               help="Read more inputs from FILE ('-' for stdin): one per line, blank lines and "
                    "lines starting with # ignored.")
 @click.option("--suffix", default="", metavar="TEXT",
@@ -331,7 +332,7 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
     With -q only failures are printed. --scheduler runs the files on a Dask
     cluster (not with --jobs).
     """
-    from .batch import batch_exit_code, read_list, result_line, run_batch, summary_line
+    from .batch import batch_exit_code, list_lines, read_list, result_line, run_batch, summary_line
 
     if from_list is None and not inputs:
         raise click.UsageError("give INPUT files or --from-list")
@@ -344,7 +345,15 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
                                "decide how many files run at once")
     if os.sep in suffix or "/" in suffix:
         raise click.BadParameter("must not contain a path separator", param_hint="'--suffix'")
-    specs = list(inputs) + (read_list(from_list) if from_list is not None else [])
+    listed = []
+    if from_list == "-":
+        listed = read_list(sys.stdin)
+    elif from_list is not None:
+        try:
+            listed = read_list(list_lines(from_list))
+        except Convt3dError as err:
+            raise _CliError(err, err.exit_code) from None
+    specs = list(inputs) + listed
 
     debug = click.get_current_context().find_root().params.get("debug", False)
     bar = None

@@ -12,6 +12,7 @@ imports click, so it keeps ``convt3d --help`` instant.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import click
 
@@ -97,7 +98,8 @@ def parse_size(text):
     match = _SIZE_RE.match(str(text))
     if not match:
         raise ValueError(f"{text!r} is not a size like 512M, 2G or 1000000")
-    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    # Exact arithmetic: a size of 400 digits is refused by the memory checks, not by a float.
+    size = int(Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
     if size <= 0:
         raise ValueError(f"{text!r} must be larger than 0")
     return size

@@ -117,6 +117,7 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
                             overwrite=overwrite, source=input, dtype=compute,
                             compress_level=compress_level) as writer:
             slabs.run_slabs(layer, source, writer, slab_plan, progress)
+            file_shape = writer.file_shape
     finally:
         source.close()
     written = io.split_spec(output)[0]
@@ -129,7 +130,7 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
         "weights": None if loaded is None else loaded.source,
         "bias": None if loaded is None else loaded.bias_source,
         "input_file_shape": list(info.stored_shape),
-        "output_file_shape": list(io.probe_volume(output).stored_shape),
+        "output_file_shape": list(file_shape),
         "output_affine": geometry.output_affine(info.affine, plan.params).tolist(),
         "seconds": round(seconds, 6),
         "slabs": slab_plan.count,

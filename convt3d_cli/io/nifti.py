@@ -26,7 +26,7 @@ from . import _gzip
 from .base import Format, jsonable
 from .dtypes import byte_order, check_numeric, dtype_name, native
 from .records import VolumeInfo
-from .safety import check_nonempty, check_payload, reading, require_file
+from .safety import check_nonempty, check_payload, reading, reason, require_file
 from .streaming import (IO_CHUNK, ArraySource, Source, Spool, StreamWriter, apply_scaling, chunks,
                         pwrite_all)
 
@@ -150,13 +150,19 @@ def _check_placement(path, facts):
         if not np.all(np.isfinite(quaternion)):
             problems.append("a non-finite qform (quatern_b/c/d, qoffset_x/y/z) with qform_code "
                             f"{int(header['qform_code'])}")
+        else:
+            try:  # e.g. quatern_b/c/d longer than 1: no rotation w = sqrt(1 - b^2 - c^2 - d^2)
+                header.get_qform()
+            except Exception as exc:  # noqa: BLE001 - nibabel's reason is the message
+                problems.append(f"a qform nibabel cannot decode ({reason(exc)}) with qform_code "
+                                f"{int(header['qform_code'])}")
     if header["sform_code"] > 0:
         rows = np.array([header[name] for name in ("srow_x", "srow_y", "srow_z")], dtype=np.float64)
         if not np.all(np.isfinite(rows)):
             problems.append(f"a non-finite sform (srow_x/y/z) with sform_code {int(header['sform_code'])}")
-        elif abs(np.linalg.det(rows[:, :3])) == 0:
-            problems.append(f"a singular sform (srow_x/y/z, e.g. all zero) with sform_code "
-                            f"{int(header['sform_code'])}")
+        elif not _well_conditioned(rows[:, :3]):
+            problems.append(f"a singular or nearly singular sform (srow_x/y/z, e.g. all zero) with "
+                            f"sform_code {int(header['sform_code'])}")
     if not problems and not np.all(np.isfinite(facts["affine"])):
         problems.append("a non-finite affine")
     if facts["scale"] is not None and not np.all(np.isfinite(facts["scale"])):
@@ -164,6 +170,17 @@ def _check_placement(path, facts):
     if problems:
         raise FileFormatError(f"{path} has {' and '.join(problems)}; fix the header first (convt3d "
                               f"cannot place or scale the output without guessing)")
+
+
+def _well_conditioned(matrix):
+    """Whether a voxel-to-world 3x3 matrix keeps a usable grid after dividing by any stride.
+
+    Its singular values must not be zero, nor so far apart (or so small) that a
+    float32 header would lose an axis: an affine with a voxel size of 1e-45 passes
+    a determinant test but turns singular once stored for the output.
+    """
+    values = np.linalg.svd(matrix, compute_uv=False)
+    return values[-1] > 1e-12 and values[-1] >= 1e-8 * values[0]
 
 
 def _is_gzip(path):
@@ -437,6 +454,7 @@ class NiftiWriter(StreamWriter):
     def __init__(self, path, out_shape, dtype, overwrite, like, params, compress_level):
         head, self.offset = header_bytes(output_array_shape(out_shape), dtype, like, params)
         super().__init__(path, out_shape, dtype, overwrite)
+        self.file_shape = output_array_shape(self.out_shape)
         self.gz = path.lower().endswith(".gz")
         _, channels, x, y, z = self.out_shape
         self.channel_bytes = x * y * z * self.dtype.itemsize

@@ -48,7 +48,7 @@ def split_spec(spec):
     path : str
     key : str or None
         ``None`` when no key is given, when the key is empty, or when the whole
-        string names an existing file (so a file called ``a.npy:b`` still works).
+        string names an existing file (so a file called ``weird.npy:odd.npy`` still works).
 
     Notes
     -----

@@ -8,6 +8,7 @@ before it allocates, so a corrupt, truncated or hostile file ends in one
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from contextlib import contextmanager
@@ -116,13 +117,17 @@ def check_memory(needed, path, max_bytes=None):
 
 
 def human_bytes(nbytes):
-    """``1536`` -> ``"1.5 KiB"``; beyond 1024 EiB in powers of ten (``"6.6e+35 EiB"``)."""
+    """``1536`` -> ``"1.5 KiB"``; beyond 1024 EiB in powers of ten (``"6.6e+35 EiB"``).
+
+    Exact for integers of any size (option values are unbounded Python ints).
+    """
+    if nbytes >= 1024 ** 7:
+        exponent = math.log10(nbytes) - 6 * math.log10(1024)
+        return f"{10 ** (exponent - math.floor(exponent)):.1f}e+{math.floor(exponent)} EiB"
     value = float(nbytes)
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         if value < 1024 or unit == "EiB":
-            if unit == "bytes":
-                return f"{int(value)} bytes"
-            return f"{value:.1f} {unit}" if value < 1024 else f"{value:.2g} {unit}"
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 

@@ -67,6 +67,8 @@ class StreamWriter:
 
     #: Whether slabs arrive along engine W, transposed to ``(N, C, W, H, D)``.
     transposed = False
+    #: The shape the file stores (set by each format's writer).
+    file_shape = None
 
     def __init__(self, path, out_shape, dtype, overwrite):
         self.path = path

@@ -99,6 +99,8 @@ def test_devices_and_links_to_devices_are_refused(tmp_path):
     ("nan-qoffset", [(QOFFSET_X, "<f", float("nan")), (SFORM_CODE, "<h", 0)], "non-finite qform"),
     ("zero-sform", [(SROW_X + 4 * i, "<f", 0.0) for i in range(12)], "singular sform"),
     ("nan-sform", [(SROW_X, "<f", float("nan"))], "non-finite sform"),
+    ("long-quaternion", [(QUATERN_B, "<f", 2.0)], "qform nibabel cannot decode"),
+    ("tiny-sform", [(SROW_X + 32 + 8, "<f", 1e-45)], "nearly singular sform"),
 ])
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_headers_that_cannot_place_the_grid_are_refused(tmp_path, name, fields, match, suffix):
@@ -192,3 +194,34 @@ def test_library_refuses_strides_it_cannot_plan():
     with pytest.raises(ParameterError, match="stride") as err:
         conv_transpose3d(x, np.ones((1, 1, 1, 1, 1), np.float32), stride=10 ** 9)
     assert err.value.param == "stride"
+
+
+@pytest.mark.parametrize("args,code,match", [
+    (("--kernel", "nearest", "--stride", "1" + "0" * 400), 1, "stride 1" + "0" * 40),
+    (("--kernel", "nearest", "--stride", "2", "--max-memory", "9" * 400), 0, None),
+])
+def test_option_values_of_any_size(tmp_path, args, code, match):
+    np.save(tmp_path / "vol.npy", np.zeros((4, 4, 4), np.float32))
+    result = _run(tmp_path, "run", "vol.npy", "out.npy", *args, "-q")
+    if code:
+        _one_error(result, code, match)
+    else:
+        assert result.exit_code == 0 and result.stderr == "", (result.stderr, result.exception)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_from_list_reads_pipes_without_hanging(tmp_path):
+    np.save(tmp_path / "vol.npy", np.zeros((4, 4, 4), np.float32))
+    os.mkfifo(tmp_path / "silent.txt")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "convt3d_cli", "batch", "--from-list", "silent.txt", "--out-dir",
+                           "out", *NEAREST], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and time.monotonic() - started < 30, proc.stderr
+    shell = ("mkfifo named.txt; (sleep 1; echo vol.npy) > named.txt & "
+             f"{sys.executable} -m convt3d_cli batch --from-list named.txt --out-dir out2 --kernel nearest "
+             "--stride 2 -q; wait")
+    proc = subprocess.run(["bash", "-c", shell], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out2" / "vol.npy").exists()
+

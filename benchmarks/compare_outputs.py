@@ -748,6 +748,9 @@ def parse_args(argv):
                         help="folder or revision under test [default: this repository's working tree]")
     parser.add_argument("--keep", default=None, metavar="DIR",
                         help="keep inputs, outputs and logs in DIR (new or empty)")
+    parser.add_argument("--ignore-key", action="append", default=[], metavar="KEY",
+                        help="leave this --json report key out of the comparison (repeatable), for "
+                             "a report field added on purpose since REV")
     parser.add_argument("--numba-cache", default=None, metavar="DIR",
                         help="persistent Numba cache (and fixed worktree paths) for warm reruns; "
                              "outside the repository")
@@ -783,7 +786,9 @@ def setup(args, work, trees, repo):
 
 
 def main(argv=None):
+    global VOLATILE
     args = parse_args(argv)
+    VOLATILE = tuple(VOLATILE) + tuple(args.ignore_key)
     started = time.monotonic()
     here = os.path.dirname(os.path.abspath(__file__))
     repo = git(here, "rev-parse", "--show-toplevel", check=False)

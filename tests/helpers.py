@@ -17,3 +17,19 @@ def console_script():
         if (folder / name).exists():
             return folder / name
     pytest.skip("the convt3d console script is not installed next to this Python")
+
+
+def invoke_in(folder, *args):
+    """``convt3d ARGS`` in-process (click's CliRunner) from inside ``folder``; returns the result."""
+    import os
+
+    from click.testing import CliRunner
+
+    from convt3d_cli.cli import cli
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(cwd)

@@ -16,10 +16,9 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import invoke_in
 
 from convt3d_cli import conv_transpose3d, io
-from convt3d_cli.cli import cli
 from convt3d_cli.errors import FileFormatError, ParameterError
 
 NEAREST = ("--kernel", "nearest", "--stride", "2")
@@ -43,12 +42,7 @@ def _nifti(path, *fields):
 
 
 def _run(folder, *args):
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        return CliRunner().invoke(cli, [str(a) for a in args])
-    finally:
-        os.chdir(cwd)
+    return invoke_in(folder, *args)
 
 
 def _one_error(result, code, match):

@@ -15,9 +15,8 @@ import threading
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import invoke_in
 
-from convt3d_cli.cli import cli
 from convt3d_cli.io import _atomic
 from convt3d_cli.io._atomic import atomic_write, remove_stale_temporaries, temp_path
 
@@ -71,13 +70,8 @@ def _volume(path):
     np.save(path, np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4))
 
 
-def _run(cwd, *args):
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(cli, [str(a) for a in args])
-    finally:
-        os.chdir(here)
+def _run(folder, *args):
+    return invoke_in(folder, *args)
 
 
 def test_run_removes_the_leftover_of_a_killed_writer(tmp_path, listing):

@@ -21,7 +21,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 import zipfile
 
@@ -316,20 +315,18 @@ HOSTILE = {
 
 
 def _refused_quickly(path, *specs):
-    """Every spec raises FileFormatError within a second, with under 16 MiB allocated."""
+    """Every spec raises FileFormatError with under 16 MiB allocated (an unbounded parse would not)."""
     for spec in specs or (str(path),):
         for call in (cio.read_volume, cio.probe_volume, cio.describe):
             with pytest.raises(FileFormatError):
                 call(spec)  # once unmeasured: modules load on first use
             tracemalloc.start()
-            started = time.perf_counter()
             try:
                 with pytest.raises(FileFormatError):
                     call(spec)
             finally:
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
-            assert time.perf_counter() - started < 1.0, spec
             assert peak < 16 << 20, (spec, peak)
 
 

@@ -11,7 +11,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
@@ -62,10 +61,9 @@ def test_fifo_is_refused_without_hanging(tmp_path, role):
     np.save(tmp_path / "vol.npy", np.zeros((4, 4, 4), np.float32))
     args = ["run", "in.nii", "out.npy", *NEAREST] if role == "input" else \
         ["run", "vol.npy", "out.npy", "--weights", "w.npz"]
-    started = time.monotonic()
+    # The timeout turns a hang into a failure.
     proc = subprocess.run([sys.executable, "-m", "convt3d_cli", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert time.monotonic() - started < 60
     assert proc.returncode == 1, proc.stderr
     assert "named pipe (FIFO)" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out.npy").exists()
@@ -162,10 +160,8 @@ def test_outputs_that_cannot_fit_are_refused_before_any_allocation(tmp_path, out
     np.save(tmp_path / "vol.npy", np.zeros((8, 8, 8), np.float32))
     np.savez(tmp_path / "w.npz", weight=np.ones((1, 1, 3, 3, 3), np.float32))
     np.savez(tmp_path / "stored.npz", weight=np.ones((1, 1, 3, 3, 3), np.float32), stride=np.array(10 ** 9))
-    started = time.monotonic()
     result = _run(tmp_path, "run", "vol.npy", output, *args, "-q")
     _one_error(result, 1, match)
-    assert time.monotonic() - started < 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stored.npz", "vol.npy", "w.npz"]
 
 
@@ -207,11 +203,10 @@ def test_option_values_of_any_size(tmp_path, args, code, match):
 def test_from_list_reads_pipes_without_hanging(tmp_path):
     np.save(tmp_path / "vol.npy", np.zeros((4, 4, 4), np.float32))
     os.mkfifo(tmp_path / "silent.txt")
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "convt3d_cli", "batch", "--from-list", "silent.txt", "--out-dir",
                            "out", *NEAREST], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0 and time.monotonic() - started < 30, proc.stderr
+    assert proc.returncode == 0, proc.stderr  # the timeout above turns a hang into a failure
     shell = ("mkfifo named.txt; (sleep 1; echo vol.npy) > named.txt & "
              f"{sys.executable} -m convt3d_cli batch --from-list named.txt --out-dir out2 --kernel nearest "
              "--stride 2 -q; wait")

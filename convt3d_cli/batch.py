@@ -224,7 +224,7 @@ def plan_outputs(inputs, out_dir, *, suffix="", format=None, protected=()):
     return outputs
 
 
-def check_layer(*, weights=None, bias=None, kernel=None, layer_options=None, **_):
+def check_layer(*, weights=None, bias=None, kernel=None, layer_options=None, weight_layout=None, **_):
     """Refuse, once for the whole batch, a layer that would fail on every file.
 
     Reads the weights header only. Parameter rules that depend on an input
@@ -247,9 +247,9 @@ def check_layer(*, weights=None, bias=None, kernel=None, layer_options=None, **_
 
         builtin_params(kernel, layer_options["stride"])
     elif weights:
-        found = io.inspect_weights(weights)
-        layerplan.plan_layer((1, 1, 1, 1, 1), layer_options, weight_shape=found.shape,
-                          file_options=found.options)
+        found = io.inspect_weights(weights, layout=weight_layout)
+        options = {k: v for k, v in found.options.items() if k not in ("output_size", "pad_rule")}
+        layerplan.plan_layer((1, 1, 1, 1, 1), layer_options, weight_shape=found.shape, file_options=options)
     if bias and not os.path.isfile(io.split_spec(bias)[0]):
         raise FileFormatError(f"no such file: {io.split_spec(bias)[0]}")
 

@@ -96,7 +96,8 @@ def _layer_cli(stride, padding, output_padding, dilation, groups):
             "dilation": dilation, "groups": groups}
 
 
-def _check_layer_source(weights, kernel_name, layer_cli, bias=None, no_bias=False, numbers=None):
+def _check_layer_source(weights, kernel_name, layer_cli, bias=None, no_bias=False, numbers=None,
+                        weight_layout=None):
     """Usage rules shared by ``run`` and ``shape``: exactly one layer source, matching options.
 
     ``numbers`` is ``None`` where ``--out-channels/--kernel-size`` do not exist
@@ -114,6 +115,8 @@ def _check_layer_source(weights, kernel_name, layer_cli, bias=None, no_bias=Fals
         raise click.UsageError("--bias and --no-bias cannot be used together")
     if (bias is not None or no_bias) and not weights:
         raise click.UsageError("--bias and --no-bias need --weights")
+    if weight_layout is not None and not weights:
+        raise click.UsageError("--weight-layout needs --weights")
     if kernel_name:
         if layer_cli["stride"] is None:
             raise click.UsageError("--kernel needs --stride (the integer upsampling factor)")
@@ -167,25 +170,27 @@ class _Progress:
 @opt.job_options
 @opt.json_opt
 @opt.quiet_opt
-def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, output_padding, dilation,
-        groups, dtype, max_memory, compress_level, overwrite, as_json, quiet):
+def run(input, output, weights, bias, no_bias, weight_layout, kernel_name, stride, padding, output_padding,
+        dilation, groups, dtype, max_memory, compress_level, overwrite, as_json, quiet):
     """Upsample INPUT into OUTPUT with a transposed convolution.
 
-    The layer comes from a weights file (--weights, with its stored stride,
-    padding, ... unless given here) or a built-in kernel (--kernel nearest|linear
-    with --stride). The output size formula is printed per axis before
+    The layer comes from a weights file (--weights: a PyTorch checkpoint,
+    safetensors, ONNX or Keras model, or an npz/npy/HDF5 array, with its stored
+    stride, padding, ... unless given here) or a built-in kernel (--kernel
+    nearest|linear with --stride). The output size formula is printed per axis before
     computing. OUTPUT's suffix picks the format (.nii, .nii.gz, .h5, .npz, .npy).
     """
     from . import pipeline
 
     layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
-    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias)
+    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias, weight_layout=weight_layout)
     progress = _Progress(not quiet)
     try:
         result = pipeline.run_file(input, output, weights=weights, bias=bias, no_bias=no_bias,
                                    kernel=kernel_name, layer_options=layer_cli, dtype=dtype,
                                    max_memory=max_memory, overwrite=overwrite, echo=_echo_err(quiet),
-                                   progress=progress.callback, compress_level=compress_level)
+                                   progress=progress.callback, compress_level=compress_level,
+                                   weight_layout=weight_layout)
     except KeyboardInterrupt:
         # The temporary output is already gone (atomic_write); say so on one line, exit 130.
         progress.close()
@@ -212,12 +217,13 @@ def run(input, output, weights, bias, no_bias, kernel_name, stride, padding, out
 @click.option("--kernel-size", callback=opt.triple_handler, default=None, metavar="K",
               help="Kernel size K or kD,kH,kW (with --out-channels).")
 @opt.weights_opt
+@opt.weight_layout_opt
 @opt.kernel_opt
 @opt.layer_options
 @click.option("--target", callback=opt.triple_handler, default=None, metavar="D,H,W",
               help="Plan: list the padding/output-padding pairs giving this output size.")
 @opt.json_opt
-def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, stride, padding,
+def shape(input, input_shape, out_channels, kernel_size, weights, weight_layout, kernel_name, stride, padding,
           output_padding, dilation, groups, target, as_json):
     """Print the output shape and the size formula without computing anything.
 
@@ -232,7 +238,8 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
     if (out_channels is None) != (kernel_size is None):
         raise click.UsageError("--out-channels and --kernel-size go together")
     layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
-    _check_layer_source(weights, kernel_name, layer_cli, numbers=out_channels is not None)
+    _check_layer_source(weights, kernel_name, layer_cli, numbers=out_channels is not None,
+                        weight_layout=weight_layout)
     if target is not None and kernel_name:
         raise click.UsageError("--target plans padding for --weights or --kernel-size, not --kernel")
 
@@ -246,7 +253,7 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
                 input_shape = tuple(info.engine_shape)
             if weights:
                 # Shape and stored options only: nothing but headers is read.
-                loaded = io.inspect_weights(weights)
+                loaded = io.inspect_weights(weights, layout=weight_layout)
     if weights:
         weight_shape = loaded.shape
     elif out_channels is not None:
@@ -254,15 +261,18 @@ def shape(input, input_shape, out_channels, kernel_size, weights, kernel_name, s
     else:
         weight_shape = None
     plan = layerplan.plan_layer(input_shape, layer_cli, kernel=kernel_name, weight_shape=weight_shape,
-                                file_options=None if loaded is None else loaded.options)
+                                file_options=None if loaded is None else loaded.options,
+                                file_source=loaded.source if loaded else "weights file")
     echo = (lambda line="": None) if as_json else click.echo
     report.emit_plan(echo, plan, report.input_label(input, info) if input else report.shape_str(input_shape),
-                     report.layer_label(plan, loaded and loaded.source))
+                     report.layer_label(plan, loaded and loaded.source, layout=loaded))
     plan.validate()
     echo(f"output:  {report.shape_str(plan.output_shape)}")
     out = plan.as_dict()
     out["input"] = input
     out["weights"] = loaded and loaded.source
+    out["weight_layout"] = loaded and loaded.layout
+    out["weight_layout_from"] = loaded and loaded.layout_source
     missing = []
     if target is not None:
         axes = layerplan.target_plan(input_shape[-3:], target, plan.params)
@@ -319,7 +329,8 @@ def info(spec, as_json):
 @click.option("--json", "as_json", is_flag=True, default=False,
               help="Print one JSON object per file on stdout (JSON Lines).")
 @opt.quiet_opt
-def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias, kernel_name, stride, padding,
+def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias, weight_layout, kernel_name,
+          stride, padding,
           output_padding, dilation, groups, dtype, max_memory, compress_level, overwrite, skip_existing, jobs,
           scheduler, as_json, quiet):
     """Upsample many files with one layer into --out-dir.
@@ -337,7 +348,7 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
     if from_list is None and not inputs:
         raise click.UsageError("give INPUT files or --from-list")
     layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
-    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias)
+    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias, weight_layout=weight_layout)
     if skip_existing and overwrite:
         raise click.UsageError("--skip-existing and --overwrite cannot be used together")
     if scheduler and jobs is not None:
@@ -385,7 +396,7 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
                             skip_existing=skip_existing, overwrite=overwrite, scheduler=scheduler,
                             on_result=on_result, weights=weights, bias=bias, no_bias=no_bias,
                             kernel=kernel_name, layer_options=layer_cli, dtype=dtype, max_memory=max_memory,
-                            compress_level=compress_level)
+                            compress_level=compress_level, weight_layout=weight_layout)
     except KeyboardInterrupt:
         # Finished outputs are complete and kept; the files in progress left nothing behind.
         raise _CliError(f"interrupted after {summary_line(finished, time.perf_counter() - started)}; "

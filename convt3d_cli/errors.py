@@ -65,5 +65,14 @@ class DistributedUnavailable(Convt3dError):
     exit_code = 2
 
 
+class MissingDependency(Convt3dError):
+    """An optional package a file needs is not installed (``onnx`` for ``.onnx`` models).
+
+    Exit code 2, like :class:`DistributedUnavailable`: the message says what to install.
+    """
+
+    exit_code = 2
+
+
 class SchedulerError(Convt3dError):
     """The Dask scheduler cannot be reached."""

@@ -4,6 +4,11 @@ This is the only module that knows the ConvTranspose3d size rule::
 
     out = (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
 
+or, with different crops at the two ends of an axis (ONNX ``pads``, "same"
+padding), ``- padding_begin - padding_end`` in place of ``- 2 * padding``:
+the output is the full result cropped by ``padding_begin`` at the start and by
+``padding_end - output_padding`` at the end.
+
 Everything else (engine, file layer, command line) asks it. It imports nothing
 heavier than NumPy so that ``convt3d shape`` stays instant.
 """
@@ -56,6 +61,46 @@ def as_triple(value, name):
     raise ParameterError(name, f"{name} must be an integer or 3 integers, got {value!r}")
 
 
+def as_padding(value):
+    """Turn ``padding`` into ``(begin, end)`` triples.
+
+    Parameters
+    ----------
+    value : int or sequence
+        An int or 1 or 3 ints (the same crop at both ends), 6 ints
+        ``bD, bH, bW, eD, eH, eW`` (ONNX's ``pads`` order), or two triples
+        ``((bD, bH, bW), (eD, eH, eW))``.
+
+    Returns
+    -------
+    tuple of two tuples of int
+
+    Raises
+    ------
+    ParameterError
+        For anything else.
+    """
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not _is_int(value):
+        try:
+            items = list(value)
+        except TypeError:
+            items = None
+        if items is not None and len(items) == 2 and not any(_is_int(v) for v in items):
+            begin, end = (as_triple(v, "padding") for v in items)
+            return begin, end
+        if items is not None and len(items) == 6 and all(_is_int(v) for v in items):
+            items = [int(v) for v in items]
+            return tuple(items[:3]), tuple(items[3:])
+    try:
+        triple = as_triple(value, "padding")
+    except ParameterError:
+        raise ParameterError("padding", f"padding must be an integer, 3 integers, or 6 integers "
+                                        f"(begin D,H,W then end D,H,W), got {value!r}") from None
+    return triple, triple
+
+
 def _is_int(value):
     if isinstance(value, (bool, np.bool_)):
         return False
@@ -79,6 +124,33 @@ class LayerParams:
     output_padding: tuple = (0, 0, 0)
     dilation: tuple = (1, 1, 1)
     groups: int = 1
+    #: Crop at the end of each axis before ``output_padding``; ``padding`` is the begin crop.
+    padding_end: tuple | None = None
+
+    def __post_init__(self):
+        if self.padding_end is None:
+            object.__setattr__(self, "padding_end", self.padding)
+
+    @property
+    def symmetric(self):
+        """Whether both ends of every axis lose the same ``padding`` (PyTorch's case)."""
+        return self.padding == self.padding_end
+
+    @property
+    def padding_spec(self):
+        """``padding`` as :meth:`create` takes it back: 3 values, or 6 when the ends differ."""
+        return self.padding if self.symmetric else self.padding + self.padding_end
+
+    @property
+    def crop_end(self):
+        """Total crop at the end of each axis, ``padding_end - output_padding`` (negative: extra planes)."""
+        return tuple(e - op for e, op in zip(self.padding_end, self.output_padding))
+
+    def reversed_axes(self):
+        """The same layer with the spatial axes in reverse order (W, H, D)."""
+        flip = lambda t: tuple(reversed(t))  # noqa: E731
+        return LayerParams(flip(self.kernel_size), flip(self.stride), flip(self.padding),
+                           flip(self.output_padding), flip(self.dilation), self.groups, flip(self.padding_end))
 
     @classmethod
     def create(cls, kernel_size, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
@@ -86,7 +158,9 @@ class LayerParams:
 
         Parameters
         ----------
-        kernel_size, stride, padding, output_padding, dilation : int or 3 ints
+        kernel_size, stride, output_padding, dilation : int or 3 ints
+        padding : int, 3 ints, 6 ints or two triples
+            See :func:`as_padding`.
         groups : int
 
         Returns
@@ -100,7 +174,7 @@ class LayerParams:
         """
         k = as_triple(kernel_size, "kernel_size")
         s = as_triple(stride, "stride")
-        p = as_triple(padding, "padding")
+        p, p_end = as_padding(padding)
         op = as_triple(output_padding, "output_padding")
         d = as_triple(dilation, "dilation")
         if not _is_int(groups):
@@ -112,8 +186,9 @@ class LayerParams:
             raise ParameterError("stride", f"stride must be >= 1, got {format_triple(s)}")
         if min(d) < 1:
             raise ParameterError("dilation", f"dilation must be >= 1, got {format_triple(d)}")
-        if min(p) < 0:
-            raise ParameterError("padding", f"padding must be >= 0, got {format_triple(p)}")
+        if min(p) < 0 or min(p_end) < 0:
+            shown = format_triple(p) if p == p_end else ",".join(str(v) for v in p + p_end)
+            raise ParameterError("padding", f"padding must be >= 0, got {shown}")
         if min(op) < 0:
             raise ParameterError("output_padding", f"output_padding must be >= 0, got {format_triple(op)}")
         for axis, (op_i, s_i, d_i) in enumerate(zip(op, s, d)):
@@ -125,22 +200,33 @@ class LayerParams:
                 )
         if groups < 1:
             raise ParameterError("groups", f"groups must be >= 1, got {groups}")
-        return cls(k, s, p, op, d, groups)
+        return cls(k, s, p, op, d, groups, p_end)
 
     def as_dict(self):
-        """Plain-JSON view: lists of ints and ``groups``."""
+        """Plain-JSON view: lists of ints and ``groups``.
+
+        ``padding`` has 3 values, or 6 (begins then ends) when the ends differ;
+        ``crop_begin``/``crop_end`` are what is removed from each end of the full
+        result (``crop_end`` is negative where ``output_padding`` adds planes).
+        """
         return {
             "kernel_size": list(self.kernel_size),
             "stride": list(self.stride),
-            "padding": list(self.padding),
+            "padding": list(self.padding_spec),
             "output_padding": list(self.output_padding),
             "dilation": list(self.dilation),
             "groups": self.groups,
+            "crop_begin": list(self.padding),
+            "crop_end": list(self.crop_end),
         }
+
+    def padding_text(self):
+        """``1`` or ``1,1,0`` or, when the ends differ, ``0,0,0,1,1,1`` (begins then ends)."""
+        return format_triple(self.padding) if self.symmetric else ",".join(str(v) for v in self.padding_spec)
 
     def short(self):
         """Compact one-line description, short enough for NIfTI ``descrip`` (80 bytes)."""
-        return (f"convt3d k={format_triple(self.kernel_size)} s={format_triple(self.stride)} p={format_triple(self.padding)} "
+        return (f"convt3d k={format_triple(self.kernel_size)} s={format_triple(self.stride)} p={self.padding_text()} "
                 f"op={format_triple(self.output_padding)} d={format_triple(self.dilation)} g={self.groups}")
 
 
@@ -149,9 +235,18 @@ def format_triple(triple):
     return str(triple[0]) if len(set(triple)) == 1 else ",".join(str(v) for v in triple)
 
 
-def output_size(n_in, kernel, stride, padding, output_padding, dilation):
-    """Output length along one axis (may be < 1 for invalid settings)."""
-    return (n_in - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+def output_size(n_in, kernel, stride, padding, output_padding, dilation, padding_end=None):
+    """Output length along one axis (may be < 1 for invalid settings).
+
+    ``padding`` is cropped at the start, ``padding_end`` (default: ``padding``) at the end.
+    """
+    padding_end = padding if padding_end is None else padding_end
+    return (n_in - 1) * stride - padding - padding_end + dilation * (kernel - 1) + output_padding + 1
+
+
+def _axis_size(n_in, axis, params):
+    return output_size(n_in, params.kernel_size[axis], params.stride[axis], params.padding[axis],
+                       params.output_padding[axis], params.dilation[axis], params.padding_end[axis])
 
 
 def output_spatial(in_spatial, params):
@@ -168,8 +263,7 @@ def output_spatial(in_spatial, params):
     for axis, n_in in enumerate(in_spatial):
         if n_in < 1:
             raise ShapeError(f"input axis {AXES[axis]} is empty (size {n_in})")
-        n_out = output_size(n_in, params.kernel_size[axis], params.stride[axis], params.padding[axis],
-                            params.output_padding[axis], params.dilation[axis])
+        n_out = _axis_size(n_in, axis, params)
         if n_out < 1:
             raise ParameterError(
                 "padding",
@@ -181,11 +275,16 @@ def output_spatial(in_spatial, params):
 
 
 def formula_line(axis, n_in, params):
-    """One formula line, e.g. ``D_out = (32 - 1) * 2 - 2 * 1 + 1 * (3 - 1) + 0 + 1 = 63``."""
+    """One formula line, e.g. ``D_out = (32 - 1) * 2 - 2 * 1 + 1 * (3 - 1) + 0 + 1 = 63``.
+
+    When the two ends of the axis lose different amounts, both terms show:
+    ``... * 2 - 0 - 1 + ...``.
+    """
     k, s, p = params.kernel_size[axis], params.stride[axis], params.padding[axis]
-    op, d = params.output_padding[axis], params.dilation[axis]
-    value = output_size(n_in, k, s, p, op, d)
-    return f"{AXES[axis]}_out = ({n_in} - 1) * {s} - 2 * {p} + {d} * ({k} - 1) + {op} + 1 = {value}"
+    op, d, p_end = params.output_padding[axis], params.dilation[axis], params.padding_end[axis]
+    value = _axis_size(n_in, axis, params)
+    crops = f"2 * {p}" if params.symmetric else f"{p} - {p_end}"
+    return f"{AXES[axis]}_out = ({n_in} - 1) * {s} - {crops} + {d} * ({k} - 1) + {op} + 1 = {value}"
 
 
 def formula_lines(in_spatial, params):
@@ -267,7 +366,9 @@ def output_shape(input_shape, out_channels, kernel_size, stride=1, padding=0, ou
     input_shape : tuple of int
         ``(N, C, D, H, W)`` or ``(C, D, H, W)``.
     out_channels : int
-    kernel_size, stride, padding, output_padding, dilation : int or 3 ints
+    kernel_size, stride, output_padding, dilation : int or 3 ints
+    padding : int, 3 ints, 6 ints or two triples
+        See :func:`as_padding`.
     groups : int
 
     Returns
@@ -297,7 +398,8 @@ def output_affine(affine, params):
     """Affine of the output grid: ``A_out = A_in @ T`` (``docs/behaviour.md``, *Spatial metadata*).
 
     Output voxel ``o`` lies at input index ``(o + p - d * (k - 1) / 2) / s``,
-    the centre of the kernel footprint that produced it.
+    the centre of the kernel footprint that produced it; ``p`` is the crop at
+    the start of the axis, so the end crop never moves the grid.
 
     Parameters
     ----------
@@ -347,9 +449,8 @@ def growth_cause(in_spatial, params):
     """
     best = None
     for axis, n_in in enumerate(in_spatial):
-        k, s, p = params.kernel_size[axis], params.stride[axis], params.padding[axis]
-        op, d = params.output_padding[axis], params.dilation[axis]
-        size = output_size(n_in, k, s, p, op, d)
+        k, s, d = params.kernel_size[axis], params.stride[axis], params.dilation[axis]
+        size = _axis_size(n_in, axis, params)
         by_stride, by_kernel = (n_in - 1) * s, d * (k - 1)
         if by_stride >= by_kernel:
             cause = f"stride {s}"
@@ -390,3 +491,13 @@ def padding_choices(n_in, target, kernel, stride, dilation):
         if twice_p >= 0 and twice_p % 2 == 0:
             choices.append((twice_p // 2, op))
     return sorted(choices)
+
+
+def split_end_crop(crop):
+    """A total end crop (negative: the output runs past the full result) as ``(padding_end, output_padding)``.
+
+    ``output = full - begin - padding_end + output_padding``; a crop of ``-2``
+    is two extra (bias-only) planes, ``(0, 2)``.
+    """
+    crop = int(crop)
+    return max(crop, 0), max(-crop, 0)

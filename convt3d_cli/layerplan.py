@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import geometry
 from .builtin import builtin_params
 from .errors import ParameterError
-from .options import merge_layer_options
+from .options import LAYER_DEFAULTS, merge_layer_options
 
 
 @dataclass
@@ -42,6 +42,8 @@ class LayerPlan:
     params: geometry.LayerParams
     kernel: str | None = None
     bias_shape: tuple | None = None
+    #: Where each setting came from: ``"command line"``, the weights file, ``"default"``, ...
+    sources: dict = field(default_factory=dict)
     output_shape: tuple | None = field(default=None, init=False)
 
     @property
@@ -75,11 +77,12 @@ class LayerPlan:
         }
         report.update(self.params.as_dict())
         report["formula"] = self.formula
+        report["settings_from"] = dict(self.sources)
         return report
 
 
 def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias_shape=None,
-               file_options=None):
+               file_options=None, file_source="weights file"):
     """Resolve the layer parameters for an input shape.
 
     Parameters
@@ -95,6 +98,10 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
     bias_shape : tuple of int, optional
     file_options : dict, optional
         Layer options stored in the weights file; the command line overrides them.
+        ``output_size`` with ``pad_rule`` (ONNX ``output_shape``) become the padding
+        that gives that size for this input.
+    file_source : str
+        How the report names the weights file (``model.onnx:up1``).
 
     Returns
     -------
@@ -107,18 +114,57 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
     if kernel is not None:
         params = builtin_params(kernel, cli_options["stride"], channels)
         weight_shape = (channels, 1) + params.kernel_size
-        return LayerPlan(input_shape, weight_shape, params, kernel=kernel)
+        sources = {name: f"built-in {kernel}" for name in LAYER_DEFAULTS}
+        if cli_options.get("stride") is not None:
+            sources["stride"] = "command line"
+        return LayerPlan(input_shape, weight_shape, params, kernel=kernel, sources=sources)
     weight_shape = tuple(int(v) for v in weight_shape)
     if len(weight_shape) not in (5, 6):
         # Let geometry word the rank error, as the library does.
         geometry.canonical_weight_shape(weight_shape, channels, 1)
     file_options = dict(file_options or {})
-    if len(weight_shape) == 6:
+    output_size, pad_rule = file_options.pop("output_size", None), file_options.pop("pad_rule", "upper")
+    sources = {name: file_source for name, value in file_options.items() if value is not None}
+    if len(weight_shape) == 6 and "groups" not in file_options:
         # A grouped (MegEngine) weight states its number of groups.
-        file_options.setdefault("groups", weight_shape[0])
+        file_options["groups"] = weight_shape[0]
+        sources["groups"] = "weight shape"
     options = merge_layer_options(cli_options, file_options)
+    if output_size is not None and cli_options.get("padding") is None:
+        options["padding"] = _padding_for_size(input_shape[-3:], output_size, pad_rule, weight_shape[-3:],
+                                               options, file_source)
+        sources["padding"] = f"{file_source} (output shape {geometry.format_triple(tuple(output_size))})"
+    sources.update({name: "command line" for name, value in cli_options.items()
+                    if name in LAYER_DEFAULTS and value is not None})
+    for name in LAYER_DEFAULTS:
+        sources.setdefault(name, "default")
     params = geometry.LayerParams.create(weight_shape[-3:], **options)
-    return LayerPlan(input_shape, weight_shape, params, bias_shape=bias_shape)
+    return LayerPlan(input_shape, weight_shape, params, bias_shape=bias_shape,
+                     sources={name: sources[name] for name in LAYER_DEFAULTS})
+
+
+def _padding_for_size(in_spatial, output_size, pad_rule, kernel_size, options, where):
+    """Begin/end crops that give ``output_size`` (ONNX ``output_shape``) for this input.
+
+    The total crop is ``full + output_padding - size``; ``pad_rule`` "upper" puts an odd
+    voxel at the end, "lower" at the start (ONNX ``auto_pad`` SAME_UPPER / SAME_LOWER).
+    """
+    stride, output_padding, dilation = (geometry.as_triple(options[name], name)
+                                        for name in ("stride", "output_padding", "dilation"))
+    begins, ends = [], []
+    for axis, n_in in enumerate(in_spatial):
+        full = geometry.output_size(n_in, kernel_size[axis], stride[axis], 0, output_padding[axis],
+                                    dilation[axis])
+        total = full - int(output_size[axis])
+        if total < 0:
+            raise ParameterError("padding", f"{where} asks for an output of {int(output_size[axis])} along "
+                                            f"{geometry.AXES[axis]}, but this layer gives at most {full} "
+                                            f"for an input of {n_in}")
+        small, large = total // 2, total - total // 2
+        begin, end = (small, large) if pad_rule == "upper" else (large, small)
+        begins.append(begin)
+        ends.append(end)
+    return tuple(begins) + tuple(ends)
 
 
 def weight_shape_for(in_channels, out_channels, kernel_size, cli_options):

@@ -75,6 +75,18 @@ def triple_handler(ctx, param, value):
     return numbers * 3 if len(numbers) == 1 else numbers
 
 
+def padding_handler(ctx, param, value):
+    """Click callback for ``--padding``: 1 or 3 integers as :func:`triple_handler`, or 6
+    (begin D,H,W then end D,H,W, ONNX's ``pads`` order) when the two ends differ."""
+    if value is None or isinstance(value, tuple):
+        return value
+    try:
+        numbers = parse_ints(value, count=(1, 3, 6))
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return numbers * 3 if len(numbers) == 1 else numbers
+
+
 def shape_handler(ctx, param, value):
     """Click callback for ``--input-shape``: 4 (C,D,H,W) or 5 (N,C,D,H,W) integers."""
     if value is None:
@@ -142,8 +154,9 @@ stride_opt = click.option(
     "--stride", "-s", callback=triple_handler, default=None, metavar="S",
     help=f"Stride (upsampling factor). {_TRIPLE_HELP} [default: weights file, else 1]")
 padding_opt = click.option(
-    "--padding", "-p", callback=triple_handler, default=None, metavar="P",
-    help=f"Implicit padding removed from each side of the output. {_TRIPLE_HELP} [default: weights file, else 0]")
+    "--padding", "-p", callback=padding_handler, default=None, metavar="P",
+    help=f"Implicit padding removed from each side of the output. {_TRIPLE_HELP} Six integers "
+         "bD,bH,bW,eD,eH,eW crop the start and the end differently. [default: weights file, else 0]")
 output_padding_opt = click.option(
     "--output-padding", callback=triple_handler, default=None, metavar="OP",
     help=f"Extra size added to one side of the output. {_TRIPLE_HELP} [default: weights file, else 0]")
@@ -172,14 +185,20 @@ compress_level_opt = click.option(
 overwrite_opt = click.option(
     "--overwrite", is_flag=True, default=False, help="Replace an existing output file.")
 weights_opt = click.option(
-    "--weights", "-w", default=None, metavar="PATH[:KEY]",
-    help="Weight array (Cin, Cout/groups, kD, kH, kW) or (groups, Cin/groups, Cout/groups, kD, kH, kW).")
+    "--weights", "-w", default=None, metavar="PATH[:LAYER]",
+    help="Trained layer: a PyTorch .pt/.pth/.ckpt, .safetensors, ONNX or Keras file (LAYER: module path, "
+         "tensor, node or layer name), or a weight array in .npz/.npy/.h5 (Cin, Cout/groups, kD, kH, kW).")
 bias_opt = click.option(
     "--bias", "-b", default=None, metavar="PATH[:KEY]",
     help="Bias (Cout,) [default: a 'bias' array next to the weights, if any].")
 
 no_bias_opt = click.option("--no-bias", is_flag=True, default=False,
                            help="Ignore any bias stored with the weights.")
+weight_layout_opt = click.option(
+    "--weight-layout", type=click.Choice(["torch", "megengine", "keras", "flax"]), default=None,
+    help="Axis order of a plain weight array: torch (Cin, Cout/groups, kD, kH, kW), megengine, "
+         "keras (kD, kH, kW, Cout, Cin) or flax (kD, kH, kW, Cin, Cout). Files that say their layout "
+         "(Keras, ONNX, PyTorch) need none. [default: the file's, else torch]")
 
 
 
@@ -220,7 +239,7 @@ def job_options(func):
     """Decorator adding everything that shapes one file's job, shared by ``run`` and ``batch``:
     the layer source (``--weights --bias --no-bias --kernel``), the layer options, ``--dtype``,
     ``--max-memory``, ``--compress-level`` and ``--overwrite``."""
-    for option in reversed((weights_opt, bias_opt, no_bias_opt, kernel_opt, layer_options, dtype_opt,
+    for option in reversed((weights_opt, bias_opt, no_bias_opt, weight_layout_opt, kernel_opt, layer_options, dtype_opt,
                             max_memory_opt, compress_level_opt, overwrite_opt)):
         func = option(func)
     return func

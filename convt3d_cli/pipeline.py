@@ -22,7 +22,7 @@ def _silent(line=""):
 
 def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=None, layer_options=None,
              dtype="float32", max_memory=None, overwrite=False, echo=None, progress=None,
-             compress_level=None):
+             compress_level=None, weight_layout=None):
     """Upsample one volume file into another.
 
     Parameters
@@ -51,6 +51,8 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         Progress over output planes; advances within and after every slab.
     compress_level : int, optional
         ``.nii.gz`` outputs: 0 (fastest) to 3 (smallest); default 1.
+    weight_layout : {"torch", "megengine", "keras", "flax"}, optional
+        Layout of a plain weight array (:data:`convt3d_cli.io.layouts.LAYOUTS`).
 
     Returns
     -------
@@ -67,25 +69,26 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     echo = echo or _silent
     with notices.collected(echo) as warned:
         out = _run(input, output, weights, bias, no_bias, kernel, dict(layer_options or {}), dtype,
-                   max_memory, overwrite, echo, progress, compress_level)
+                   max_memory, overwrite, echo, progress, compress_level, weight_layout)
     out["warnings"] = list(warned)
     return out
 
 
 def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, max_memory, overwrite, echo,
-         progress, compress_level):
+         progress, compress_level, weight_layout):
     started = time.perf_counter()
 
     info = io.probe_volume(input)
-    loaded = io.read_weights(weights, bias, no_bias=no_bias) if weights else None
+    loaded = io.read_weights(weights, bias, no_bias=no_bias, layout=weight_layout) if weights else None
     plan = layerplan.plan_layer(
         info.engine_shape, layer_options, kernel=kernel,
         weight_shape=None if loaded is None else loaded.weight.shape,
         bias_shape=None if loaded is None or loaded.bias is None else loaded.bias.shape,
-        file_options=None if loaded is None else loaded.options)
+        file_options=None if loaded is None else loaded.options,
+        file_source="weights file" if loaded is None else loaded.source)
     # The formula comes first so that it is visible even if a later check fails.
     layer_label = report.layer_label(plan) if loaded is None else \
-        report.layer_label(plan, loaded.source, loaded.bias_source)
+        report.layer_label(plan, loaded.source, loaded.bias_source, loaded)
     report.emit_plan(echo, plan, report.input_label(input, info), layer_label)
     plan.validate()
     compute = np.dtype(np.float64 if dtype == "float64" else np.float32)
@@ -129,6 +132,8 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
         "input": input, "output": output, "dtype": dtype,
         "weights": None if loaded is None else loaded.source,
         "bias": None if loaded is None else loaded.bias_source,
+        "weight_layout": None if loaded is None else loaded.layout,
+        "weight_layout_from": None if loaded is None else loaded.layout_source,
         "input_file_shape": list(info.stored_shape),
         "output_file_shape": list(file_shape),
         "output_affine": geometry.output_affine(info.affine, plan.params).tolist(),

@@ -14,6 +14,9 @@ def emit_plan(echo, plan, input_label, layer_label):
     echo(f"input:   {input_label}")
     echo(f"weights: {layer_label}")
     echo(f"layer:   {layer_line(plan.params)}")
+    origin = settings_line(plan.sources)
+    if origin:
+        echo(f"from:    {origin}")
     for line in plan.formula:
         echo(line)
 
@@ -31,11 +34,29 @@ def input_label(spec, info):
     return f"{spec} {shown} {info.dtype}"
 
 
-def layer_label(plan, source=None, bias_source=None):
-    """``w.npz:weight (1, 2, 3, 3, 3), bias w.npz:bias (2,)``, or the built-in kernel."""
+def settings_line(sources):
+    """``stride, padding: model.onnx:up1; groups: command line``: the settings not left at
+    their defaults, grouped by where they came from (empty when all are defaults)."""
+    grouped = {}
+    for name, origin in sources.items():
+        if origin != "default":
+            grouped.setdefault(origin, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {origin}" for origin, names in grouped.items())
+
+
+def layer_label(plan, source=None, bias_source=None, layout=None):
+    """``w.npz:weight (1, 2, 3, 3, 3) torch layout (assumed), bias w.npz:bias (2,)``, or the built-in kernel.
+
+    ``layout`` is a :class:`~convt3d_cli.io.records.Weights` (or ``WeightsInfo``); a weight
+    stored in another layout shows its stored shape too.
+    """
     if plan.kernel:
         return f"built-in {plan.kernel}, depthwise, weight {shape_str(plan.weight_shape)}"
     label = shape_str(plan.weight_shape) if source is None else f"{source} {shape_str(plan.weight_shape)}"
+    if layout is not None:
+        label += f" {layout.layout} layout ({layout.layout_source})"
+        if layout.stored_shape is not None and tuple(layout.stored_shape) != tuple(plan.weight_shape):
+            label += f", stored as {shape_str(layout.stored_shape)}"
     if plan.bias_shape is not None:
         label += f", bias {bias_source} {shape_str(plan.bias_shape)}"
     return label
@@ -44,7 +65,7 @@ def layer_label(plan, source=None, bias_source=None):
 def layer_line(params):
     """``kernel_size=3 stride=2 ...`` on one line."""
     t = geometry.format_triple
-    return (f"kernel_size={t(params.kernel_size)} stride={t(params.stride)} padding={t(params.padding)} "
+    return (f"kernel_size={t(params.kernel_size)} stride={t(params.stride)} padding={params.padding_text()} "
             f"output_padding={t(params.output_padding)} dilation={t(params.dilation)} groups={params.groups}")
 
 

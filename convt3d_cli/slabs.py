@@ -126,11 +126,12 @@ def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=
 
     input_shape = tuple(int(v) for v in input_shape)
     pad = 0
-    stride, padding, output_padding, dilation = (params.stride, params.padding, params.output_padding,
-                                                 params.dilation)
     if kernel is not None:
-        channels = input_shape[1]
-        weight = builtin_weight(kernel, stride, channels, dtype)
+        weight = builtin_weight(kernel, params.stride, input_shape[1], dtype)
+    oriented_params = params.reversed_axes() if transposed else params
+    stride, padding, output_padding, dilation = (oriented_params.stride, oriented_params.padding_spec,
+                                                 oriented_params.output_padding, oriented_params.dilation)
+    if kernel is not None:
         bias = None
         if kernel == "linear":
             # Replicate one edge voxel per side (see builtin.apply_builtin).
@@ -143,8 +144,6 @@ def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=
     if transposed:
         weight = weight.transpose(0, 1, 2, 5, 4, 3)
         shape = geometry.oriented(shape, True)
-        stride, padding, output_padding, dilation = (tuple(reversed(v)) for v in
-                                                     (stride, padding, output_padding, dilation))
     layer = PreparedLayer(shape, weight, bias, stride, padding, output_padding, dilation, params.groups, dtype)
     return layer, pad
 

@@ -14,8 +14,16 @@ def _triple(v):
 
 
 def conv_transpose3d_ref(x, w, bias=None, stride=1, padding=0, output_padding=0, dilation=1, groups=1):
-    """x (N, Cin, D, H, W); w (Cin, Cout/groups, kD, kH, kW); float64 result."""
-    s, p, op, d = (_triple(v) for v in (stride, padding, output_padding, dilation))
+    """x (N, Cin, D, H, W); w (Cin, Cout/groups, kD, kH, kW); float64 result.
+
+    ``padding`` may hold 6 values (begin D,H,W then end D,H,W): the canvas is cropped
+    by the begins at the start and by the ends at the end.
+    """
+    if isinstance(padding, (tuple, list)) and len(padding) == 6:
+        p, p_end = tuple(padding[:3]), tuple(padding[3:])
+    else:
+        p = p_end = _triple(padding)
+    s, op, d = (_triple(v) for v in (stride, output_padding, dilation))
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     n, cin = x.shape[:2]
@@ -34,7 +42,7 @@ def conv_transpose3d_ref(x, w, bias=None, stride=1, padding=0, output_padding=0,
                         starts = (kd * d[0], kh * d[1], kw * d[2])
                         sl = tuple(slice(starts[a], starts[a] + (spatial[a] - 1) * s[a] + 1, s[a]) for a in range(3))
                         canvas[(slice(None), g * cout_g + co) + sl] += x[:, ci] * w[ci, co, kd, kh, kw]
-    outsize = [full[a] - 2 * p[a] for a in range(3)]
+    outsize = [full[a] - p[a] - p_end[a] for a in range(3)]
     out = canvas[:, :, p[0]:p[0] + outsize[0], p[1]:p[1] + outsize[1], p[2]:p[2] + outsize[2]]
     if bias is not None:
         out = out + np.asarray(bias, dtype=np.float64).reshape(1, -1, 1, 1, 1)

@@ -31,7 +31,11 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         ``(groups, Cin/groups, Cout/groups, kD, kH, kW)`` (MegEngine grouped).
     bias : array_like, optional
         ``(Cout,)`` or ``(1, Cout, 1, 1, 1)``.
-    stride, padding, output_padding, dilation : int or tuple of 3 ints
+    stride, output_padding, dilation : int or tuple of 3 ints
+    padding : int, 3 ints, 6 ints or two triples
+        Crop of the full result at both ends of each axis; ``(bD, bH, bW, eD, eH, eW)``
+        or ``((bD, bH, bW), (eD, eH, eW))`` crops the start and the end differently
+        (ONNX ``pads``, "same" padding).
     groups : int
     dtype : {"float32", "float64"}, optional
         Compute and result dtype. Default: float64 when ``x`` is float64, else float32.
@@ -46,7 +50,8 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     -------
     numpy.ndarray
         ``(N, Cout, D', H', W')`` or ``(Cout, D', H', W')`` (same rank as ``x``) where
-        ``D' = (D - 1) * stride - 2 * padding + dilation * (kD - 1) + output_padding + 1``.
+        ``D' = (D - 1) * stride - 2 * padding + dilation * (kD - 1) + output_padding + 1``
+        (``- bD - eD`` in place of ``- 2 * padding`` for begin/end crops).
 
     Raises
     ------
@@ -135,7 +140,9 @@ class ConvTranspose3d:
     Parameters
     ----------
     in_channels, out_channels : int
-    kernel_size, stride, padding, output_padding, dilation : int or tuple of 3 ints
+    kernel_size, stride, output_padding, dilation : int or tuple of 3 ints
+    padding : int, 3 ints, 6 ints or two triples
+        As for :func:`conv_transpose3d`.
     groups : int
     bias : bool
         Whether the layer has a learnable bias.
@@ -180,7 +187,8 @@ class ConvTranspose3d:
 
     @property
     def padding(self):
-        return self.params.padding
+        """3 values, or 6 (begins then ends) when the two ends of an axis are cropped differently."""
+        return self.params.padding_spec
 
     @property
     def output_padding(self):
@@ -201,13 +209,13 @@ class ConvTranspose3d:
         if full[1] != self.in_channels:
             raise ShapeError(f"channel mismatch: the layer expects {self.in_channels} input channels, "
                              f"got {full[1]}")
-        return geometry.output_shape(input_shape, self.out_channels, p.kernel_size, p.stride, p.padding,
+        return geometry.output_shape(input_shape, self.out_channels, p.kernel_size, p.stride, p.padding_spec,
                                      p.output_padding, p.dilation, p.groups)
 
     def forward(self, x, *, out=None, threads=None, progress=None):
         """Apply the layer to ``x``; see :func:`conv_transpose3d`."""
         p = self.params
-        return conv_transpose3d(x, self.weight, self.bias, p.stride, p.padding, p.output_padding, p.dilation,
+        return conv_transpose3d(x, self.weight, self.bias, p.stride, p.padding_spec, p.output_padding, p.dilation,
                                 p.groups, dtype=self.dtype.name, out=out, threads=threads, progress=progress)
 
     __call__ = forward
@@ -215,8 +223,8 @@ class ConvTranspose3d:
     def __repr__(self):
         p = self.params
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={p.kernel_size}", f"stride={p.stride}"]
-        if p.padding != (0, 0, 0):
-            parts.append(f"padding={p.padding}")
+        if p.padding_spec != (0, 0, 0):
+            parts.append(f"padding={p.padding_spec}")
         if p.output_padding != (0, 0, 0):
             parts.append(f"output_padding={p.output_padding}")
         if p.dilation != (1, 1, 1):

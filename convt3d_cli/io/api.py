@@ -14,9 +14,11 @@ import numpy as np
 from ..errors import FileFormatError, OutputError, ParameterError, ShapeError
 from . import _gzip
 from ._atomic import check_target, same_file
+from .base import WeightsFormat
 from .dtypes import check_numeric, dtype_name
-from .entries import BIAS, WEIGHT, choose_entry, entry_source, find_bias, parse_options
-from .records import Volume, Weights, WeightsInfo
+from .entries import BIAS, WEIGHT, basename, choose_entry, choose_layer, entry_source, find_bias, parse_options
+from .layouts import check_layout, engine_shape, to_engine
+from .records import StoredLayer, Volume, Weights, WeightsInfo
 from .registry import format_for, format_module, output_format_for, split_spec
 from .safety import check_memory, human_bytes, require_file, writable_bytes
 from .streaming import oriented_view
@@ -176,7 +178,9 @@ def describe(spec):
 def _array_reader(spec, what):
     path, key, fmt = _reader(spec)
     if not fmt.holds_weights:
-        raise FileFormatError(f"{path}: {what} must be stored in .npz, .npy or .h5/.hdf5 files")
+        raise FileFormatError(f"{path}: {what} must be stored in a weights file (.pt, .pth, .ckpt, "
+                              f".safetensors, .onnx, .keras, .h5) or an array file (.npz, .npy, .hdf5)")
+    fmt = fmt.weights_format(path)
     fmt.check_key(path, key)
     return path, key, fmt
 
@@ -185,34 +189,80 @@ def _load_checked(fmt, path, entry):
     where = entry_source(path, entry)
     check_numeric(entry.dtype, where)
     check_memory(entry.nbytes * (2 if entry.needs_copy else 1), where)
-    return np.asarray(fmt.load_entry(path, entry), dtype=entry.dtype.newbyteorder("="), order="C")
+    loader = fmt.load_tensor if isinstance(fmt, WeightsFormat) else fmt.load_entry
+    return np.asarray(loader(path, entry), dtype=entry.dtype.newbyteorder("="), order="C")
 
 
-def inspect_weights(spec):
-    """Weight shape, dtype and stored layer options, without loading the weight.
-
-    Parameters
-    ----------
-    spec : str
-        ``PATH`` or ``PATH:KEY`` of an npz, npy or HDF5 file.
-
-    Returns
-    -------
-    WeightsInfo
-        ``shape``, ``dtype``, ``options`` (see :class:`Weights`) and ``source``.
-    """
-    path, key, fmt = _array_reader(spec, "weights")
+def _stored_layer(path, key, fmt):
+    """The weight of ``PATH[:KEY]`` as a :class:`StoredLayer`, whatever the format."""
+    if isinstance(fmt, WeightsFormat):
+        return choose_layer(fmt.layers(path), key, path), None
     entries = fmt.entries(path)
     entry = choose_entry(entries, key, WEIGHT, path)
     where = entry_source(path, entry)
     check_numeric(entry.dtype, where)
     options = parse_options(fmt.stored_options(path, entry, entries), where)
-    return WeightsInfo(shape=tuple(entry.shape), dtype=dtype_name(entry.dtype), options=options,
-                       source=where)
+    layout, layout_source = "torch", ""
+    if entry.name is not None and basename(entry.name).endswith("kernel:0"):
+        # TensorFlow names a Keras kernel variable "kernel:0"; it is stored channels-last.
+        layout, layout_source = "keras", "dataset name kernel:0"
+    layer = StoredLayer(name=entry.name or "", weight=entry, layout=layout, layout_source=layout_source,
+                        options=options)
+    return layer, entries
+
+
+def _resolve_layout(layer, wanted, where):
+    """The layout to read ``layer`` in, and why: the file's word, ``--weight-layout``, or assumed."""
+    if wanted is not None:
+        check_layout(wanted)
+        if layer.layout_source and wanted != layer.layout:
+            raise ParameterError("weight_layout",
+                                 f"{where} is stored in {layer.layout} layout ({layer.layout_source}); "
+                                 f"--weight-layout {wanted} contradicts the file")
+        if not layer.layout_source:
+            return wanted, "--weight-layout"
+    if layer.layout_source:
+        return layer.layout, layer.layout_source
+    return layer.layout, "assumed"
+
+
+def _layer_options(layer, where):
+    options = parse_options(layer.options, where)
+    for name in ("output_size", "pad_rule"):
+        if name in layer.options:
+            options[name] = layer.options[name]
+    return options
+
+
+def inspect_weights(spec, *, layout=None):
+    """Weight shape, dtype and stored layer settings, without loading the weight.
+
+    Parameters
+    ----------
+    spec : str
+        ``PATH`` or ``PATH:LAYER`` of a weights file (PyTorch, safetensors, ONNX,
+        Keras) or ``PATH[:KEY]`` of an npz, npy or HDF5 array file.
+    layout : str, optional
+        ``--weight-layout`` for plain arrays (:data:`convt3d_cli.io.layouts.LAYOUTS`).
+
+    Returns
+    -------
+    WeightsInfo
+        ``shape`` in the engine's layout, ``dtype``, ``options`` (see :class:`Weights`),
+        ``source``, ``layout`` and ``layout_source``.
+    """
+    path, key, fmt = _array_reader(spec, "weights")
+    layer, _ = _stored_layer(path, key, fmt)
+    where = entry_source(path, layer.weight)
+    check_numeric(layer.weight.dtype, where)
+    chosen, why = _resolve_layout(layer, layout, where)
+    return WeightsInfo(shape=engine_shape(layer.weight.shape, chosen, where), dtype=dtype_name(layer.weight.dtype),
+                       options=_layer_options(layer, where), source=where, layout=chosen, layout_source=why,
+                       stored_shape=tuple(layer.weight.shape))
 
 
 def probe_weights(spec):
-    """Shape of the weight ``spec`` names, from the header only.
+    """Shape of the weight ``spec`` names (engine layout), from the header only.
 
     Returns
     -------
@@ -221,56 +271,73 @@ def probe_weights(spec):
     return inspect_weights(spec).shape
 
 
-def read_weights(spec, bias_spec=None, *, no_bias=False):
-    """Read a weight, its bias and the layer options stored with it.
+def read_weights(spec, bias_spec=None, *, no_bias=False, layout=None):
+    """Read a weight, its bias and the layer settings stored with it.
 
     Parameters
     ----------
     spec : str
-        ``PATH`` or ``PATH:KEY`` of an npz, npy or HDF5 file. Without a key:
-        the only array, else ``weight`` or a single ``*.weight`` (option
-        arrays and biases are not candidates).
+        ``PATH[:LAYER]`` of a weights file (``.pt``/``.pth``/``.ckpt``,
+        ``.safetensors``, ``.onnx``, ``.keras``, Keras ``.h5``): LAYER is a module
+        path (``decoder.up1``), a tensor, ONNX node or initializer, or Keras layer
+        name; without it, the only 5-D/6-D weight. Or ``PATH[:KEY]`` of an npz,
+        npy or HDF5 file: without a key, the only array, else ``weight`` or a
+        single ``*.weight`` (option arrays and biases are not candidates).
     bias_spec : str, optional
         Read the bias from here (the only array, ``bias`` or a single
-        ``*.bias``) instead of from the weight's file.
+        ``*.bias``; in a weights file, the tensor named) instead of from the weight's file.
     no_bias : bool
         Ignore any bias.
+    layout : {"torch", "megengine", "keras", "flax"}, optional
+        How a plain array is laid out (``--weight-layout``); a file that says
+        its layout (Keras, ONNX, a ``kernel:0`` dataset) may not be contradicted.
 
     Returns
     -------
     Weights
-        The weight as stored (either layout; the engine validates it), the bias
-        or ``None``, and ``options`` from npz arrays / HDF5 attributes (the
-        weight dataset's attributes win over the file's root attributes).
+        The weight in the engine's layout, the bias or ``None``, and ``options``
+        (npz arrays, HDF5 attributes, ONNX attributes, Keras configs).
 
     Raises
     ------
     FileFormatError, KeyNotFoundError
         Unreadable files, NIfTI weights, missing or ambiguous arrays, bad options.
     ParameterError
-        Both ``bias_spec`` and ``no_bias``.
+        Both ``bias_spec`` and ``no_bias``; a layout the file contradicts.
     """
     if bias_spec is not None and no_bias:
         raise ParameterError("bias", "give either a bias file or no_bias, not both")
     path, key, fmt = _array_reader(spec, "weights")
-    entries = fmt.entries(path)
-    entry = choose_entry(entries, key, WEIGHT, path)
-    weight = _load_checked(fmt, path, entry)
-    options = parse_options(fmt.stored_options(path, entry, entries), entry_source(path, entry))
+    layer, entries = _stored_layer(path, key, fmt)
+    where = entry_source(path, layer.weight)
+    chosen, why = _resolve_layout(layer, layout, where)
+    engine_shape(layer.weight.shape, chosen, where)      # refuse a wrong rank before loading
+    weight = to_engine(_load_checked(fmt, path, layer.weight), chosen, where)
+    options = _layer_options(layer, where)
 
     bias, bias_source = None, None
     if bias_spec is not None:
-        bias_path, bias_key, bias_fmt = _array_reader(bias_spec, "a bias")
-        bias_entry = choose_entry(bias_fmt.entries(bias_path), bias_key, BIAS, bias_path)
-        bias = _load_checked(bias_fmt, bias_path, bias_entry)
-        bias_source = entry_source(bias_path, bias_entry)
+        bias, bias_source = _read_bias(bias_spec)
     elif not no_bias:
-        bias_entry = find_bias(entries, entry.name, path)
+        if entries is None:
+            bias_entry = layer.bias
+        else:
+            bias_entry = find_bias(entries, layer.weight.name, path)
         if bias_entry is not None:
             bias = _load_checked(fmt, path, bias_entry)
             bias_source = entry_source(path, bias_entry)
-    return Weights(weight=weight, bias=bias, options=options, source=entry_source(path, entry),
-                   bias_source=bias_source)
+    return Weights(weight=weight, bias=bias, options=options, source=where, bias_source=bias_source,
+                   layout=chosen, layout_source=why, stored_shape=tuple(layer.weight.shape))
+
+
+def _read_bias(spec):
+    path, key, fmt = _array_reader(spec, "a bias")
+    if isinstance(fmt, WeightsFormat):
+        tensors = fmt.tensors(path)
+        entry = choose_entry(tensors, key, BIAS, path)
+    else:
+        entry = choose_entry(fmt.entries(path), key, BIAS, path)
+    return _load_checked(fmt, path, entry), entry_source(path, entry)
 
 
 # --------------------------------------------------------------------------- writing

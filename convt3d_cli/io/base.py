@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import FileFormatError, KeyNotFoundError, OutputError, ShapeError
 from ..geometry import LAYER_OPTIONS
 from .dtypes import byte_order, check_numeric, dtype_name, native
-from .entries import VOLUME, bare, choose_entry, entry_source
+from .entries import VOLUME, bare, choose_entry, choose_layer, entry_source, layer_report, layers_from_tensors
 from .records import VolumeInfo
 from .safety import check_nonempty, require_file
 from .streaming import StreamWriter
@@ -59,6 +59,11 @@ class Format:
     def stored_dtype(self, dtype, data_dtype=None):
         """The element type an output is stored in: ``dtype``, or the data's when it is ``None``."""
         return np.dtype(dtype if dtype is not None else data_dtype)
+
+    def weights_format(self, path):
+        """The format that reads weights from ``path``: this one, or a more specific one
+        (an HDF5 file written by Keras is read as Keras)."""
+        return self
 
     def resident_bytes(self, info):
         """Bytes :meth:`open_source` holds for the whole run (an input it must load whole)."""
@@ -275,3 +280,56 @@ class ArrayFormat(Format):
         key = self.output_key(key, out_shape)
         attrs = self.output_attrs(like, params, list(formula), source)
         return self.writer(path, out_shape, dtype, overwrite, like, key, attrs)
+
+
+# --------------------------------------------------------------------------- weights-only files
+
+class WeightsFormat(Format):
+    """Base of the formats that hold trained layers and no volume (PyTorch, safetensors, ONNX, Keras).
+
+    Subclasses set :attr:`name` and :attr:`label` and implement :meth:`tensors`
+    and :meth:`load_tensor`; a format that knows its layers (with their settings
+    and layout) overrides :meth:`layers`. Every check on sizes and offsets happens
+    in :meth:`tensors` (headers only), before :meth:`load_tensor` allocates.
+    """
+
+    holds_weights = True
+    #: Shown after "convert it with" when a volume is expected; subclasses may say more.
+    volume_hint = "pass it to --weights"
+
+    def tensors(self, path):
+        """Every numeric tensor of the file as an :class:`Entry` (``name`` = full tensor name)."""
+        raise NotImplementedError
+
+    def load_tensor(self, path, entry):
+        """The tensor's values, C-ordered, native byte order, ``entry.shape`` and ``entry.dtype``."""
+        raise NotImplementedError
+
+    def layers(self, path):
+        """The layers a ``--weights FILE[:LAYER]`` may take: one per 5-D or 6-D tensor by default."""
+        return layers_from_tensors(self.tensors(path))
+
+    def check_key(self, path, key):
+        """Any key may name a layer or a tensor; :func:`choose_layer` says when none matches."""
+
+    def probe(self, path, key):
+        raise FileFormatError(f"{path}: a {self.label} file holds trained weights, not a volume; "
+                              f"{self.volume_hint}")
+
+    def describe(self, path, key):
+        require_file(path)
+        layers = self.layers(path)
+        if key is not None:
+            layers = [choose_layer(layers, key, path)]
+        return jsonable({
+            "path": path, "format": self.name, "file_size": os.path.getsize(path),
+            "kind": "weights", "key": key,
+            "tensors": len(self.tensors(path)),
+            "layers": [layer_report(path, layer) for layer in layers],
+        })
+
+    def output_key(self, key, out_shape):
+        raise OutputError(f"convt3d does not write {self.label} files; choose a volume format")
+
+    def open_writer(self, *args, **kwargs):
+        raise OutputError(f"convt3d does not write {self.label} files; choose a volume format")

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import FileFormatError, KeyNotFoundError
+from ..errors import FileFormatError, KeyNotFoundError, ParameterError, ShapeError
 from ..geometry import LAYER_OPTIONS
+from .layouts import LAYOUTS, engine_shape
+from .records import StoredLayer
 
 
 def entry_source(path, entry):
@@ -176,13 +178,127 @@ def parse_options(raw, where):
         if name not in raw:
             continue
         value = np.asarray(raw[name])
-        sizes = (1,) if name == "groups" else (1, 3)
+        sizes = {"groups": (1,), "padding": (1, 3, 6)}.get(name, (1, 3))
         ok = (value.ndim <= 1 and value.size in sizes and value.dtype.kind in "iuf"
               and np.all(np.isfinite(value)) and np.all(value == np.round(value)))
         if not ok:
-            expected = "an integer" if name == "groups" else "1 or 3 integers"
+            expected = {"groups": "an integer", "padding": "1, 3 or 6 integers"}.get(name, "1 or 3 integers")
             raise FileFormatError(f"{where}: stored option '{name}' must be {expected}, "
                                   f"got {value.tolist()!r}")
         ints = [int(v) for v in value.reshape(-1)]
         options[name] = ints[0] if len(ints) == 1 else ints
     return options
+
+
+# --------------------------------------------------------------------------- layers of weights files
+
+_WEIGHT_RANKS = (5, 6)
+# Wrappers that prefix every key of a saved module (DataParallel / DistributedDataParallel,
+# torch.compile); LAYER may be given with or without them.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def layers_from_tensors(entries):
+    """One :class:`StoredLayer` per 5-D or 6-D numeric tensor of a plain tensor container.
+
+    ``decoder.up1.weight`` becomes layer ``decoder.up1`` with bias
+    ``decoder.up1.bias`` when that tensor is 1-D; any other name is its own layer name.
+    """
+    by_name = {entry.name: entry for entry in entries}
+    layers = []
+    for entry in entries:
+        if not entry.numeric or entry.ndim not in _WEIGHT_RANKS:
+            continue
+        name, bias = entry.name, None
+        for sep in (".", "/"):
+            if name.endswith(sep + "weight"):
+                name = name[: -len("weight") - 1]
+                bias = by_name.get(name + sep + "bias")
+                break
+        if bias is not None and (bias.ndim != 1 or not bias.numeric):
+            bias = None
+        layers.append(StoredLayer(name=name, weight=entry, bias=bias, aliases=(entry.name,)))
+    return layers
+
+
+def _unwrapped(name):
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _names(layer):
+    names = {layer.name, *layer.aliases}
+    return names | {_unwrapped(n) for n in names}
+
+
+def layer_listing(layers, limit=20):
+    """``decoder.up1 (16, 8, 2, 2, 2) float32, ...`` for error messages."""
+    if not layers:
+        return "no 5-D or 6-D weight"
+    labels = [f"{layer.name} {tuple(layer.weight.shape)} {layer.weight.dtype.name}" for layer in layers[:limit]]
+    if len(layers) > limit:
+        labels.append(f"... and {len(layers) - limit} more")
+    return ", ".join(labels)
+
+
+def choose_layer(layers, key, path):
+    """Pick the layer ``--weights PATH[:LAYER]`` names.
+
+    With a key: the layer of that name, module path, tensor or initializer name
+    (with or without a ``module.`` wrapper prefix). Without: the only layer.
+
+    Raises
+    ------
+    KeyNotFoundError
+        No layer answers to ``key``; the message lists the candidates.
+    FileFormatError
+        No key and not exactly one candidate, or a key that names several layers.
+    """
+    if key is None:
+        if len(layers) == 1:
+            return layers[0]
+        if not layers:
+            raise FileFormatError(f"{path} holds no 5-D or 6-D tensor that could be a "
+                                  f"ConvTranspose3d weight")
+        raise FileFormatError(f"{path} holds several layers that could be a ConvTranspose3d weight; "
+                              f"choose one with {path}:LAYER. It holds: {layer_listing(layers)}")
+    wanted = {key, _unwrapped(key)}
+    found = [layer for layer in layers if wanted & _names(layer)]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise FileFormatError(f"{path}: '{key}' names several layers ({layer_listing(found)}); "
+                              f"give the full tensor name")
+    raise KeyNotFoundError(f"{path} has no layer or tensor '{key}' that could be a ConvTranspose3d "
+                           f"weight; it holds: {layer_listing(layers)}")
+
+
+def layer_report(path, layer):
+    """The ``convt3d info`` entry of one layer (JSON-ready apart from NumPy scalars)."""
+    where = f"{path}:{layer.weight.name}"
+    try:
+        converted = list(engine_shape(layer.weight.shape, layer.layout, where))
+    except (ParameterError, ShapeError) as exc:  # a listing shows odd tensors instead of failing
+        converted = None
+        note = str(exc)
+    else:
+        note = None
+    report = {
+        "name": layer.name,
+        "kind": layer.kind or None,
+        "weight": layer.weight.name,
+        "stored_shape": list(layer.weight.shape),
+        "dtype": layer.weight.dtype.name,
+        "layout": layer.layout,
+        "layout_axes": LAYOUTS.get(layer.layout),
+        "layout_from": layer.layout_source or "assumed",
+        "weight_shape": converted,
+        "bias": layer.bias.name if layer.bias is not None else None,
+        "bias_shape": list(layer.bias.shape) if layer.bias is not None else None,
+        "settings": dict(layer.options),
+    }
+    if note:
+        report["note"] = note
+    return report

@@ -156,15 +156,22 @@ class Weights:
     Attributes
     ----------
     weight : numpy.ndarray
-        As stored: ``(Cin, Cout/g, kD, kH, kW)`` or ``(g, Cin/g, Cout/g, kD, kH, kW)``.
+        In the engine's layout: ``(Cin, Cout/g, kD, kH, kW)`` or ``(g, Cin/g, Cout/g, kD, kH, kW)``.
     bias : numpy.ndarray or None
     options : dict
-        Any of ``stride``, ``padding``, ``output_padding``, ``dilation``
-        (int or list of 3 ints) and ``groups`` (int) found in the file.
+        Any of ``stride``, ``padding`` (1, 3 or 6 values), ``output_padding``,
+        ``dilation`` (int or list of 3 ints) and ``groups`` (int) found in the
+        file; ``output_size`` and ``pad_rule`` when the file asks for an output
+        size (ONNX ``output_shape``), resolved against the input by the plan.
     source : str
         ``"path:key"`` actually read (just the path for ``.npy``).
     bias_source : str or None
         Where the bias came from.
+    layout, layout_source : str
+        The stored layout (:data:`convt3d_cli.io.layouts.LAYOUTS`) and why:
+        what in the file says so, ``"--weight-layout"`` or ``"assumed"``.
+    stored_shape : tuple of int
+        The weight's shape as stored.
     """
 
     weight: np.ndarray
@@ -172,13 +179,64 @@ class Weights:
     options: dict
     source: str
     bias_source: str | None = None
+    layout: str = "torch"
+    layout_source: str = "assumed"
+    stored_shape: tuple | None = None
 
 
 @dataclass
 class WeightsInfo:
-    """Header-only view of a weights file (see :func:`convt3d_cli.io.inspect_weights`)."""
+    """Header-only view of a weights file (see :func:`convt3d_cli.io.inspect_weights`).
+
+    ``shape`` is in the engine's layout; ``stored_shape`` as the file has it.
+    """
 
     shape: tuple
     dtype: str
     options: dict
     source: str
+    layout: str = "torch"
+    layout_source: str = "assumed"
+    stored_shape: tuple | None = None
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """A layer a weights file holds: a weight tensor, its bias and the settings stored with it.
+
+    Formats that know layers (ONNX nodes, Keras layers) fill it from the model;
+    plain tensor containers (PyTorch state dicts, safetensors) get one per 5-D or
+    6-D tensor from :func:`convt3d_cli.io.entries.layers_from_tensors`.
+
+    Attributes
+    ----------
+    name : str
+        How ``--weights FILE:LAYER`` names it: a state-dict module path
+        (``decoder.up1``), an ONNX node name, a Keras layer name, or the tensor name
+        when it does not end in ``weight``.
+    weight : Entry
+        The weight tensor as stored (``Entry.name`` is its full tensor name).
+    bias : Entry or None
+    layout : str
+        Layout of ``weight`` as stored, a key of :data:`convt3d_cli.io.layouts.LAYOUTS`.
+    layout_source : str
+        Why that layout: what in the file says so (``"Keras layer config"``), or
+        ``""`` when it is assumed (a plain tensor).
+    options : dict
+        Layer settings the file carries, as :func:`convt3d_cli.io.entries.parse_options`
+        returns them; ``padding`` may hold 6 values (begins then ends).
+    aliases : tuple of str
+        Other names that address the layer (weight tensor or initializer name).
+    kind : str
+        What the file calls the layer (``"ConvTranspose"``, ``"Conv3DTranspose"``),
+        ``""`` for a plain tensor.
+    """
+
+    name: str
+    weight: Entry
+    bias: Entry | None = None
+    layout: str = "torch"
+    layout_source: str = ""
+    options: dict = field(default_factory=dict, compare=False)
+    aliases: tuple = ()
+    kind: str = ""

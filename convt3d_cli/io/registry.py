@@ -27,8 +27,17 @@ _MODULES = {
     ".h5": "hdf5",
     ".npz": "npz",
     ".npy": "npy",
+    ".safetensors": "safetensors",
+    ".keras": "keras",
+    ".onnx": "onnx",
+    ".ckpt": "pytorch",
+    ".pth": "pytorch",
+    ".pt": "pytorch",
 }
 SUFFIXES = tuple(_MODULES)
+# Formats that hold trained layers only: read by --weights, never written.
+_WEIGHTS_ONLY = frozenset({"pytorch", "safetensors", "onnx", "keras"})
+VOLUME_SUFFIXES = tuple(s for s, m in _MODULES.items() if m not in _WEIGHTS_ONLY)
 
 _SPEC = re.compile(
     r"^(?P<path>.+?(?:" + "|".join(re.escape(s) for s in SUFFIXES) + r")):(?P<key>.*)$",
@@ -112,10 +121,13 @@ def format_for(path):
 def output_format_for(path):
     """:func:`format_for` for an output path: an unsupported suffix is an :class:`OutputError`."""
     try:
-        return format_for(path)
-    except FileFormatError as exc:
+        module = format_module(path)
+    except FileFormatError:
+        module = None
+    if module is None or module in _WEIGHTS_ONLY:
         raise OutputError(f"cannot write {path}: unsupported output type; supported suffixes "
-                          f"are {', '.join(SUFFIXES)}") from exc
+                          f"are {', '.join(VOLUME_SUFFIXES)}")
+    return format_for(path)
 
 
 def output_choices():
@@ -126,7 +138,7 @@ def output_choices():
     dict
         Name -> suffix, in the registry's order (``--format`` of ``convt3d batch``).
     """
-    return {suffix[1:]: suffix for suffix in sorted(SUFFIXES, key=lambda s: (_order(s), s))}
+    return {suffix[1:]: suffix for suffix in sorted(VOLUME_SUFFIXES, key=lambda s: (_order(s), s))}
 
 
 def _order(suffix):

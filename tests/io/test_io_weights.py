@@ -142,7 +142,7 @@ def test_bad_stored_options(tmp_path, name, value):
 
 def test_nifti_weights_are_refused(tmp_path, make_nifti, affine):
     path = make_nifti(tmp_path / "w.nii", np.zeros((3, 3, 3), np.float32), affine)
-    with pytest.raises(FileFormatError, match=r"\.npz, \.npy or \.h5"):
+    with pytest.raises(FileFormatError, match=r"weights file \(\.pt.*or an array file \(\.npz"):
         io.read_weights(path)
 
 

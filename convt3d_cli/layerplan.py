@@ -123,7 +123,7 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
         # Let geometry word the rank error, as the library does.
         geometry.canonical_weight_shape(weight_shape, channels, 1)
     file_options = dict(file_options or {})
-    output_size, pad_rule = file_options.pop("output_size", None), file_options.pop("pad_rule", "upper")
+    output_size, pad_rule = file_options.pop("output_size", None), file_options.pop("pad_rule", "lower")
     sources = {name: file_source for name, value in file_options.items() if value is not None}
     if len(weight_shape) == 6 and "groups" not in file_options:
         # A grouped (MegEngine) weight states its number of groups.
@@ -131,9 +131,13 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
         sources["groups"] = "weight shape"
     options = merge_layer_options(cli_options, file_options)
     if output_size is not None and cli_options.get("padding") is None:
-        options["padding"] = _padding_for_size(input_shape[-3:], output_size, pad_rule, weight_shape[-3:],
-                                               options, file_source)
+        options["padding"], output_padding = _padding_for_size(input_shape[-3:], output_size, pad_rule,
+                                                               weight_shape[-3:], options, file_source)
         sources["padding"] = f"{file_source} (output shape {geometry.format_triple(tuple(output_size))})"
+        if cli_options.get("output_padding") is None and output_padding != geometry.as_triple(
+                options["output_padding"], "output_padding"):
+            options["output_padding"] = output_padding
+            sources["output_padding"] = sources["padding"]
     sources.update({name: "command line" for name, value in cli_options.items()
                     if name in LAYER_DEFAULTS and value is not None})
     for name in LAYER_DEFAULTS:
@@ -144,27 +148,40 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
 
 
 def _padding_for_size(in_spatial, output_size, pad_rule, kernel_size, options, where):
-    """Begin/end crops that give ``output_size`` (ONNX ``output_shape``) for this input.
+    """Begin/end crops (and output padding) that give ``output_size`` (ONNX ``output_shape``).
 
     The total crop is ``full + output_padding - size``; ``pad_rule`` "upper" puts an odd
-    voxel at the end, "lower" at the start (ONNX ``auto_pad`` SAME_UPPER / SAME_LOWER).
+    voxel at the end, "lower" at the start (ONNX ``auto_pad`` SAME_UPPER; anything else
+    is "lower", as ONNX Runtime does). A size up to ``stride - 1`` beyond the full
+    result crops nothing and adds bias-only planes at the end, as ONNX Runtime does.
+
+    Returns
+    -------
+    (tuple of 6 ints, tuple of 3 ints)
+        ``padding`` and ``output_padding``.
     """
     stride, output_padding, dilation = (geometry.as_triple(options[name], name)
                                         for name in ("stride", "output_padding", "dilation"))
-    begins, ends = [], []
+    begins, ends, extras = [], [], []
     for axis, n_in in enumerate(in_spatial):
-        full = geometry.output_size(n_in, kernel_size[axis], stride[axis], 0, output_padding[axis],
-                                    dilation[axis])
-        total = full - int(output_size[axis])
+        full = geometry.output_size(n_in, kernel_size[axis], stride[axis], 0, 0, dilation[axis])
+        size = int(output_size[axis])
+        total = full + output_padding[axis] - size
+        extra = output_padding[axis]
         if total < 0:
-            raise ParameterError("padding", f"{where} asks for an output of {int(output_size[axis])} along "
-                                            f"{geometry.AXES[axis]}, but this layer gives at most {full} "
-                                            f"for an input of {n_in}")
+            extra = size - full
+            if extra >= max(stride[axis], dilation[axis]):
+                raise ParameterError("padding", f"{where} asks for an output of {size} along "
+                                                f"{geometry.AXES[axis]}, but this layer gives at most "
+                                                f"{full + max(stride[axis], dilation[axis]) - 1} for an "
+                                                f"input of {n_in}")
+            total = 0
         small, large = total // 2, total - total // 2
         begin, end = (small, large) if pad_rule == "upper" else (large, small)
         begins.append(begin)
         ends.append(end)
-    return tuple(begins) + tuple(ends)
+        extras.append(extra)
+    return tuple(begins) + tuple(ends), tuple(extras)
 
 
 def weight_shape_for(in_channels, out_channels, kernel_size, cli_options):

@@ -313,8 +313,7 @@ class WeightsFormat(Format):
         """Any key may name a layer or a tensor; :func:`choose_layer` says when none matches."""
 
     def probe(self, path, key):
-        raise FileFormatError(f"{path}: a {self.label} file holds trained weights, not a volume; "
-                              f"{self.volume_hint}")
+        raise FileFormatError(f"{path} holds trained weights ({self.label}), not a volume; {self.volume_hint}")
 
     def describe(self, path, key):
         require_file(path)

@@ -221,6 +221,11 @@ def layers_from_tensors(entries):
     return layers
 
 
+def shown(name):
+    """A name from a file as messages print it: control characters escaped, so an error stays one line."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+
+
 def _unwrapped(name):
     for prefix in _WRAPPER_PREFIXES:
         if name.startswith(prefix):
@@ -237,7 +242,7 @@ def layer_listing(layers, limit=20):
     """``decoder.up1 (16, 8, 2, 2, 2) float32, ...`` for error messages."""
     if not layers:
         return "no 5-D or 6-D weight"
-    labels = [f"{layer.name} {tuple(layer.weight.shape)} {layer.weight.dtype.name}" for layer in layers[:limit]]
+    labels = [f"{shown(layer.name)} {tuple(layer.weight.shape)} {layer.weight.dtype.name}" for layer in layers[:limit]]
     if len(layers) > limit:
         labels.append(f"... and {len(layers) - limit} more")
     return ", ".join(labels)
@@ -269,9 +274,9 @@ def choose_layer(layers, key, path):
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        raise FileFormatError(f"{path}: '{key}' names several layers ({layer_listing(found)}); "
+        raise FileFormatError(f"{path}: '{shown(key)}' names several layers ({layer_listing(found)}); "
                               f"give the full tensor name")
-    raise KeyNotFoundError(f"{path} has no layer or tensor '{key}' that could be a ConvTranspose3d "
+    raise KeyNotFoundError(f"{path} has no layer or tensor '{shown(key)}' that could be a ConvTranspose3d "
                            f"weight; it holds: {layer_listing(layers)}")
 
 

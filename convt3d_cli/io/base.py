@@ -240,6 +240,9 @@ class ArrayFormat(Format):
 
     def describe(self, path, key):
         require_file(path)
+        weights = self.weights_format(path)
+        if weights is not self:        # e.g. a Keras model saved as .h5: describe its layers
+            return weights.describe(path, key)
         self.check_key(path, key)
         entries = self.entries(path)
         report = {"path": path, "format": self.name, "file_size": os.path.getsize(path)}
@@ -296,6 +299,8 @@ class WeightsFormat(Format):
     holds_weights = True
     #: Shown after "convert it with" when a volume is expected; subclasses may say more.
     volume_hint = "pass it to --weights"
+    #: What says a plain tensor of this format is in PyTorch layout (``""``: nothing, it is assumed).
+    tensor_layout_source = ""
 
     def tensors(self, path):
         """Every numeric tensor of the file as an :class:`Entry` (``name`` = full tensor name)."""
@@ -307,7 +312,7 @@ class WeightsFormat(Format):
 
     def layers(self, path):
         """The layers a ``--weights FILE[:LAYER]`` may take: one per 5-D or 6-D tensor by default."""
-        return layers_from_tensors(self.tensors(path))
+        return layers_from_tensors(self.tensors(path), self.tensor_layout_source)
 
     def check_key(self, path, key):
         """Any key may name a layer or a tensor; :func:`choose_layer` says when none matches."""

@@ -198,11 +198,13 @@ _WEIGHT_RANKS = (5, 6)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def layers_from_tensors(entries):
+def layers_from_tensors(entries, layout_source=""):
     """One :class:`StoredLayer` per 5-D or 6-D numeric tensor of a plain tensor container.
 
     ``decoder.up1.weight`` becomes layer ``decoder.up1`` with bias
     ``decoder.up1.bias`` when that tensor is 1-D; any other name is its own layer name.
+    ``layout_source`` says why the tensors are in PyTorch layout (a PyTorch checkpoint);
+    empty when that is only assumed (safetensors may come from any framework).
     """
     by_name = {entry.name: entry for entry in entries}
     layers = []
@@ -217,7 +219,8 @@ def layers_from_tensors(entries):
                 break
         if bias is not None and (bias.ndim != 1 or not bias.numeric):
             bias = None
-        layers.append(StoredLayer(name=name, weight=entry, bias=bias, aliases=(entry.name,)))
+        layers.append(StoredLayer(name=name, weight=entry, bias=bias, aliases=(entry.name,),
+                                  layout_source=layout_source))
     return layers
 
 

@@ -272,6 +272,13 @@ class Hdf5Format(ArrayFormat):
             handle.visititems(visit)
         return found
 
+    def weights_format(self, path):
+        # A model or weights file written by Keras keeps its kernels channels-last
+        # beside the layer configs; the Keras format reads those.
+        from . import keras
+
+        return keras.FORMAT if keras.is_keras_h5(path) else self
+
     def load_entry(self, path, entry):
         h5py = _h5py()
         with reading(path, LABEL), h5py.File(path, "r") as handle:

@@ -245,7 +245,8 @@ def check_layer(*, weights=None, bias=None, kernel=None, layer_options=None, wei
     if kernel:
         from .builtin import builtin_params
 
-        builtin_params(kernel, layer_options["stride"])
+        if layer_options["stride"] is not None:      # else --like/--voxel-size chooses it per file
+            builtin_params(kernel, layer_options["stride"])
     elif weights:
         found = io.inspect_weights(weights, layout=weight_layout)
         options = {k: v for k, v in found.options.items() if k not in ("output_size", "pad_rule")}
@@ -469,6 +470,8 @@ def run_batch(inputs, out_dir, *, suffix="", format=None, jobs=1, threads=None, 
         _remove_temporary_files(*outputs)
 
     options = dict(run_options, overwrite=overwrite)
+    if threads is not None:
+        options["threads"] = threads
     results, tasks = [], []
     for index, (spec, output) in enumerate(zip(inputs, outputs)):
         if skip_existing and os.path.lexists(output):

@@ -97,7 +97,7 @@ def _layer_cli(stride, padding, output_padding, dilation, groups):
 
 
 def _check_layer_source(weights, kernel_name, layer_cli, bias=None, no_bias=False, numbers=None,
-                        weight_layout=None):
+                        weight_layout=None, like=None, voxel_size=None):
     """Usage rules shared by ``run`` and ``shape``: exactly one layer source, matching options.
 
     ``numbers`` is ``None`` where ``--out-channels/--kernel-size`` do not exist
@@ -117,9 +117,23 @@ def _check_layer_source(weights, kernel_name, layer_cli, bias=None, no_bias=Fals
         raise click.UsageError("--bias and --no-bias need --weights")
     if weight_layout is not None and not weights:
         raise click.UsageError("--weight-layout needs --weights")
+    if like is not None and voxel_size is not None:
+        raise click.UsageError("--like and --voxel-size cannot be used together")
+    if voxel_size is not None and not kernel_name:
+        raise click.UsageError("--voxel-size needs --kernel (a trained layer has its own stride)")
+    grid = like is not None or voxel_size is not None
+    if grid:
+        given = [f"--{name.replace('_', '-')}" for name in ("padding", "output_padding")
+                 if layer_cli[name] is not None]
+        if kernel_name and layer_cli["stride"] is not None:
+            given.insert(0, "--stride")
+        if given:
+            raise click.UsageError(f"{', '.join(given)} cannot be used with {'--like' if like else '--voxel-size'}, "
+                                   f"which chooses {'them' if len(given) > 1 else 'it'}")
     if kernel_name:
-        if layer_cli["stride"] is None:
-            raise click.UsageError("--kernel needs --stride (the integer upsampling factor)")
+        if layer_cli["stride"] is None and not grid:
+            raise click.UsageError("--kernel needs --stride (the integer upsampling factor), --like or "
+                                   "--voxel-size")
         extra = [f"--{name.replace('_', '-')}" for name, value in layer_cli.items()
                  if name != "stride" and value is not None]
         if extra:
@@ -171,26 +185,31 @@ class _Progress:
 @opt.json_opt
 @opt.quiet_opt
 def run(input, output, weights, bias, no_bias, weight_layout, kernel_name, stride, padding, output_padding,
-        dilation, groups, dtype, max_memory, compress_level, overwrite, as_json, quiet):
+        dilation, groups, dtype, output_dtype, fourth_axis, like, voxel_size, no_sidecar, threads, max_memory,
+        compress_level, overwrite, as_json, quiet):
     """Upsample INPUT into OUTPUT with a transposed convolution.
 
     The layer comes from a weights file (--weights: a PyTorch checkpoint,
     safetensors, ONNX or Keras model, or an npz/npy/HDF5 array, with its stored
     stride, padding, ... unless given here) or a built-in kernel (--kernel
     nearest|linear with --stride). The output size formula is printed per axis before
-    computing. OUTPUT's suffix picks the format (.nii, .nii.gz, .h5, .npz, .npy).
+    computing. OUTPUT's suffix picks the format (.nii, .nii.gz, .mgz, .mgh, .h5,
+    .npz, .npy).
     """
     from . import pipeline
 
     layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
-    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias, weight_layout=weight_layout)
+    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias, weight_layout=weight_layout, like=like,
+                        voxel_size=voxel_size)
     progress = _Progress(not quiet)
     try:
         result = pipeline.run_file(input, output, weights=weights, bias=bias, no_bias=no_bias,
                                    kernel=kernel_name, layer_options=layer_cli, dtype=dtype,
                                    max_memory=max_memory, overwrite=overwrite, echo=_echo_err(quiet),
                                    progress=progress.callback, compress_level=compress_level,
-                                   weight_layout=weight_layout)
+                                   weight_layout=weight_layout, output_dtype=output_dtype,
+                                   fourth_axis=fourth_axis, sidecar=not no_sidecar, threads=threads,
+                                   like=like, voxel_size=voxel_size)
     except KeyboardInterrupt:
         # The temporary output is already gone (atomic_write); say so on one line, exit 130.
         progress.close()
@@ -220,11 +239,12 @@ def run(input, output, weights, bias, no_bias, weight_layout, kernel_name, strid
 @opt.weight_layout_opt
 @opt.kernel_opt
 @opt.layer_options
+@opt.fourth_axis_opt
 @click.option("--target", callback=opt.triple_handler, default=None, metavar="D,H,W",
               help="Plan: list the padding/output-padding pairs giving this output size.")
 @opt.json_opt
 def shape(input, input_shape, out_channels, kernel_size, weights, weight_layout, kernel_name, stride, padding,
-          output_padding, dilation, groups, target, as_json):
+          output_padding, dilation, groups, fourth_axis, target, as_json):
     """Print the output shape and the size formula without computing anything.
 
     The input is a file (only its header is read) or --input-shape; the layer
@@ -248,12 +268,17 @@ def shape(input, input_shape, out_channels, kernel_size, weights, weight_layout,
         from . import io, notices
 
         with notices.collected(_echo_err(False)):
-            if input is not None:
-                info = io.probe_volume(input)
-                input_shape = tuple(info.engine_shape)
             if weights:
                 # Shape and stored options only: nothing but headers is read.
                 loaded = io.inspect_weights(weights, layout=weight_layout)
+            if input is not None:
+                from .pipeline import in_channels
+
+                info = io.probe_volume(input)
+                wanted = in_channels(loaded.shape) if loaded else (
+                    None if kernel_name else (1 if out_channels is not None else None))
+                info = io.with_fourth_axis(info, fourth_axis, wanted)
+                input_shape = tuple(info.engine_shape)
     if weights:
         weight_shape = loaded.shape
     elif out_channels is not None:
@@ -293,7 +318,9 @@ def shape(input, input_shape, out_channels, kernel_size, weights, weight_layout,
 def info(spec, as_json):
     """Describe a volume or weights file: shape, dtype and how convt3d reads it.
 
-    NIfTI: the affine, zooms and codes; HDF5: the tree of datasets; npz: the arrays.
+    NIfTI: the affine, zooms and codes; MGH: the affine, zooms, TR/flip/TE/TI and
+    tags; HDF5: the tree of datasets; npz: the arrays; PyTorch, safetensors, ONNX
+    and Keras files: every layer that can be a ConvTranspose3d, with its settings.
     """
     from . import io, notices
 
@@ -330,9 +357,9 @@ def info(spec, as_json):
               help="Print one JSON object per file on stdout (JSON Lines).")
 @opt.quiet_opt
 def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias, weight_layout, kernel_name,
-          stride, padding,
-          output_padding, dilation, groups, dtype, max_memory, compress_level, overwrite, skip_existing, jobs,
-          scheduler, as_json, quiet):
+          stride, padding, output_padding, dilation, groups, dtype, output_dtype, fourth_axis, like, voxel_size,
+          no_sidecar, threads, max_memory, compress_level,
+          overwrite, skip_existing, jobs, scheduler, as_json, quiet):
     """Upsample many files with one layer into --out-dir.
 
     Every INPUT (and every line of --from-list) is processed as by `convt3d run`,
@@ -348,7 +375,8 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
     if from_list is None and not inputs:
         raise click.UsageError("give INPUT files or --from-list")
     layer_cli = _layer_cli(stride, padding, output_padding, dilation, groups)
-    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias, weight_layout=weight_layout)
+    _check_layer_source(weights, kernel_name, layer_cli, bias, no_bias, weight_layout=weight_layout, like=like,
+                        voxel_size=voxel_size)
     if skip_existing and overwrite:
         raise click.UsageError("--skip-existing and --overwrite cannot be used together")
     if scheduler and jobs is not None:
@@ -396,7 +424,9 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
                             skip_existing=skip_existing, overwrite=overwrite, scheduler=scheduler,
                             on_result=on_result, weights=weights, bias=bias, no_bias=no_bias,
                             kernel=kernel_name, layer_options=layer_cli, dtype=dtype, max_memory=max_memory,
-                            compress_level=compress_level, weight_layout=weight_layout)
+                            compress_level=compress_level, weight_layout=weight_layout,
+                            output_dtype=output_dtype, fourth_axis=fourth_axis, sidecar=not no_sidecar,
+                            threads=threads, like=like, voxel_size=voxel_size)
     except KeyboardInterrupt:
         # Finished outputs are complete and kept; the files in progress left nothing behind.
         raise _CliError(f"interrupted after {summary_line(finished, time.perf_counter() - started)}; "

@@ -501,3 +501,141 @@ def split_end_crop(crop):
     """
     crop = int(crop)
     return max(crop, 0), max(-crop, 0)
+
+
+def keeps_grid(params, axis):
+    """Whether the layer leaves the grid of ``axis`` as it was (stride 1, kernel 1, no crops).
+
+    Only then do per-slice facts of the input (NIfTI slice timing, BIDS ``SliceTiming``)
+    still describe the output along that axis.
+    """
+    return (params.stride[axis] == 1 and params.kernel_size[axis] == 1 and params.padding[axis] == 0
+            and params.crop_end[axis] == 0)
+
+
+# --------------------------------------------------------------------------- target grids
+
+#: How close (mm) an output affine must come to a reference's to count as the same grid.
+GRID_TOLERANCE = 1e-4
+
+
+def voxel_sizes(affine):
+    """Voxel size along each array axis: the lengths of the affine's first three columns."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def stride_for_voxel_size(affine, voxel_size):
+    """The integer stride that turns the input's voxel sizes into ``voxel_size``.
+
+    Parameters
+    ----------
+    affine : array_like, (4, 4)
+        The input's voxel-to-world affine.
+    voxel_size : float or 3 floats
+        The wanted voxel size (mm) per axis (D, H, W = the file's first three axes).
+
+    Raises
+    ------
+    ParameterError
+        (``voxel_size``) when the ratio is not an integer >= 1 on some axis.
+    """
+    wanted = [float(v) for v in (voxel_size if isinstance(voxel_size, (list, tuple)) else [voxel_size] * 3)]
+    if len(wanted) != 3 or not all(np.isfinite(wanted)) or min(wanted) <= 0:
+        raise ParameterError("voxel_size", f"voxel size must be 1 or 3 positive numbers, got {voxel_size!r}")
+    stride = []
+    for axis, (have, want) in enumerate(zip(voxel_sizes(affine), wanted)):
+        ratio = have / want
+        if abs(ratio - round(ratio)) > 1e-4 * max(1.0, ratio) or round(ratio) < 1:
+            raise ParameterError("voxel_size", f"the input's voxel size along {AXES[axis]} is {have:g} mm; "
+                                               f"{want:g} mm is not an integer division of it "
+                                               f"(ratio {ratio:.6g})")
+        stride.append(int(round(ratio)))
+    return tuple(stride)
+
+
+def stride_for_grid(in_affine, ref_affine):
+    """The integer stride that takes the input's grid spacing to a reference grid's.
+
+    Raises
+    ------
+    ShapeError
+        The axes are rotated, flipped or sheared against each other, or the spacing
+        ratio is not an integer on some axis.
+    """
+    scale = _grid_transform(in_affine, ref_affine)[0]
+    stride = []
+    for axis, value in enumerate(scale):
+        ratio = 1.0 / value
+        if abs(ratio - round(ratio)) > 1e-4 * max(1.0, ratio) or round(ratio) < 1:
+            raise ShapeError(f"the reference's voxels along {AXES[axis]} are {value:.6g} times the input's; "
+                             f"a stride can only divide them by an integer (1/2, 1/3, ...)")
+        stride.append(int(round(ratio)))
+    return tuple(stride)
+
+
+def _grid_transform(in_affine, ref_affine):
+    """Diagonal scale and offset with ``ref = in @ [diag(scale), offset]``, in input voxels."""
+    in_affine = np.asarray(in_affine, dtype=np.float64)
+    ref_affine = np.asarray(ref_affine, dtype=np.float64)
+    transform = np.linalg.solve(in_affine, ref_affine)
+    matrix = transform[:3, :3]
+    scale = np.diag(matrix).copy()
+    off = matrix - np.diag(scale)
+    # In mm: how far the reference's axes are from scaled copies of the input's.
+    if np.abs(in_affine[:3, :3] @ off).max() > GRID_TOLERANCE or min(scale) <= 0:
+        raise ShapeError("the reference grid is rotated, flipped or sheared against the input's (its axes "
+                         "are not the input's axes scaled); a transposed convolution cannot turn a grid")
+    return scale, transform[:3, 3]
+
+
+def padding_for_grid(in_affine, in_spatial, ref_affine, ref_spatial, kernel_size, stride, dilation):
+    """Begin/end crops and output padding that put the output exactly on a reference grid.
+
+    The output affine is ``A_in @ T`` with ``T`` scaling by ``1/s`` and shifting by
+    ``(b - d(k-1)/2) / s`` (:func:`output_affine`), so the reference fixes the begin
+    crop ``b``; its shape then fixes the end.
+
+    Returns
+    -------
+    (tuple of 6 ints, tuple of 3 ints)
+        ``padding`` (begins, ends) and ``output_padding``.
+
+    Raises
+    ------
+    ShapeError
+        Saying why no crop reaches the grid: axes rotated or flipped, a spacing that is
+        not ``1/stride`` of the input's, an origin between output voxels, a reference
+        that starts before or ends after what the layer can produce.
+    """
+    scale, offset = _grid_transform(in_affine, ref_affine)
+    in_affine = np.asarray(in_affine, dtype=np.float64)
+    begins, ends, extras = [], [], []
+    for axis in range(3):
+        k, s, d = kernel_size[axis], stride[axis], dilation[axis]
+        n_in, n_ref = int(in_spatial[axis]), int(ref_spatial[axis])
+        column = np.linalg.norm(in_affine[:3, axis])
+        if abs(scale[axis] - 1.0 / s) * column * max(n_ref, 1) > GRID_TOLERANCE:
+            raise ShapeError(f"the reference's voxels along {AXES[axis]} are {scale[axis]:.6g} of the input's, "
+                             f"but the layer's stride {s} gives 1/{s}")
+        exact = offset[axis] * s + d * (k - 1) / 2.0
+        begin = int(round(exact))
+        if abs(begin - exact) / s * column > GRID_TOLERANCE:
+            raise ShapeError(f"the reference's origin along {AXES[axis]} lies between the output voxels this "
+                             f"layer can produce (off by {abs(begin - exact) / s * column:.6g} mm); no integer "
+                             f"crop reaches it")
+        if begin < 0:
+            raise ShapeError(f"the reference starts {-begin} output voxel(s) before the first one this layer "
+                             f"produces along {AXES[axis]}")
+        full = output_size(n_in, k, s, 0, 0, d)
+        end_crop = full - begin - n_ref
+        padding_end, extra = split_end_crop(end_crop)
+        if extra >= max(s, d):
+            raise ShapeError(f"the reference ends {extra} output voxel(s) past the last one this layer can "
+                             f"produce along {AXES[axis]} (at most {max(s, d) - 1} with output padding)")
+        if n_ref < 1:
+            raise ShapeError(f"the reference has no voxels along {AXES[axis]}")
+        begins.append(begin)
+        ends.append(padding_end)
+        extras.append(extra)
+    return tuple(begins) + tuple(ends), tuple(extras)

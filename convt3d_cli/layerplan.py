@@ -82,7 +82,7 @@ class LayerPlan:
 
 
 def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias_shape=None,
-               file_options=None, file_source="weights file"):
+               file_options=None, file_source="weights file", cli_sources=None):
     """Resolve the layer parameters for an input shape.
 
     Parameters
@@ -102,6 +102,8 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
         that gives that size for this input.
     file_source : str
         How the report names the weights file (``model.onnx:up1``).
+    cli_sources : dict, optional
+        Where options in ``cli_options`` came from when not typed (``--like REF``).
 
     Returns
     -------
@@ -109,14 +111,19 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
         Not validated yet; call :meth:`LayerPlan.validate`.
     """
     input_shape = tuple(int(v) for v in input_shape)
+    cli_sources = dict(cli_sources or {})
     geometry.check_input_shape(input_shape)
     channels = input_shape[-4]
     if kernel is not None:
         params = builtin_params(kernel, cli_options["stride"], channels)
-        weight_shape = (channels, 1) + params.kernel_size
         sources = {name: f"built-in {kernel}" for name in LAYER_DEFAULTS}
-        if cli_options.get("stride") is not None:
-            sources["stride"] = "command line"
+        if cli_options.get("padding") is not None:
+            # Crops chosen for a target grid (--like) replace the kernel's own centring.
+            params = geometry.LayerParams.create(params.kernel_size, params.stride, cli_options["padding"],
+                                                 cli_options.get("output_padding") or 0, 1, params.groups)
+        weight_shape = (channels, 1) + params.kernel_size
+        sources.update({name: cli_sources.get(name, "command line") for name, value in cli_options.items()
+                        if name in LAYER_DEFAULTS and value is not None})
         return LayerPlan(input_shape, weight_shape, params, kernel=kernel, sources=sources)
     weight_shape = tuple(int(v) for v in weight_shape)
     if len(weight_shape) not in (5, 6):
@@ -138,7 +145,7 @@ def plan_layer(input_shape, cli_options, *, weight_shape=None, kernel=None, bias
                 options["output_padding"], "output_padding"):
             options["output_padding"] = output_padding
             sources["output_padding"] = sources["padding"]
-    sources.update({name: "command line" for name, value in cli_options.items()
+    sources.update({name: cli_sources.get(name, "command line") for name, value in cli_options.items()
                     if name in LAYER_DEFAULTS and value is not None})
     for name in LAYER_DEFAULTS:
         sources.setdefault(name, "default")
@@ -182,6 +189,59 @@ def _padding_for_size(in_spatial, output_size, pad_rule, kernel_size, options, w
         ends.append(end)
         extras.append(extra)
     return tuple(begins) + tuple(ends), tuple(extras)
+
+
+def grid_options(cli_options, *, in_affine, in_spatial, kernel=None, weight_shape=None, file_options=None,
+                 like=None, voxel_size=None):
+    """Layer options that put the output on a target grid: ``--like REF`` or ``--voxel-size V``.
+
+    Parameters
+    ----------
+    cli_options : dict
+        The command line's layer options (``None`` = not given).
+    in_affine : array_like, (4, 4)
+        The input's voxel-to-world affine (engine axes D, H, W).
+    in_spatial : tuple of 3 ints
+    kernel : str, optional
+        A built-in kernel: its stride comes from the grid too.
+    weight_shape : tuple, optional
+        A trained weight's shape (its kernel size); its stride stays the layer's.
+    file_options : dict, optional
+        Settings stored with the weights (their stride and dilation count).
+    like : (affine, spatial shape), optional
+        The reference grid.
+    voxel_size : float or 3 floats, optional
+        Wanted voxel size (``--kernel`` only): the stride is the input's voxel size over it.
+
+    Returns
+    -------
+    (dict, dict)
+        The options to plan with, and where the ones set here came from.
+    """
+    from .builtin import kernel_size as builtin_kernel_size
+
+    options = dict(cli_options)
+    sources = {}
+    if voxel_size is not None:
+        options["stride"] = geometry.stride_for_voxel_size(in_affine, voxel_size)
+        sources["stride"] = "--voxel-size"
+        return options, sources
+    ref_affine, ref_spatial = like
+    if kernel is not None:
+        stride = geometry.stride_for_grid(in_affine, ref_affine)
+        k, dilation = builtin_kernel_size(kernel, stride), (1, 1, 1)
+        options["stride"] = stride
+        sources["stride"] = "--like"
+    else:
+        merged = merge_layer_options(cli_options, file_options)
+        stride = geometry.as_triple(merged["stride"], "stride")
+        dilation = geometry.as_triple(merged["dilation"], "dilation")
+        k = tuple(weight_shape[-3:])
+    padding, output_padding = geometry.padding_for_grid(in_affine, in_spatial, ref_affine, ref_spatial, k,
+                                                        stride, dilation)
+    options["padding"], options["output_padding"] = padding, output_padding
+    sources["padding"] = sources["output_padding"] = "--like"
+    return options, sources
 
 
 def weight_shape_for(in_channels, out_channels, kernel_size, cli_options):

@@ -168,7 +168,45 @@ groups_opt = click.option(
     help="Number of channel groups. [default: weights file, else 1]")
 dtype_opt = click.option(
     "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-    help="Compute (and output) precision.")
+    help="Compute precision (and the output's type unless --output-dtype says otherwise).")
+output_dtype_opt = click.option(
+    "--output-dtype", type=click.Choice(["same", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32",
+                                         "uint32", "int64", "uint64"]), default=None,
+    help="Type the output stores: same as the input, float32/float64, or an integer type (rounded half to "
+         "even, clipped; the report counts clipped voxels). Computation stays in --dtype. "
+         "[default: same for --kernel nearest, else --dtype]")
+fourth_axis_opt = click.option(
+    "--fourth-axis", type=click.Choice(["auto", "volumes", "channels"]), default="auto", show_default=True,
+    help="4-D NIfTI or MGH input: upsample each volume of the 4th axis (time, echoes) on its own, or feed it to the "
+         "layer as channels. auto: channels when the layer takes that many input channels (or is a built-in "
+         "kernel), volumes when it takes one.")
+no_sidecar_opt = click.option(
+    "--no-sidecar", "no_sidecar", is_flag=True, default=False,
+    help="Do not write OUT.json when a BIDS sidecar IN.json sits beside a NIfTI input.")
+threads_opt = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Numba and BLAS threads. [default: all allowed cores; with batch --jobs, cores/jobs each]")
+def voxel_size_handler(ctx, param, value):
+    """Click callback for ``--voxel-size``: 1 or 3 positive numbers (mm)."""
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in str(value).split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not 1 or 3 numbers", ctx=ctx, param=param) from None
+    if len(numbers) not in (1, 3) or not all(v > 0 and v != float("inf") for v in numbers):
+        raise click.BadParameter(f"expected 1 or 3 positive numbers, got {value!r}", ctx=ctx, param=param)
+    return numbers * 3 if len(numbers) == 1 else numbers
+
+
+like_opt = click.option(
+    "--like", default=None, metavar="REF",
+    help="Put the output exactly on REF's grid (shape and affine): the padding (and, with --kernel, the "
+         "stride) is chosen for it, or the run stops saying why it cannot be reached.")
+voxel_size_opt = click.option(
+    "--voxel-size", callback=voxel_size_handler, default=None, metavar="V",
+    help="With --kernel: the output voxel size in mm (V or Vx,Vy,Vz); the stride is the input's voxel size "
+         "over V, which must be an integer.")
 json_opt = click.option(
     "--json", "as_json", is_flag=True, default=False,
     help="Print one JSON object with the report on stdout.")
@@ -181,7 +219,7 @@ max_memory_opt = click.option(
          "slabs (same result). [default: half of the memory available]")
 compress_level_opt = click.option(
     "--compress-level", type=click.IntRange(0, 3), default=None, metavar="0-3",
-    help=".nii.gz outputs: gzip effort, 0 fastest to 3 smallest (ISA-L igzip). [default: 1]")
+    help=".nii.gz and .mgz outputs: gzip effort, 0 fastest to 3 smallest (ISA-L igzip). [default: 1]")
 overwrite_opt = click.option(
     "--overwrite", is_flag=True, default=False, help="Replace an existing output file.")
 weights_opt = click.option(
@@ -225,7 +263,7 @@ class OutputFormat(click.Choice):
 
 kernel_opt = click.option(
     "--kernel", "-k", "kernel_name", type=click.Choice(["nearest", "linear"]), default=None,
-    help="Built-in depthwise upsampling kernel instead of --weights (needs --stride).")
+    help="Built-in depthwise upsampling kernel instead of --weights (needs --stride, --like or --voxel-size).")
 
 
 def layer_options(func):
@@ -240,6 +278,8 @@ def job_options(func):
     the layer source (``--weights --bias --no-bias --kernel``), the layer options, ``--dtype``,
     ``--max-memory``, ``--compress-level`` and ``--overwrite``."""
     for option in reversed((weights_opt, bias_opt, no_bias_opt, weight_layout_opt, kernel_opt, layer_options, dtype_opt,
+                            output_dtype_opt, fourth_axis_opt, like_opt, voxel_size_opt, no_sidecar_opt,
+                            threads_opt,
                             max_memory_opt, compress_level_opt, overwrite_opt)):
         func = option(func)
     return func

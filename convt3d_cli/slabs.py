@@ -136,7 +136,7 @@ def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=
         if kernel == "linear":
             # Replicate one edge voxel per side (see builtin.apply_builtin).
             pad = 1
-            padding = tuple(p + s for p, s in zip(padding, stride))
+            padding = tuple(p + s for p, s in zip(padding, stride + stride if len(padding) == 6 else stride))
     weight = np.asarray(weight)
     canonical = geometry.canonical_weight_shape(weight.shape, input_shape[1], params.groups)
     weight = weight.reshape(canonical)

@@ -104,7 +104,7 @@ def make_task(index, spec, output, options):
     renames.append((absolute, path))
     output_path = os.path.abspath(output)
     renames.append((output_path, output))
-    for name in ("weights", "bias"):
+    for name in ("weights", "bias", "like"):
         if options.get(name):
             options[name], path, absolute = _absolute_spec(options[name])
             renames.append((absolute, path))

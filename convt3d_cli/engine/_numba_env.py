@@ -9,6 +9,7 @@ and nowhere at module level.
 
 import os
 import sys
+from contextlib import contextmanager
 
 _kernels = None
 
@@ -46,3 +47,26 @@ def set_threads(threads):
     previous = numba.get_num_threads()
     numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     return previous
+
+
+@contextmanager
+def limited_threads(threads):
+    """Run the block with ``threads`` Numba threads and at most that many BLAS/OpenMP threads.
+
+    ``None`` changes nothing. BLAS pools are limited through threadpoolctl when it is
+    installed (NumPy's OpenBLAS or MKL; convt3d's GEMM-shaped paths may call them).
+    """
+    if threads is None:
+        yield
+        return
+    previous = set_threads(threads)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - a declared dependency
+            yield
+        else:
+            with threadpool_limits(limits=int(threads)):
+                yield
+    finally:
+        set_threads(previous)

@@ -36,7 +36,7 @@ import importlib
 from .registry import SUFFIXES, split_spec
 
 _LAZY = {
-    "api": ("format_of", "output_format", "transposed_slabs", "probe_volume", "read_volume",
+    "api": ("format_of", "output_format", "transposed_slabs", "probe_volume", "with_fourth_axis", "read_volume",
             "open_source", "resident_bytes", "describe", "inspect_weights", "probe_weights",
             "read_weights", "check_output", "open_writer", "write_volume"),
     "records": ("Volume", "VolumeInfo", "Weights", "WeightsInfo"),

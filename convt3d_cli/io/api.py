@@ -9,6 +9,8 @@ and ``convt3d run`` write the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..errors import FileFormatError, OutputError, ParameterError, ShapeError
@@ -85,7 +87,59 @@ def probe_volume(spec):
     return fmt.probe(path, key)
 
 
-def read_volume(spec, *, max_bytes=None):
+def with_fourth_axis(info, mode="auto", in_channels=None):
+    """Read the 4th axis of a 4-D image as channels or as separate volumes.
+
+    Parameters
+    ----------
+    info : VolumeInfo
+        From :func:`probe_volume`; returned unchanged when its 4th axis leaves no
+        choice (``info.fourth_axis is None``: 3-D images, array files, 5-D NIfTI).
+    mode : {"auto", "volumes", "channels"}
+        ``volumes``: each entry of the 4th axis (time, echoes) is upsampled on its own,
+        as the batch axis N. ``channels``: the 4th axis is the layer's input channels.
+        ``auto``: channels when the layer takes as many input channels (more than
+        one) or is a built-in kernel (``in_channels=None``; depthwise, so both readings
+        give the same values), volumes when it takes one.
+    in_channels : int, optional
+        The layer's input channels.
+
+    Returns
+    -------
+    VolumeInfo
+
+    Raises
+    ------
+    ParameterError
+        An unknown mode.
+    ShapeError
+        ``auto`` when neither reading fits the layer; the message names both.
+    """
+    if mode not in ("auto", "volumes", "channels"):
+        raise ParameterError("fourth_axis", f"fourth_axis must be auto, volumes or channels, got {mode!r}")
+    if info.fourth_axis is None:
+        return info
+    length = int(info.stored_shape[3])
+    if mode == "auto":
+        if in_channels is None:
+            # A built-in kernel is depthwise: both readings give the same values, and as
+            # channels a NIfTI output keeps its (X, Y, Z, T) shape.
+            mode = "channels"
+        elif in_channels == 1:
+            mode = "volumes"
+        elif in_channels == length:
+            mode = "channels"
+        else:
+            raise ShapeError(
+                f"{info.path} has {length} entries on its 4th axis: read as {length} volumes each has 1 "
+                f"channel, read as channels it has {length}, but the layer takes {in_channels} input "
+                f"channels; choose a reading with --fourth-axis volumes|channels or use another layer")
+    spatial = tuple(info.engine_shape[2:])
+    shape = ((1, length) if mode == "channels" else (length, 1)) + spatial
+    return dataclasses.replace(info, engine_shape=shape, fourth_axis=mode)
+
+
+def read_volume(spec, *, max_bytes=None, fourth_axis=None):
     """Read a volume in engine layout ``(N, C, D, H, W)``.
 
     Parameters
@@ -94,6 +148,9 @@ def read_volume(spec, *, max_bytes=None):
         ``PATH`` or ``PATH:KEY``.
     max_bytes : int, optional
         Refuse to allocate more than this for the data.
+    fourth_axis : {"volumes", "channels"}, optional
+        How to read the 4th axis of a 4-D NIfTI image (see :func:`with_fourth_axis`);
+        default: channels.
 
     Returns
     -------
@@ -113,6 +170,11 @@ def read_volume(spec, *, max_bytes=None):
     """
     path, key, fmt = _reader(spec)
     info = fmt.probe(path, key)
+    if fourth_axis is not None:
+        if fourth_axis == "auto":
+            raise ParameterError("fourth_axis", "read_volume needs fourth_axis volumes or channels: "
+                                                "auto depends on a layer")
+        info = with_fourth_axis(info, fourth_axis)
     check_memory(info.memory_needed, path, max_bytes)
     data = fmt.load(info)
     return Volume(data=data, affine=np.array(info.affine, dtype=np.float64),
@@ -199,9 +261,8 @@ def _stored_layer(path, key, fmt):
         return choose_layer(fmt.layers(path), key, path), None
     entries = fmt.entries(path)
     entry = choose_entry(entries, key, WEIGHT, path)
-    where = entry_source(path, entry)
-    check_numeric(entry.dtype, where)
-    options = parse_options(fmt.stored_options(path, entry, entries), where)
+    check_numeric(entry.dtype, entry_source(path, entry))
+    options = fmt.stored_options(path, entry, entries)       # parsed once, by _layer_options
     layout, layout_source = "torch", ""
     if entry.name is not None and basename(entry.name).endswith("kernel:0"):
         # TensorFlow names a Keras kernel variable "kernel:0"; it is stored channels-last.
@@ -209,6 +270,11 @@ def _stored_layer(path, key, fmt):
     layer = StoredLayer(name=entry.name or "", weight=entry, layout=layout, layout_source=layout_source,
                         options=options)
     return layer, entries
+
+
+def _layer_source(path, layer):
+    """``model.keras:up1`` for a layer the file names (Keras, ONNX), else the tensor read."""
+    return f"{path}:{layer.name}" if layer.kind else entry_source(path, layer.weight)
 
 
 def _resolve_layout(layer, wanted, where):
@@ -253,7 +319,7 @@ def inspect_weights(spec, *, layout=None):
     """
     path, key, fmt = _array_reader(spec, "weights")
     layer, _ = _stored_layer(path, key, fmt)
-    where = entry_source(path, layer.weight)
+    where = _layer_source(path, layer)
     check_numeric(layer.weight.dtype, where)
     chosen, why = _resolve_layout(layer, layout, where)
     return WeightsInfo(shape=engine_shape(layer.weight.shape, chosen, where), dtype=dtype_name(layer.weight.dtype),
@@ -309,7 +375,7 @@ def read_weights(spec, bias_spec=None, *, no_bias=False, layout=None):
         raise ParameterError("bias", "give either a bias file or no_bias, not both")
     path, key, fmt = _array_reader(spec, "weights")
     layer, entries = _stored_layer(path, key, fmt)
-    where = entry_source(path, layer.weight)
+    where = _layer_source(path, layer)
     chosen, why = _resolve_layout(layer, layout, where)
     engine_shape(layer.weight.shape, chosen, where)      # refuse a wrong rank before loading
     weight = to_engine(_load_checked(fmt, path, layer.weight), chosen, where)
@@ -342,7 +408,7 @@ def _read_bias(spec):
 
 # --------------------------------------------------------------------------- writing
 
-def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why=None):
+def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why=None, output_dtype=None):
     """Refuse, before any computation, an output that :func:`open_writer` would refuse.
 
     Parameters
@@ -361,6 +427,8 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why
         its size in advance).
     why : str, optional
         What makes the output large, for that message (``"stride 1000 along D"``).
+    output_dtype : numpy dtype, optional
+        The type the file is to store (``--output-dtype``); the format may refuse it.
 
     Raises
     ------
@@ -378,8 +446,9 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why
     folder = check_target(path, overwrite)
     out_shape = tuple(int(v) for v in out_shape)
     fmt.output_key(key, out_shape)
+    stored = fmt.stored_dtype(output_dtype if output_dtype is not None else dtype, dtype)
     if dtype is not None:
-        need = fmt.disk_bytes(path, out_shape, fmt.stored_dtype(dtype, dtype))
+        need = fmt.disk_bytes(path, out_shape, stored)
         room = writable_bytes(folder)
         if need is not None and room is not None and need > room:
             because = f" ({why} makes it this large)" if why else ""
@@ -388,7 +457,7 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why
 
 
 def open_writer(spec, out_shape, *, like, params, formula, overwrite=False, source=None, dtype=np.float32,
-                compress_level=None):
+                compress_level=None, output_dtype=None):
     """Open the streaming writer for ``spec``; the format follows the suffix.
 
     Parameters
@@ -415,6 +484,9 @@ def open_writer(spec, out_shape, *, like, params, formula, overwrite=False, sour
         it is float64, else float32 (``writer.dtype`` says which).
     compress_level : int, optional
         ``.nii.gz`` only: 0 (fastest) to 3 (smallest), default 1.
+    output_dtype : numpy dtype, optional
+        The type to store instead (``--output-dtype``): float slabs are converted,
+        integers rounded half to even and clipped (``writer.clipped`` counts them).
 
     Returns
     -------
@@ -434,7 +506,8 @@ def open_writer(spec, out_shape, *, like, params, formula, overwrite=False, sour
         raise OutputError(f"{path} is the input file; choose another output")
     if compress_level is not None and compress_level not in _gzip.LEVELS:
         raise ParameterError("compress_level", f"compress_level must be 0 to 3, got {compress_level!r}")
-    return fmt.open_writer(path, key, tuple(int(v) for v in out_shape), fmt.stored_dtype(dtype, dtype),
+    stored = fmt.stored_dtype(output_dtype if output_dtype is not None else dtype, dtype)
+    return fmt.open_writer(path, key, tuple(int(v) for v in out_shape), stored,
                            overwrite=overwrite, like=like, params=params, formula=list(formula),
                            source=source, compress_level=compress_level)
 

@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 
 from ..errors import FileFormatError, OutputError, ShapeError
-from ..geometry import output_affine, output_zooms
+from ..geometry import keeps_grid, output_affine, output_zooms
 from . import _gzip
 from .base import Format, jsonable
 from .dtypes import byte_order, check_numeric, dtype_name, native
@@ -41,7 +41,16 @@ MAX_NIFTI1_DIM = 32767
 # readers that ignore a form with code 0 would fall back to bare pixdim.
 DEFAULT_XFORM_CODE = 2
 DESCRIP_BYTES = 80
-_LAYOUTS = {3: "(X,Y,Z)", 4: "(X,Y,Z,C)", 5: "(X,Y,Z,1,C)"}
+# NIFTI_ECODE_COMMENT: where convt3d records the layer it applied (descrip is the user's).
+COMMENT_ECODE = 6
+
+
+def _layout(shape):
+    if len(shape) == 3:
+        return "(X,Y,Z)"
+    if len(shape) == 4:
+        return "(X,Y,Z,C or T)"
+    return "(X,Y,Z,1,C)" if shape[3] == 1 else "(X,Y,Z,T,C)"
 
 
 def _nib():
@@ -51,29 +60,40 @@ def _nib():
 
 
 def engine_shape(shape, path):
-    """Stored NIfTI shape -> ``(1, C, X, Y, Z)``."""
+    """Stored NIfTI shape -> engine ``(N, C, X, Y, Z)`` and what the 4th axis was taken as.
+
+    ``(X,Y,Z,T)`` reads as ``T`` channels by default (``"channels"``; the pipeline may
+    read it as ``T`` volumes instead, see :func:`convt3d_cli.io.api.with_fourth_axis`);
+    ``(X,Y,Z,1,C)`` is ``C`` channels (NIfTI's vector intent) and ``(X,Y,Z,T,C)`` is
+    ``T`` volumes of ``C`` channels.
+
+    Returns
+    -------
+    (tuple, str or None)
+        The engine shape and ``"channels"``, ``"volumes"`` or ``None`` (3-D).
+    """
     shape = tuple(int(n) for n in shape)
     check_nonempty(shape, path)
     if len(shape) == 3:
-        return (1, 1) + shape
+        return (1, 1) + shape, None
     if len(shape) == 4:
-        return (1, shape[3]) + shape[:3]
-    if len(shape) == 5 and shape[3] == 1:
-        return (1, shape[4]) + shape[:3]
+        return (1, shape[3]) + shape[:3], "channels"
     if len(shape) == 5:
-        raise ShapeError(f"{path} has shape {shape}: a 5-D NIfTI must be (X,Y,Z,1,C); a time "
-                         f"series of {shape[3]} multi-channel volumes is not supported, split it first")
-    raise ShapeError(f"{path} has shape {shape}; a NIfTI input must be (X,Y,Z), (X,Y,Z,C) or "
-                     f"(X,Y,Z,1,C)")
+        return (shape[3], shape[4]) + shape[:3], None
+    raise ShapeError(f"{path} has shape {shape}; a NIfTI input must be (X,Y,Z), (X,Y,Z,T or C), "
+                     f"(X,Y,Z,1,C) or (X,Y,Z,T,C)")
 
 
-def engine_view(raw):
-    """View of the stored array in ``(1, C, X, Y, Z)`` order (no copy)."""
+def engine_view(raw, shape):
+    """View of the stored array in engine order ``shape`` = ``(N, C, X, Y, Z)`` (no copy)."""
     if raw.ndim == 3:
-        return raw[None, None]
-    if raw.ndim == 5:
-        raw = raw[:, :, :, 0, :]
-    return np.moveaxis(raw, 3, 0)[None]
+        view = raw[None, None]
+    elif raw.ndim == 4:
+        view = np.moveaxis(raw, 3, 0)[None]
+    else:
+        view = raw.transpose(3, 4, 0, 1, 2)
+    # (1, T, ...) and (T, 1, ...) differ by a length-1 axis: a reshape is still a view.
+    return view.reshape(shape)
 
 
 def scaling(image):
@@ -231,7 +251,7 @@ class NiftiFormat(Format):
         facts = self._inspect(path, key)
         shape, stored = facts["shape"], facts["stored"]
         check_numeric(stored, path)
-        engine = engine_shape(shape, path)
+        engine, fourth = engine_shape(shape, path)
         _check_placement(path, facts)
         dtype = read_dtype(stored, facts["scale"])
         raw_bytes = math.prod(shape) * stored.itemsize
@@ -246,14 +266,14 @@ class NiftiFormat(Format):
             zooms=facts["zooms"], header=facts["header"], attrs={}, read_dtype=dtype_name(dtype),
             nbytes=nbytes, memory_needed=needed, file_size=os.path.getsize(path),
             byte_order=byte_order(stored), scaling=facts["scale"], stored_dtype=stored,
-            data_offset=facts["offset"])
+            data_offset=facts["offset"], fourth_axis=fourth)
 
     def load(self, info):
         out = np.empty(info.engine_shape, dtype=info.read_dtype)
         with reading(info.path, LABEL):
             raw = read_raw(info.path, info.stored_shape, info.stored_dtype, info.data_offset)
             # One pass converts type and byte order and makes the result C-ordered.
-            np.copyto(out, engine_view(raw), casting="unsafe")
+            np.copyto(out, engine_view(raw, info.engine_shape), casting="unsafe")
             del raw
         apply_scaling(out, info.scaling)
         return out
@@ -267,8 +287,8 @@ class NiftiFormat(Format):
             with reading(info.path, LABEL):
                 raw = np.memmap(info.path, dtype=stored, mode="r", offset=info.data_offset, shape=shape,
                                 order="F")
-            return ArraySource(info, transposed, dtype, pad, engine_view(raw))
-        if transposed and info.engine_shape[1] == 1:
+            return ArraySource(info, transposed, dtype, pad, engine_view(raw, info.engine_shape))
+        if transposed and info.engine_shape[0] * info.engine_shape[1] == 1:
             return GzipPlaneSource(info, dtype, pad)
         # Random access into a .nii.gz: decompress once into an anonymous file, map it.
         spool = tempfile.TemporaryFile(dir=scratch_dir, prefix=".convt3d-input-")
@@ -282,13 +302,15 @@ class NiftiFormat(Format):
             _gzip.drain(stream)
         spool.flush()
         raw = np.memmap(spool, dtype=stored, mode="r", shape=shape, order="F")
-        return ArraySource(info, transposed, dtype, pad, engine_view(raw), keep=spool)
+        return ArraySource(info, transposed, dtype, pad, engine_view(raw, info.engine_shape), keep=spool)
 
     # ---- writing --------------------------------------------------------------------
 
     def stored_dtype(self, dtype, data_dtype=None):
-        """float64 when asked for, else float32 (NIfTI outputs hold real values)."""
-        return np.dtype(np.float64 if dtype is not None and np.dtype(dtype) == np.float64 else np.float32)
+        """float64 or an integer type when asked for, else float32."""
+        if dtype is not None and (np.dtype(dtype) == np.float64 or np.dtype(dtype).kind in "iu"):
+            return native(dtype)
+        return np.dtype(np.float32)
 
     def disk_bytes(self, path, out_shape, dtype):
         # .nii.gz: one channel goes straight through gzip (its size is unknowable);
@@ -298,13 +320,9 @@ class NiftiFormat(Format):
         return super().disk_bytes(path, out_shape, dtype)
 
     def output_key(self, key, out_shape):
-        """Always ``None`` (one image per file); refuses a key and a batch."""
+        """Always ``None`` (one image per file); refuses a key."""
         if key is not None:
             raise OutputError(f"a NIfTI file holds one image; remove ':{key}' from the output")
-        if out_shape[0] > 1:
-            raise OutputError(f"a NIfTI file cannot hold a batch of {out_shape[0]} volumes; write the "
-                              f"result to .h5, .npz or .npy instead")
-        return None
 
     def open_writer(self, path, key, out_shape, dtype, *, overwrite, like, params, formula, source,
                     compress_level=None):
@@ -331,20 +349,32 @@ class NiftiFormat(Format):
         }
         try:
             check_numeric(stored, path)
-            engine = engine_shape(shape, path)
+            engine, fourth = engine_shape(shape, path)
             _check_placement(path, facts)
         except (FileFormatError, ShapeError) as exc:
             report["engine_shape"] = None
             report["note"] = f"cannot be read as a volume: {exc}"
         else:
             report.update(engine_shape=list(engine), batch=engine[0], channels=engine[1],
-                          layout=_LAYOUTS[len(shape)], spatial_axes="D=X,H=Y,W=Z",
+                          layout=_layout(shape), spatial_axes="D=X,H=Y,W=Z",
                           read_dtype=dtype_name(read_dtype(stored, scale)))
+            if fourth is not None:
+                report["fourth_axis"] = ("channels by default; --fourth-axis volumes reads it as "
+                                         f"{shape[3]} volumes")
         return jsonable(report)
 
 
-def _output_image(array, like, params):
-    """Build the output image: header inherited from a NIfTI input, affine of the upsampled grid."""
+def _output_image(array, like, params, value_range=None):
+    """Build the output image: header inherited from a NIfTI input, affine of the upsampled grid.
+
+    The header rules (``docs/behaviour.md``, *Spatial metadata*): every field of the
+    input is kept except those the new grid or the new values invalidate -- the
+    forms and voxel sizes (transformed), the data type and scaling (the output's
+    own), ``cal_min``/``cal_max`` (recomputed from ``value_range`` when the input set
+    them), and the slice-timing fields (cleared together when the slice axis is
+    resampled). ``descrip`` and the extensions are the user's and stay; convt3d's
+    own record goes into one more extension (a comment).
+    """
     nib = _nib()
     inherited = like.header if like is not None and isinstance(like.header, nib.Nifti1Header) else None
     in_affine = np.asarray(like.affine if like is not None else np.eye(4), dtype=np.float64)
@@ -366,12 +396,14 @@ def _output_image(array, like, params):
     image = klass(array, best, header=_inherit_header(inherited, klass.header_class))
     header = image.header
     header.set_data_dtype(array.dtype)
-    # The image holds real values now; old scaling would distort them on read.
+    # The image holds the values themselves; old scaling would distort them on read.
     header.set_slope_inter(np.nan, np.nan)
-    # A display window and slice-timing ranges of the input no longer apply.
-    header["cal_min"] = header["cal_max"] = 0
-    header["slice_start"] = header["slice_end"] = 0
-    header["descrip"] = params.short().encode("ascii", "replace")[:DESCRIP_BYTES]
+    _display_window(header, value_range)
+    _slice_timing(header, params)
+    record = params.short().encode("ascii", "replace")
+    if inherited is None:
+        header["descrip"] = record[:DESCRIP_BYTES]
+    header.extensions.append(_nib().nifti1.Nifti1Extension(COMMENT_ECODE, record))
     # nibabel resets the codes when given a new affine: set both forms explicitly.
     image.set_sform(sform, code=scode)
     image.set_qform(qform, code=qcode)
@@ -379,22 +411,61 @@ def _output_image(array, like, params):
     # affine) into pixdim; the qform needs exactly those. A 4-D output keeps
     # the input's 4th (time) zoom.
     zooms = list(header.get_zooms()[:3])
-    if array.ndim == 4:
+    if array.ndim > 3:
         in_zooms = inherited.get_zooms() if inherited is not None else (1.0,) * 3
-        later = output_zooms(in_zooms, params)[3:]
-        zooms.append(later[0] if later else 1.0)
+        later = list(output_zooms(in_zooms, params)[3:])
+        zooms.extend((later + [1.0] * 2)[:array.ndim - 3])
     header.set_zooms(zooms)
     return image
 
 
+def _display_window(header, value_range):
+    """``cal_min``/``cal_max``: the output's range when the input set a window, else cleared."""
+    if float(header["cal_max"]) == 0 and float(header["cal_min"]) == 0:
+        return
+    low, high = value_range if value_range is not None else (0.0, 0.0)
+    header["cal_min"], header["cal_max"] = low, high
+
+
+def _slice_timing(header, params):
+    """Keep the slice-timing fields only while the slice axis keeps its grid; else clear them all."""
+    if slice_axis_kept(header, params):
+        return
+    freq, phase, _ = header.get_dim_info()
+    header.set_dim_info(freq, phase, None)
+    for field in ("slice_code", "slice_start", "slice_end"):
+        header[field] = 0
+    header["slice_duration"] = 0
+
+
+def slice_axis_kept(header, params):
+    """Whether the slice axis (any axis when ``dim_info`` does not say) keeps its grid."""
+    slice_dim = header.get_dim_info()[2] if header is not None else None
+    axes = [slice_dim] if slice_dim is not None else [0, 1, 2]
+    return all(keeps_grid(params, axis) for axis in axes)
+
+
+def needs_value_range(like):
+    """Whether the output's ``cal_min``/``cal_max`` must be computed (the input set a window)."""
+    header = getattr(like, "header", None)
+    return header is not None and "cal_max" in header and (
+        float(header["cal_max"]) != 0 or float(header["cal_min"]) != 0)
+
+
 def output_array_shape(out_shape):
-    """NIfTI shape of an engine output ``(1, Cout, X, Y, Z)``: ``(X, Y, Z)`` or ``(X, Y, Z, Cout)``."""
-    channels = int(out_shape[1])
+    """NIfTI shape of an engine output ``(N, Cout, X, Y, Z)``.
+
+    ``(X, Y, Z)``, ``(X, Y, Z, Cout)`` for one volume; ``(X, Y, Z, N)`` or
+    ``(X, Y, Z, N, Cout)`` for ``N`` volumes (time, echoes) -- the input's axis meaning.
+    """
+    volumes, channels = int(out_shape[0]), int(out_shape[1])
     spatial = tuple(int(v) for v in out_shape[2:])
-    return spatial if channels == 1 else spatial + (channels,)
+    if volumes == 1:
+        return spatial if channels == 1 else spatial + (channels,)
+    return spatial + (volumes,) if channels == 1 else spatial + (volumes, channels)
 
 
-def header_bytes(array_shape, dtype, like, params):
+def header_bytes(array_shape, dtype, like, params, value_range=None):
     """Header (and extensions, padded to ``vox_offset``) of the single-file image nibabel would write.
 
     Built without the data: the image holds a zero-strided stand-in of the
@@ -411,7 +482,7 @@ def header_bytes(array_shape, dtype, like, params):
 
     dtype = np.dtype(dtype)
     stand_in = np.broadcast_to(np.zeros((), dtype=dtype), tuple(array_shape))
-    image = _output_image(stand_in, like, params)
+    image = _output_image(stand_in, like, params, value_range)
     image.get_data_dtype(finalize=True)
     image.update_header()
     header = image.header
@@ -421,6 +492,9 @@ def header_bytes(array_shape, dtype, like, params):
         writer = make_array_writer(np.zeros(1, dtype=dtype), header.get_data_dtype(),
                                    header.has_data_slope, header.has_data_intercept)
         header.set_slope_inter(*get_slope_inter(writer))
+    if dtype.kind in "iu":
+        # Integer outputs hold the values themselves: say so rather than leave "no scaling" (NaN).
+        header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     buffer = _io.BytesIO()
     header.write_to(buffer)
     offset = int(header.get_data_offset())
@@ -454,24 +528,32 @@ class NiftiWriter(StreamWriter):
     def __init__(self, path, out_shape, dtype, overwrite, like, params, compress_level):
         head, self.offset = header_bytes(output_array_shape(out_shape), dtype, like, params)
         super().__init__(path, out_shape, dtype, overwrite)
+        self.like, self.params = like, params
+        # The input set a display window: the output's is its value range, known only at
+        # the end. A .nii rewrites its header then; a .nii.gz holds its data back (spool).
+        self.track_range = needs_value_range(like)
         self.file_shape = output_array_shape(self.out_shape)
         self.gz = path.lower().endswith(".gz")
-        _, channels, x, y, z = self.out_shape
+        volumes, channels, x, y, z = self.out_shape
         self.channel_bytes = x * y * z * self.dtype.itemsize
         self.plane_bytes = x * y * self.dtype.itemsize
         self.file = self.spool = None
+        images = volumes * channels
         with self._failing_removes():
             self.file = open(self.tmp, "r+b")
             if self.gz:
                 self.deflate = _gzip.compressor(compress_level)
                 self.stage = bytearray()
-                self._emit(head)
-                if channels > 1:  # channel-major on disk: collect, compress at the end
-                    self.spool = Spool(os.path.dirname(os.path.abspath(path)), channels * self.channel_bytes)
+                if not self.track_range:
+                    self._emit(head)
+                if images > 1 or self.track_range:
+                    # Volume- and channel-major on disk (or a header that waits for the value
+                    # range): collect, compress at the end.
+                    self.spool = Spool(os.path.dirname(os.path.abspath(path)), images * self.channel_bytes)
             else:
                 self.file.write(head)
                 self.file.flush()
-                os.ftruncate(self.file.fileno(), self.offset + channels * self.channel_bytes)
+                os.ftruncate(self.file.fileno(), self.offset + images * self.channel_bytes)
 
     def _emit(self, data):
         # The compressor sees fixed IO_CHUNK pieces whatever the slab sizes, so the
@@ -491,7 +573,7 @@ class NiftiWriter(StreamWriter):
             self.file.write(out)
 
     def _write(self, start, stop, block):
-        channels = self.out_shape[1]
+        volumes, channels = self.out_shape[:2]
         if self.gz and self.spool is None:
             if start != self.written:
                 raise OutputError(f"{self.path}: .nii.gz slabs must arrive in order")
@@ -499,14 +581,26 @@ class NiftiWriter(StreamWriter):
                 self._emit(piece)
             return
         for c in range(channels):
-            where = c * self.channel_bytes + start * self.plane_bytes
-            if self.spool is not None:
-                self.spool.pwrite(block[0, c], where)
-            else:
-                pwrite_all(self.file.fileno(), block[0, c], self.offset + where)
+            for n in range(volumes):
+                # (X, Y, Z, T, C) in Fortran order: the volume index runs faster than the channel.
+                where = (c * volumes + n) * self.channel_bytes + start * self.plane_bytes
+                if self.spool is not None:
+                    self.spool.pwrite(block[n, c], where)
+                else:
+                    pwrite_all(self.file.fileno(), block[n, c], self.offset + where)
+
+    def _final_header(self):
+        head, offset = header_bytes(self.file_shape, self.dtype, self.like, self.params, self.value_range)
+        if offset != self.offset:  # pragma: no cover - the same extensions give the same offset
+            raise OutputError(f"cannot write {self.path}: the header changed size")
+        return head
 
     def _finish(self):
+        if self.track_range and not self.gz:
+            pwrite_all(self.file.fileno(), self._final_header(), 0)
         if self.gz:
+            if self.track_range:
+                self._emit(self._final_header())
             if self.spool is not None:
                 for piece in self.spool.pieces():
                     self._emit(piece)

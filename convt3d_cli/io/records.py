@@ -91,6 +91,9 @@ class VolumeInfo:
         Stored element type with its byte order.
     data_offset : int or None
         Byte offset of the voxel data (npy, NIfTI; uncompressed stream for .nii.gz).
+    fourth_axis : str or None
+        ``"channels"`` or ``"volumes"`` for an image whose 4th axis may be read either
+        way (see :func:`convt3d_cli.io.api.with_fourth_axis`), else ``None``.
     """
 
     path: str
@@ -113,6 +116,8 @@ class VolumeInfo:
     stored_dtype: np.dtype | None = None
     data_offset: int | None = None
     entry: Entry | None = field(default=None, repr=False)
+    #: How a NIfTI/MGH 4th axis is read: ``"channels"``, ``"volumes"``, or ``None`` when there is no choice.
+    fourth_axis: str | None = None
 
 
 @dataclass

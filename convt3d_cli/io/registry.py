@@ -27,6 +27,8 @@ _MODULES = {
     ".h5": "hdf5",
     ".npz": "npz",
     ".npy": "npy",
+    ".mgz": "mgh",
+    ".mgh": "mgh",
     ".safetensors": "safetensors",
     ".keras": "keras",
     ".onnx": "onnx",

@@ -33,6 +33,7 @@ from .. import geometry
 from ..errors import OutputError, ShapeError
 from ..notices import Convt3dWarning
 from ._atomic import atomic_write
+from .dtypes import cast_block
 
 # Bytes handed to the compressor / copied from a spool file at a time.
 IO_CHUNK = 4 << 20
@@ -62,13 +63,17 @@ class StreamWriter:
     out_shape : tuple
         Engine output ``(N, C, D, H, W)`` (never transposed).
     dtype : numpy dtype
-        The dtype slabs arrive in (and are stored in).
+        The dtype the file stores. Slabs arrive in it or in a float compute dtype;
+        those are converted (:func:`~convt3d_cli.io.dtypes.cast_block`: integers
+        rounded half to even and clipped, counted in :attr:`clipped`).
     """
 
     #: Whether slabs arrive along engine W, transposed to ``(N, C, W, H, D)``.
     transposed = False
     #: The shape the file stores (set by each format's writer).
     file_shape = None
+    #: Whether to keep the smallest and largest value written (:attr:`value_range`).
+    track_range = False
 
     def __init__(self, path, out_shape, dtype, overwrite):
         self.path = path
@@ -78,6 +83,8 @@ class StreamWriter:
         self.tmp = self._context.__enter__()
         self._open = True
         self.written = 0  # slab planes received
+        self.clipped = 0  # values outside an integer output's range
+        self.value_range = None  # (min, max) of the finite values stored, when track_range
 
     @property
     def slab_shape(self):
@@ -91,8 +98,13 @@ class StreamWriter:
     def write_slab(self, start, stop, block):
         """Store output planes ``[start, stop)`` (slab orientation, C-contiguous, ``self.dtype``)."""
         expected = self.slab_shape[:2] + (stop - start,) + self.slab_shape[3:]
-        if tuple(block.shape) != expected or block.dtype != self.dtype:
+        if tuple(block.shape) != expected or (block.dtype != self.dtype and block.dtype.kind != "f"):
             raise ShapeError(f"slab must be {self.dtype} {expected}, got {block.dtype} {block.shape}")
+        if block.dtype != self.dtype:
+            block, clipped = cast_block(block, self.dtype)
+            self.clipped += clipped
+        if self.track_range and block.size:
+            self._track(block)
         try:
             self._write(start, stop, np.ascontiguousarray(block))
         except OSError as exc:
@@ -149,6 +161,15 @@ class StreamWriter:
         else:
             self.abort((exc_type, exc, tb))
         return False
+
+    def _track(self, block):
+        finite = block if block.dtype.kind in "iu" else block[np.isfinite(block)]
+        if not finite.size:
+            return
+        low, high = finite.min().item(), finite.max().item()
+        if self.value_range is not None:
+            low, high = min(low, self.value_range[0]), max(high, self.value_range[1])
+        self.value_range = (low, high)
 
     # ---- per format
     def _write(self, start, stop, block):

@@ -174,7 +174,7 @@ def test_an_unexpected_error_is_reported_and_the_batch_goes_on(kit, batch, scans
      "--jobs is for local processes"),
     (("scans/sub01.nii.gz", "--out-dir", "out", "--jobs", "0"), "--jobs"),
     (("scans/sub01.nii.gz", "--out-dir", "out", "--suffix", "a/b"), "path separator"),
-    (("scans/sub01.nii.gz", "--out-dir", "out", "--format", "mgz"), "--format"),
+    (("scans/sub01.nii.gz", "--out-dir", "out", "--format", "tiff"), "--format"),
 ])
 def test_usage_errors_exit_2_before_anything_runs(batch, scans, args, match):
     batch.usage_error(*args, match=match)

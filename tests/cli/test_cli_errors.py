@@ -202,12 +202,14 @@ def test_nifti_output_cannot_take_a_key(convt3d, no_compute):
     convt3d.fails("run", "vol.npy", "out.nii.gz:scan", *NEAREST, code=1, match=":scan")
 
 
-def test_batch_into_nifti_is_refused(convt3d, data, no_compute):
+def test_batch_into_nifti_becomes_volumes(convt3d, data):
     import h5py
+    import nibabel as nib
 
     with h5py.File(data / "batch.h5", "w") as fh:
         fh["volume"] = np.zeros((2, 1, 4, 4, 4), dtype=np.float32)
-    convt3d.fails("run", "batch.h5", "out.nii.gz", *NEAREST, code=1, match="batch")
+    convt3d.ok("run", "batch.h5", "out.nii.gz", *NEAREST, "-q")
+    assert nib.load(data / "out.nii.gz").shape == (8, 8, 8, 2)
 
 
 @pytest.mark.parametrize("args", [

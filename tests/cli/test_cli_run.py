@@ -139,12 +139,19 @@ def test_npz_input_with_several_channels_and_builtin(convt3d, data):
 
 
 def test_float64_and_multichannel_nifti(convt3d, data):
-    result = convt3d.ok("run", "two.nii", "out.nii", "--kernel", "nearest", "--stride", "2",
+    result = convt3d.ok("run", "two.nii", "out.nii", "--kernel", "linear", "--stride", "2",
                         "--dtype", "float64", "--json")
     report = json.loads(result.stdout)
     assert report["input_shape"] == [1, 2, 6, 6, 6] and report["dtype"] == "float64"
+    assert report["output_dtype"] == "float64"
     out, _ = load_nifti(data / "out.nii")
     assert out.shape == (12, 12, 12, 2) and out.dtype == np.float64
+    # nearest keeps the input's type unless told otherwise
+    convt3d.ok("run", "two.nii", "same.nii", "--kernel", "nearest", "--stride", "2", "--dtype", "float64", "-q")
+    assert load_nifti(data / "same.nii")[0].dtype == np.float32
+    convt3d.ok("run", "two.nii", "wide.nii", "--kernel", "nearest", "--stride", "2", "--dtype", "float64",
+               "--output-dtype", "float64", "-q")
+    assert load_nifti(data / "wide.nii")[0].dtype == np.float64
 
 
 def test_overwrite_replaces_existing_output(convt3d, data):

@@ -25,7 +25,7 @@ def test_nifti(tmp_path, make_nifti, affine):
     assert report["format"] == "nifti" and report["nifti_version"] == 2 and report["key"] is None
     assert report["stored_shape"] == [5, 4, 3, 2]
     assert report["engine_shape"] == [1, 2, 5, 4, 3]
-    assert report["channels"] == 2 and report["layout"] == "(X,Y,Z,C)"
+    assert report["channels"] == 2 and report["layout"] == "(X,Y,Z,C or T)"
     assert report["spatial_axes"] == "D=X,H=Y,W=Z"
     assert report["dtype"] == "int16" and report["byte_order"] == "big"
     assert report["read_dtype"] == "float32"
@@ -46,10 +46,10 @@ def test_unscaled_nifti_reports_null_scaling(tmp_path, make_nifti, affine):
 
 
 def test_nifti_that_cannot_be_a_volume_is_still_described(tmp_path, make_nifti, affine):
-    path = make_nifti(tmp_path / "ts.nii", np.zeros((3, 3, 3, 4, 2), "f4"), affine)
+    path = make_nifti(tmp_path / "ts.nii", np.zeros((3, 3, 3, 4, 2, 2), "f4"), affine)
     report = roundtrip_json(io.describe(path))
-    assert report["stored_shape"] == [3, 3, 3, 4, 2] and report["engine_shape"] is None
-    assert "(X,Y,Z,1,C)" in report["note"]
+    assert report["stored_shape"] == [3, 3, 3, 4, 2, 2] and report["engine_shape"] is None
+    assert "(X,Y,Z,T,C)" in report["note"]
 
 
 def test_nifti_cut_inside_the_data_is_described(tmp_path, make_nifti, affine, rng):

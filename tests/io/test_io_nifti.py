@@ -52,10 +52,33 @@ def test_channels_on_the_last_axis(tmp_path, make_nifti, affine, rng, rank):
     assert volume.source_ndim == rank
 
 
-def test_5d_time_series_with_channels_is_refused(tmp_path, make_nifti, affine):
-    path = make_nifti(tmp_path / "t.nii", np.zeros((3, 3, 3, 2, 2), np.float32), affine)
-    with pytest.raises(ShapeError, match=r"\(X,Y,Z,1,C\)"):
+def test_5d_time_series_of_channels_reads_as_volumes(tmp_path, make_nifti, affine):
+    raw = np.arange(3 * 4 * 5 * 2 * 3, dtype=np.float32).reshape(3, 4, 5, 2, 3)
+    path = make_nifti(tmp_path / "t.nii", raw, affine)
+    volume = io.read_volume(path)
+    assert volume.data.shape == (2, 3, 3, 4, 5)
+    np.testing.assert_array_equal(volume.data[1, 2], raw[:, :, :, 1, 2])
+
+
+def test_more_than_5d_is_refused(tmp_path, make_nifti, affine):
+    path = make_nifti(tmp_path / "t.nii", np.zeros((3, 3, 3, 2, 2, 2), np.float32), affine)
+    with pytest.raises(ShapeError, match=r"\(X,Y,Z,T,C\)"):
         io.read_volume(path)
+
+
+def test_fourth_axis_as_volumes_or_channels(tmp_path, make_nifti, affine):
+    raw = np.arange(3 * 4 * 5 * 6, dtype=np.int16).reshape(3, 4, 5, 6)
+    path = make_nifti(tmp_path / "t.nii.gz", raw, affine)
+    assert io.read_volume(path).data.shape == (1, 6, 3, 4, 5)
+    volumes = io.read_volume(path, fourth_axis="volumes").data
+    assert volumes.shape == (6, 1, 3, 4, 5)
+    np.testing.assert_array_equal(volumes[4, 0], raw[..., 4])
+    info = io.probe_volume(path)
+    assert io.with_fourth_axis(info, "auto", 1).engine_shape == (6, 1, 3, 4, 5)
+    assert io.with_fourth_axis(info, "auto", 6).engine_shape == (1, 6, 3, 4, 5)
+    assert io.with_fourth_axis(info, "auto", None).engine_shape == (1, 6, 3, 4, 5)
+    with pytest.raises(ShapeError, match="--fourth-axis"):
+        io.with_fourth_axis(info, "auto", 3)
 
 
 def test_2d_nifti_is_refused(tmp_path, make_nifti, affine):
@@ -194,7 +217,9 @@ def test_nifti_round_trip(tmp_path, make_nifti, affine, rng, suffix, version):
     np.testing.assert_allclose(image.affine, affine, atol=1e-5)
     assert int(image.header["sform_code"]) == 3 and int(image.header["qform_code"]) == 1
     assert image.header.get_xyzt_units() == ("micron", "msec")
-    assert image.header["descrip"].item().decode().startswith("convt3d k=1 s=1")
+    # The user's descrip stays; convt3d's record is an extension (a comment).
+    assert image.header["descrip"].item() == b""
+    assert image.header.extensions[-1].get_content().decode().startswith("convt3d k=1 s=1")
 
 
 def test_nifti_float64_output(tmp_path, make_nifti, affine):
@@ -233,11 +258,15 @@ def test_multi_channel_output_is_xyzc(tmp_path, make_nifti, affine, rng):
     np.testing.assert_array_equal(back.data, data)
 
 
-def test_batch_cannot_go_to_nifti(tmp_path, identity_params):
-    with pytest.raises(OutputError, match="batch of 2"):
-        io.write_volume(str(tmp_path / "o.nii"), np.zeros((2, 1, 2, 2, 2)), like=None,
-                        params=identity_params, formula=[])
-    assert os.listdir(tmp_path) == []
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_volumes_go_to_the_fourth_axis(tmp_path, identity_params, suffix):
+    data = np.arange(2 * 3 * 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 2, 3, 4)     # N=2, C=3
+    io.write_volume(str(tmp_path / f"o{suffix}"), data, like=None, params=identity_params, formula=[])
+    stored = np.asarray(nib.load(tmp_path / f"o{suffix}").dataobj)
+    assert stored.shape == (2, 3, 4, 2, 3)                                           # (X, Y, Z, T, C)
+    np.testing.assert_array_equal(stored, data.transpose(2, 3, 4, 0, 1))
+    io.write_volume(str(tmp_path / f"t{suffix}"), data[:, :1], like=None, params=identity_params, formula=[])
+    assert nib.load(tmp_path / f"t{suffix}").shape == (2, 3, 4, 2)
 
 
 def test_key_for_nifti_output_is_refused(tmp_path, identity_params):
@@ -317,4 +346,4 @@ def test_gzip_of_output_is_complete(tmp_path, make_nifti, affine, rng):
     volume = io.read_volume(make_nifti(tmp_path / "in.nii", raw, affine))
     out = _write(tmp_path / "out.nii.gz", volume, volume.data)
     with gzip.open(out, "rb") as handle:
-        assert len(handle.read()) == 352 + raw.nbytes
+        assert len(handle.read()) == nib.load(out).dataobj.offset + raw.nbytes

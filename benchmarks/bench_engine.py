@@ -51,6 +51,24 @@ def triple(v):
     return tuple(v) if isinstance(v, tuple) else (v, v, v)
 
 
+def cpu_description():
+    """``AMD EPYC 9R14 (avx2 fma avx512f ...)``: the CPU model and the vector features that
+    decide which kernels win (from /proc/cpuinfo; "unknown CPU" elsewhere)."""
+    model, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                if name.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif name.strip() == "flags" and not flags:
+                    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+                    flags = [flag for flag in wanted if flag in value.split()]
+    except OSError:
+        pass
+    return f"{model} ({' '.join(flags) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
+
+
 def sgemm_gflops(threads):
     n = 2048
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
@@ -104,6 +122,7 @@ def main():
 
     floor = make_floor()
     gemm_rate = sgemm_gflops(args.threads)
+    print(f"# {cpu_description()}")
     print(f"# threads={args.threads} numpy sgemm {gemm_rate:.1f} GFLOP/s; torch "
           f"{torch.__version__ if torch else 'not installed'}; numba {numba.__version__}")
     header = (f"{'case':40s} {'engine ms':>10s} {'torch ms':>10s} {'speed-up':>8s} {'GFLOP/s':>8s} "

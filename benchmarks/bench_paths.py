@@ -6,10 +6,12 @@ Usage::
     python benchmarks/bench_paths.py [--threads 2] [--repeat 7] [--only NAME]
 
 Per layer it prints the median time of each kernel (``fir``, ``blocked``,
-``subpixel``, ``paired``, ``shuffle``; ``paired`` serves W stride 2 only, otherwise
-the layer runs FIR, and ``shuffle`` kernel == stride without padding only, otherwise
-it shows ``-``), the one ``choose_path`` picks, and the fastest. Outputs of all kernels
-are checked against each other. Nothing here is a pass/fail test.
+``subpixel``, ``paired``, ``shuffle``, ``gemm`` = NumPy's BLAS; ``paired`` serves W
+stride 2 only, otherwise the layer runs FIR, and ``shuffle``/``gemm`` kernel == stride
+without padding only, otherwise they show ``-``), the one ``choose_path`` picks, the one
+the tuner measures (``engine/_tuner.py``, on a probe slab, stored in a scratch file), and
+the fastest. The CPU model, its vector features and NumPy's sgemm rate head the table.
+Outputs of all kernels are checked against each other. Nothing here is a pass/fail test.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle")
+PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm")
 # name, Cin, Cout, groups, spatial, kernel, padding, output_padding (stride 2)
 CASES = [
     ("1ch 128^3 k3", 1, 1, 1, 128, 3, 1, 1), ("1ch 128^3 k4", 1, 1, 1, 128, 4, 1, 0),
@@ -39,7 +41,9 @@ CASES = [
     ("dw32 64^3 k2", 32, 32, 32, 64, 2, 0, 0), ("2->2 64^3 k2", 2, 2, 1, 64, 2, 0, 0),
     ("2->16 64^3 k2", 2, 16, 1, 64, 2, 0, 0), ("4->4 64^3 k2", 4, 4, 1, 64, 2, 0, 0),
     ("8->8 64^3 k2", 8, 8, 1, 64, 2, 0, 0), ("32->32 64^3 k2", 32, 32, 1, 64, 2, 0, 0),
-    ("320->256 8^3 k2", 320, 256, 1, 8, 2, 0, 0),
+    ("320->256 8^3 k2", 320, 256, 1, 8, 2, 0, 0), ("128->64 32^3 k2", 128, 64, 1, 32, 2, 0, 0),
+    # channel-heavy, overlapping taps
+    ("64->32 16^3 k4", 64, 32, 1, 16, 4, 1, 0), ("32->32 64^3 k3", 32, 32, 1, 64, 3, 1, 1),
 ]
 
 
@@ -50,12 +54,21 @@ def main():
     ap.add_argument("--only", default=None, help="run layers whose name contains this text")
     args = ap.parse_args()
 
-    import numba
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    from convt3d_cli.engine import PreparedLayer, _plan
+    import tempfile
 
+    import numba
+    from threadpoolctl import threadpool_limits
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    threadpool_limits(args.threads)
+    from bench_engine import cpu_description, sgemm_gflops
+    from convt3d_cli.engine import PreparedLayer, _plan, _tuner
+
+    scratch = tempfile.mkdtemp()
+    _tuner._path = lambda: os.path.join(scratch, _tuner.FILE_NAME)   # measure afresh, keep the user's file
+    print(f"# {cpu_description()}; sgemm {sgemm_gflops(args.threads):.0f} GFLOP/s")
     print(f"# threads={args.threads}, medians of {args.repeat} (ms)")
-    header = f"{'layer':16s} " + " ".join(f"{p:>9s}" for p in PATHS) + f" {'chosen':>9s} {'fastest':>9s}"
+    header = (f"{'layer':16s} " + " ".join(f"{p:>9s}" for p in PATHS)
+              + f" {'chosen':>9s} {'tuned':>9s} {'fastest':>9s}")
     print(header)
     print("-" * len(header))
     for name, cin, cout, groups, n, k, p, op in CASES:
@@ -67,12 +80,18 @@ def main():
         b = rng.standard_normal(cout).astype(np.float32)
         layers = {}
         for path in PATHS:
-            layer = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups)
-            chosen = layer.path
-            if path == "shuffle" and not _plan.shuffle_fits(layer._phases()):
+            layer = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups, path="fir")
+            layer.path = path
+            if path in ("shuffle", "gemm") and not _plan.shuffle_fits(layer._phases()):
                 continue
             layer.path = path if path != "paired" or _plan.paired_fits(layer._phases()[2]) else "fir"
             layers[path] = layer
+        os.environ["CONVT3D_TUNE"] = "0"
+        chosen = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path
+        os.environ["CONVT3D_TUNE"] = "1"
+        saved, _tuner.TUNE_MIN_MACS = _tuner.TUNE_MIN_MACS, 0
+        tuned = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path
+        _tuner.TUNE_MIN_MACS = saved
         out = np.empty(layer.output_shape, np.float32)
         reference = None
         times = {path: [] for path in layers}
@@ -88,7 +107,7 @@ def main():
                         raise SystemExit(f"{name}: the {path} kernel disagrees with fir")
         med = {path: float(np.median(v[1:])) * 1e3 for path, v in times.items()}
         print(f"{name:16s} " + " ".join(f"{med[path]:9.2f}" if path in med else f"{'-':>9s}" for path in PATHS)
-              + f" {chosen:>9s} {min(med, key=med.get):>9s}")
+              + f" {chosen:>9s} {tuned:>9s} {min(med, key=med.get):>9s}")
 
 
 if __name__ == "__main__":

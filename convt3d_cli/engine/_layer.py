@@ -9,6 +9,7 @@ gets bitwise-identical results.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,6 +76,10 @@ BLOCK_SHARE_OF_OUTPUT = 0.04
 REP_BYTES = 1024 * 1024
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+
+#: Every compute path. ``gemm`` is NumPy's BLAS on the layers the shuffle kernel serves
+#: (kernel == stride, no start crop): one matrix product per input plane.
+PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm")
 
 
 class FirTables(NamedTuple):
@@ -193,7 +198,7 @@ class PreparedLayer:
     """
 
     def __init__(self, input_shape, weight, bias=None, stride=1, padding=0, output_padding=0,
-                 dilation=1, groups=1, dtype=np.float32):
+                 dilation=1, groups=1, dtype=np.float32, path=None):
         self.input_shape, self.batched = geometry.check_input_shape(input_shape)
         self.dtype = np.dtype(dtype)
         weight = np.asarray(weight)
@@ -220,14 +225,44 @@ class PreparedLayer:
             geometry.check_bias_shape(bias.shape, self.out_channels)
             self.bias = _writeable(np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype))
         self._axis_phases = None
-        self.path = choose_path(self.cin_g, self.cout_g, self._phases())
+        self._plans = {}
+        self._static = None
+        pinned = path if path is not None else (os.environ.get("CONVT3D_PATH") or None)
+        if pinned is not None and pinned not in PATHS:
+            raise ParameterError("path", f"path must be one of {', '.join(PATHS)}, got {pinned!r}")
+        self.path = pinned if pinned is not None else choose_path(self.cin_g, self.cout_g, self._phases())
+        self.path_source = "pinned" if pinned is not None else "rule"
         # (Only when a caller forces a path that cannot run the layer.)
         if self.path == "paired" and not _plan.paired_fits(self._phases()[2]):
             self.path = "fir"
-        if self.path == "shuffle" and not _plan.shuffle_fits(self._phases()):
+        if self.path in ("shuffle", "gemm") and not _plan.shuffle_fits(self._phases()):
             self.path = "blocked"
-        self._plans = {}
-        self._static = None
+        if pinned is None:
+            self._tune()
+
+    def candidate_paths(self):
+        """The paths that can run this layer, the rule's choice first."""
+        phases = self._phases()
+        found = [self.path]
+        for path in ("blocked", "subpixel", "fir", "paired", "shuffle", "gemm"):
+            if path == "paired" and not _plan.paired_fits(phases[2]):
+                continue
+            if path in ("shuffle", "gemm") and not _plan.shuffle_fits(phases):
+                continue
+            if path not in found:
+                found.append(path)
+        return found
+
+    def _tune(self):
+        """Replace the rule's choice by the measured one on large layers (see :mod:`._tuner`)."""
+        from . import _tuner
+
+        if not _tuner.enabled() or _tuner.layer_macs(self) < _tuner.TUNE_MIN_MACS:
+            return
+        self.path = _tuner.tuned_path(self, self.candidate_paths(), _threads())
+        self.path_source = "measured"
+        self._plans = {name: plan for name, plan in self._plans.items()
+                       if name == self.path or (self.path == "paired" and name == "blocked")}
 
     @property
     def output_shape(self):
@@ -274,6 +309,8 @@ class PreparedLayer:
             path = "blocked"
         if path == "shuffle":
             self._run_shuffle(x_slab, in_start, out_start, out_stop, out, progress)
+        elif path == "gemm":
+            self._run_gemm(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "blocked":
             self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "subpixel":
@@ -308,6 +345,8 @@ class PreparedLayer:
             return weights + _threads() * self._paired_job_bytes()
         if self.path == "shuffle":
             return weights + _threads() * self._shuffle_job_bytes()
+        if self.path == "gemm":
+            return weights + self._gemm_job_bytes()
         prepared = self._blocked_plan(self.path)
         padded = prepared.plan.blocking.padded
         kern = _kernels()
@@ -433,6 +472,43 @@ class PreparedLayer:
             kern.shuffle_gemm(x_slab, weight, self.bias, out, s[0], s[1], s[2],
                               *self._shuffle_blocking(x_slab.shape[2], in_start, o0, o1), in_start,
                               self.input_shape[2], o0, o1 - o0, o0 - out_start)
+
+    def _run_gemm(self, x_slab, in_start, out_start, out_stop, out, progress):
+        """Kernel == stride without a start crop: each input plane is one BLAS product
+        ``(N*H*W, Cin_g) @ (Cin_g, Cout_g * sD * sH * sW)`` whose columns are the output
+        voxels it feeds. The product's shape does not depend on the slab, so any split
+        gives the same bits; output planes past the inputs' reach hold the bias."""
+        s0, s1, s2 = self.params.stride
+        n = x_slab.shape[0]
+        n_id, n_ih, n_iw = self.input_shape[2:]
+        n_oh, n_ow = self.out_spatial[1:]
+        h_n, w_n = min(n_oh, n_ih * s1), min(n_ow, n_iw * s2)
+        weight = self.weight.reshape(self.groups, self.cin_g, -1)
+        bias = self.bias.reshape(1, self.out_channels, 1, 1)
+        q_done, columns = None, None
+        for o in range(out_start, out_stop):
+            target = out[:, :, o - out_start]
+            q, r = divmod(o, s0)
+            target[...] = bias
+            if q < n_id:
+                if q != q_done:
+                    plane = x_slab[:, :, q - in_start]
+                    columns = [np.matmul(
+                        plane[:, g * self.cin_g:(g + 1) * self.cin_g].transpose(0, 2, 3, 1).reshape(-1, self.cin_g),
+                        weight[g]).reshape(n, n_ih, n_iw, self.cout_g, s0, s1, s2) for g in range(self.groups)]
+                    q_done = q
+                for g in range(self.groups):
+                    part = columns[g][:, :, :, :, r].transpose(0, 3, 1, 4, 2, 5).reshape(
+                        n, self.cout_g, n_ih * s1, n_iw * s2)
+                    target[:, g * self.cout_g:(g + 1) * self.cout_g, :h_n, :w_n] += part[:, :, :h_n, :w_n]
+            if progress:
+                progress(n)
+
+    def _gemm_job_bytes(self):
+        """One input plane's product per group and its transposed output plane."""
+        n, _, _, n_ih, n_iw = self.input_shape
+        product = n * n_ih * n_iw * self.out_channels * int(np.prod(self.params.stride))
+        return (2 * product + n * n_ih * n_iw * self.cin_g) * self.dtype.itemsize
 
     def _shuffle_job_bytes(self):
         """What one ``shuffle_gemm`` job allocates: a copy of its inputs when it makes one, a

@@ -9,9 +9,16 @@ and nowhere at module level.
 
 import os
 import sys
+import threading
 from contextlib import contextmanager
 
 _kernels = None
+
+#: The line printed (once per process) when a kernel is compiled rather than loaded.
+COMPILE_NOTICE = "compiling kernels for this CPU (first run only)"
+_notice = {"cli": False, "quiet": True, "shown": False}
+_compiles = []
+_compiles_lock = threading.Lock()
 
 
 def cache_dir():
@@ -36,9 +43,57 @@ def kernels():
                 os.environ["NUMBA_CACHE_DIR"] = folder
             except OSError:
                 pass  # numba then falls back to its own user-wide locator
+        _note_cli()
+        _install_listener()
         from . import _kernels as module
         _kernels = module
+    else:
+        _note_cli()
     return _kernels
+
+
+def _note_cli():
+    """Remember whether a ``convt3d`` command runs in this thread, and with ``-q``.
+
+    Kernels may compile in a pool thread, where click's context is not visible: the
+    notice follows what the command's own thread said.
+    """
+    click = sys.modules.get("click")
+    ctx = click.get_current_context(silent=True) if click is not None else None
+    if ctx is not None:
+        _notice["cli"] = True
+        _notice["quiet"] = bool(ctx.params.get("quiet", False)) or ctx.info_name == "compile"
+
+
+def _install_listener():
+    """Count real compilations with Numba's ``numba:compile`` event.
+
+    Numba raises it only after its cache lookup failed, so loading cached kernels costs
+    nothing here. The first compilation in a ``convt3d`` command without ``-q`` prints
+    :data:`COMPILE_NOTICE` on stderr; library calls stay silent.
+    """
+    from numba.core import event
+
+    class _Listener(event.Listener):
+        def on_start(self, ev):
+            with _compiles_lock:
+                _compiles.append(ev.data["dispatcher"].py_func.__name__)
+                show = _notice["cli"] and not _notice["quiet"] and not _notice["shown"]
+                _notice["shown"] = _notice["shown"] or show
+            if show:
+                print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", _Listener())
+
+
+def compiled_so_far():
+    """Names of the Numba functions compiled (not loaded from the cache) in this process,
+    nested helpers included, in order."""
+    with _compiles_lock:
+        return list(_compiles)
 
 
 def set_threads(threads):
@@ -66,7 +121,19 @@ def limited_threads(threads):
         except ImportError:  # pragma: no cover - a declared dependency
             yield
         else:
-            with threadpool_limits(limits=int(threads)):
+            import numba
+
+            # As many as Numba may use: a C int, whatever the option said (--threads 10**20).
+            with threadpool_limits(limits=max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))):
                 yield
     finally:
         set_threads(previous)
+
+
+def cache_folder():
+    """The folder Numba caches the kernels in (its locator's choice for ``_kernels``)."""
+    kern = kernels()
+    try:
+        return kern._paired_rows._cache._cache_path
+    except AttributeError:  # another Numba's internals
+        return os.environ.get("NUMBA_CACHE_DIR") or os.path.dirname(os.path.abspath(kern.__file__))

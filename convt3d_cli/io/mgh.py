@@ -366,8 +366,9 @@ def _disk_pieces(array, disk):
 class MghWriter(NiftiWriter):
     """``.mgh`` and ``.mgz``: header, data in file order (Z-slabs, transposed), tail.
 
-    Shares NIfTI's gzip staging (``_emit``, ``_deflate``: fixed pieces whatever
-    the slabs, so the bytes do not depend on ``--max-memory``) and ``_release``;
+    Shares NIfTI's gzip writing (``_emit``: members cut at fixed offsets whatever
+    the slabs, so the bytes do not depend on ``--max-memory``, compressed in
+    parallel; ``_deflate`` writes them), the end of ``_finish`` and ``_release``;
     the header, the frame layout, the big-endian conversion and the tail are MGH's.
     """
 
@@ -385,12 +386,11 @@ class MghWriter(NiftiWriter):
         self.frame_bytes = x * y * z * self.dtype.itemsize
         self.plane_bytes = x * y * self.dtype.itemsize
         self.data_bytes = volumes * channels * self.frame_bytes
-        self.file = self.spool = None
+        self.file = self.spool = self.gzip = None
         with self._failing_removes():
             self.file = open(self.tmp, "r+b")  # noqa: SIM115 - closed by _release
             if self.gz:
-                self.deflate = _gzip.compressor(compress_level)
-                self.stage = bytearray()
+                self.gzip = _gzip.MemberWriter(self._deflate, compress_level)
                 self._emit(head)
                 if volumes * channels > 1:  # frame-major on disk: collect, compress at the end
                     self.spool = Spool(os.path.dirname(os.path.abspath(path)), self.data_bytes)

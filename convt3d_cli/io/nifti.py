@@ -27,7 +27,7 @@ from .base import Format, jsonable
 from .dtypes import byte_order, check_numeric, dtype_name, native
 from .records import VolumeInfo
 from .safety import check_nonempty, check_payload, reading, reason, require_file
-from .streaming import (IO_CHUNK, ArraySource, Source, Spool, StreamWriter, apply_scaling, chunks,
+from .streaming import (ArraySource, Source, Spool, StreamWriter, apply_scaling, chunks,
                         pwrite_all)
 
 LABEL = "NIfTI"
@@ -537,13 +537,14 @@ class NiftiWriter(StreamWriter):
         volumes, channels, x, y, z = self.out_shape
         self.channel_bytes = x * y * z * self.dtype.itemsize
         self.plane_bytes = x * y * self.dtype.itemsize
-        self.file = self.spool = None
+        self.file = self.spool = self.gzip = None
         images = volumes * channels
         with self._failing_removes():
             self.file = open(self.tmp, "r+b")
             if self.gz:
-                self.deflate = _gzip.compressor(compress_level)
-                self.stage = bytearray()
+                # Independent gzip members, compressed on a thread pool while the next slab
+                # is computed (_gzip.MemberWriter; its threads start with the first full member).
+                self.gzip = _gzip.MemberWriter(self._deflate, compress_level)
                 if not self.track_range:
                     self._emit(head)
                 if images > 1 or self.track_range:
@@ -556,21 +557,14 @@ class NiftiWriter(StreamWriter):
                 os.ftruncate(self.file.fileno(), self.offset + images * self.channel_bytes)
 
     def _emit(self, data):
-        # The compressor sees fixed IO_CHUNK pieces whatever the slab sizes, so the
-        # .nii.gz bytes do not depend on --max-memory.
-        data = memoryview(data).cast("B")
-        while len(data):
-            room = IO_CHUNK - len(self.stage)
-            self.stage += data[:room]
-            data = data[room:]
-            if len(self.stage) == IO_CHUNK:
-                self._deflate(self.stage)
-                self.stage = bytearray()
+        # The stream is cut into gzip members at fixed offsets of the uncompressed bytes
+        # (_gzip.MEMBER_BYTES), never where a slab ends, so the .nii.gz bytes do not depend
+        # on --max-memory; the members written so far go to the file in order.
+        self.gzip.write(data)
 
-    def _deflate(self, data):
-        out = self.deflate.compress(data)
-        if out:
-            self.file.write(out)
+    def _deflate(self, member):
+        """Write one compressed gzip member (in order, in the writing thread)."""
+        self.file.write(member)
 
     def _write(self, start, stop, block):
         volumes, channels = self.out_shape[:2]
@@ -604,12 +598,13 @@ class NiftiWriter(StreamWriter):
             if self.spool is not None:
                 for piece in self.spool.pieces():
                     self._emit(piece)
-            self._deflate(self.stage)
-            self.stage = bytearray()
-            self.file.write(self.deflate.flush())
+            self.gzip.close()  # the last member, the members in flight; the threads end
         self.file.flush()
 
     def _release(self):
+        if self.gzip is not None:
+            self.gzip.abort()  # after close: nothing left; on failure: drop the members, join the threads
+            self.gzip = None
         if self.spool is not None:
             self.spool.close()
             self.spool = None

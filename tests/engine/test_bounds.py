@@ -25,14 +25,14 @@ SCRIPT = textwrap.dedent("""
     from convt3d_cli.engine import PreparedLayer, _layer
 
     worst = 0.0
-    for path in ("fir", "blocked", "subpixel", "paired", "shuffle"):
+    for path in ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm"):
         _layer.choose_path = lambda *args, path=path: path
         for seed in range(60):
             rng = np.random.default_rng(seed)
             cfg = random_config(rng)
             if path == "paired":
                 cfg = paired_config(cfg, rng)
-            elif path == "shuffle":
+            elif path in ("shuffle", "gemm"):
                 cfg = shuffle_config(cfg, rng)
             if seed % 3 == 0:   # wide rows: several position blocks and a ragged one
                 cfg["spatial"] = cfg["spatial"][:2] + (int(rng.integers(17, 40)),)

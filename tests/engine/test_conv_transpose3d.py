@@ -82,7 +82,7 @@ def shuffle_config(cfg, rng):
     return cfg
 
 
-@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle"])
+@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm"])
 def path(request, monkeypatch):
     """Run a test once through each compute path, whatever the channel counts (``paired``
     serves W stride 2 only: other layers then take the FIR kernel; ``shuffle`` serves
@@ -142,7 +142,8 @@ def assert_planes_bitwise_equal(layer, x, got):
 
 
 @pytest.mark.parametrize("kind, seed", [("paired", seed) for seed in range(3000, 3060)]
-                         + [("shuffle", seed) for seed in range(3100, 3160)])
+                         + [("shuffle", seed) for seed in range(3100, 3160)]
+                         + [("gemm", seed) for seed in range(3200, 3240)])
 def test_kernels_on_their_own_layers(kind, seed, monkeypatch):
     """The paired-rows kernel on random W-stride-2 layers and the shuffle-GEMM kernel on
     random kernel == stride layers (the fixture's random layers seldom fit them): against

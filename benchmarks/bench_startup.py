@@ -1,0 +1,115 @@
+"""Start-up cost of the CLI: the first run on a fresh install (Numba compiling), warm runs, --help.
+
+Every case is a fresh subprocess (``python -m convt3d_cli``); "first run" gets an empty
+``NUMBA_CACHE_DIR`` each time, so it includes compiling the kernels the layer needs, as on
+a fresh install. Prints the CPU, then one table row per case: median and min wall time and
+the median CPU time (user + sys of the child) over the repeats.
+
+    python benchmarks/bench_startup.py [--repeats 5] [--cold-repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PHANTOM = os.path.join(ROOT, "sample_data", "phantom.nii.gz")
+DECODER = os.path.join(ROOT, "sample_data", "decoder.npz")
+FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+            "amx_tile")
+
+
+def cpu_description():
+    model, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                if name.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif name.strip() == "flags" and not flags:
+                    flags = [f for f in FEATURES if f in value.split()]
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, features: {' '.join(flags) or '?'}"
+
+
+def timed(argv, env):
+    """Wall and CPU seconds (user + sys) of one child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="runs per warm case")
+    parser.add_argument("--cold-repeats", type=int, default=3, help="runs per first-run case (each compiles)")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="convt3d-startup-")
+    try:
+        import numpy as np
+        tiny = os.path.join(work, "tiny.npy")
+        np.save(tiny, np.random.default_rng(0).standard_normal((8, 8, 8)).astype(np.float32))
+        out = os.path.join(work, "out.nii.gz")
+        cli = [sys.executable, "-m", "convt3d_cli"]
+        quick = cli + ["run", PHANTOM, out, "--kernel", "linear", "--stride", "2", "-q", "--overwrite"]
+        decoder = cli + ["run", PHANTOM, out, "--weights", DECODER, "-q", "--overwrite"]
+        tiny_run = cli + ["run", tiny, os.path.join(work, "tiny_x2.npy"), "--kernel", "linear", "--stride", "2",
+                          "-q", "--overwrite"]
+        warm_cache = os.path.join(work, "numba-warm")
+        base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "NUMBA_DEBUG_CACHE")}
+        warm_env = dict(base, NUMBA_CACHE_DIR=warm_cache)
+
+        def cold(argv):
+            runs = []
+            for i in range(args.cold_repeats):
+                folder = os.path.join(work, f"numba-cold-{len(os.listdir(work))}")
+                runs.append(timed(argv, dict(base, NUMBA_CACHE_DIR=folder)))
+                shutil.rmtree(folder, ignore_errors=True)
+            return runs
+
+        def warm(argv):
+            timed(argv, warm_env)  # fills the cache (or warms the page cache)
+            return [timed(argv, warm_env) for _ in range(args.repeats)]
+
+        cases = [
+            ("first run, quick start (`--kernel linear --stride 2`, empty cache)", cold(quick)),
+            ("first run, `--weights sample_data/decoder.npz` (empty cache)", cold(decoder)),
+            ("warm, quick start (48^3 -> 96^3 .nii.gz)", warm(quick)),
+            ("warm, tiny run (8^3 .npy -> 16^3)", warm(tiny_run)),
+            ("`convt3d --help`", warm(cli + ["--help"])),
+            ("floor: `python -c 'import numba'`", warm([sys.executable, "-c", "import numba"])),
+        ]
+        print(f"CPU: {cpu_description()}")
+        import numba
+        print(f"Python {sys.version.split()[0]}, NumPy {np.__version__}, Numba {numba.__version__}; "
+              f"medians of {args.cold_repeats} first runs / {args.repeats} warm runs")
+        print()
+        print("| case | median s | min s | CPU s (median) |")
+        print("|---|---:|---:|---:|")
+        for name, runs in cases:
+            walls = [w for w, _ in runs]
+            cpus = [c for _, c in runs]
+            print(f"| {name} | {statistics.median(walls):.2f} | {min(walls):.2f} | {statistics.median(cpus):.2f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

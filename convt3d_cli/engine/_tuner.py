@@ -1,0 +1,155 @@
+"""A measured choice of compute path, remembered on disk per CPU (FFTW's "wisdom").
+
+``choose_path`` picks a kernel by rules measured on one CPU family. Where a layer is
+large enough for the choice to matter, :func:`tuned_path` times every path that can
+run it on a probe slab of the real layer, once per machine, and stores the winner
+in ``tuning.json`` beside the compiled kernels. The key holds the CPU model and its
+vector features, the Numba and NumPy versions and the thread count, so another CPU
+or library measures again. A missing, corrupt or stale file is ignored and rewritten.
+
+The choice is one per layer (never per slab), so streamed runs stay bitwise equal to
+whole runs; ``CONVT3D_PATH`` or ``PreparedLayer(path=...)`` pins a path and
+``CONVT3D_TUNE=0`` keeps the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from .. import geometry
+
+#: Layers with fewer multiply-adds than this keep the rules: a wrong choice costs less
+#: than timing the candidates (and compiling their kernels) would.
+TUNE_MIN_MACS = 2e8
+#: Output planes of the probe slab, at least (a stride's worth more when needed).
+PROBE_PLANES = 4
+#: Timed runs per candidate after one untimed run (compiling, warming caches); the best counts.
+PROBE_REPEATS = 3
+FILE_NAME = "tuning.json"
+FORMAT_VERSION = 1
+
+
+def enabled():
+    """Whether measuring is allowed (``CONVT3D_TUNE=0`` turns it off)."""
+    return os.environ.get("CONVT3D_TUNE", "1").strip() not in ("0", "", "off", "no", "false")
+
+
+def layer_macs(layer):
+    """Multiply-adds of the whole layer: every input voxel times every tap it feeds."""
+    k = layer.params.kernel_size
+    return (layer.input_shape[0] * layer.groups * layer.cin_g * layer.cout_g * int(np.prod(layer.input_shape[2:]))
+            * int(np.prod(k)))
+
+
+def machine_key(threads):
+    """CPU model, vector features, library versions and threads: what a stored choice is valid for."""
+    import numba
+
+    model, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if name == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif name == "flags" and not flags:
+                    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+                    flags = [f for f in value.split() if f in wanted]
+    except OSError:
+        pass
+    return f"{model} [{' '.join(sorted(flags))}] numba {numba.__version__} numpy {np.__version__} threads {threads}"
+
+
+def layer_key(layer):
+    """The layer's shapes and settings in the orientation it runs (not the slab)."""
+    p = layer.params
+    return json.dumps([layer.dtype.name, list(layer.input_shape), layer.groups, layer.cin_g, layer.cout_g,
+                       list(p.kernel_size), list(p.stride), list(p.padding), list(p.crop_end), list(p.dilation)])
+
+
+def _path():
+    from ._numba_env import cache_dir
+
+    folder = os.environ.get("NUMBA_CACHE_DIR") or cache_dir()
+    return os.path.join(folder, FILE_NAME)
+
+
+def load(path=None):
+    """The stored choices, or an empty store when the file is missing, corrupt or of another version."""
+    path = path or _path()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            store = json.load(handle)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {"version": FORMAT_VERSION, "machines": {}}
+    if (not isinstance(store, dict) or store.get("version") != FORMAT_VERSION
+            or not isinstance(store.get("machines"), dict)):
+        return {"version": FORMAT_VERSION, "machines": {}}
+    return store
+
+
+def save(store, path=None):
+    """Write the store atomically (a temporary file renamed); failures are ignored: tuning is a cache."""
+    path = path or _path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tuning-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(store, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+
+
+def measure(layer, candidates):
+    """Seconds per probe slab for each candidate path (best of :data:`PROBE_REPEATS`)."""
+    n_out = layer.out_spatial[0]
+    planes = min(n_out, max(PROBE_PLANES, 2 * layer.params.stride[0]))
+    o0 = max(0, (n_out - planes) // 2)
+    o1 = o0 + planes
+    i0, i1 = geometry.input_window(o0, o1, layer.input_shape[2], 0, layer.params)
+    i1 = max(i1, i0 + 1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(layer.input_shape[:2] + (i1 - i0,) + layer.input_shape[3:]).astype(layer.dtype)
+    out = np.empty(layer.output_shape[:2] + (planes,) + layer.output_shape[3:], dtype=layer.dtype)
+    chosen = layer.path
+    times = {}
+    try:
+        for path in candidates:
+            layer.path = path
+            layer.run_slab(x, i0, o0, o1, out)           # compiles, warms the caches
+            best = np.inf
+            for _ in range(PROBE_REPEATS):
+                start = time.perf_counter()
+                layer.run_slab(x, i0, o0, o1, out)
+                best = min(best, time.perf_counter() - start)
+            times[path] = best
+    finally:
+        layer.path = chosen
+    return times
+
+
+def tuned_path(layer, candidates, threads):
+    """The stored or newly measured fastest of ``candidates`` for ``layer`` on this machine."""
+    if len(candidates) < 2:
+        return candidates[0]
+    store = load()
+    machine = store["machines"].setdefault(machine_key(threads), {})
+    key = layer_key(layer)
+    entry = machine.get(key)
+    if isinstance(entry, dict) and entry.get("path") in candidates:
+        return entry["path"]
+    times = measure(layer, candidates)
+    best = min(times, key=times.get)
+    machine[key] = {"path": best, "seconds": {name: round(value, 6) for name, value in times.items()}}
+    save(store)
+    return best

@@ -1,0 +1,120 @@
+"""The measured path choice: stored per machine, reused, pinned, ignored when corrupt."""
+
+import json
+
+import numpy as np
+import pytest
+
+from convt3d_cli import conv_transpose3d
+from convt3d_cli.engine import PreparedLayer, _tuner
+from convt3d_cli.errors import ParameterError
+from reference import conv_transpose3d_ref
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """Tuning on for every layer, its file in a fresh folder."""
+    path = tmp_path / _tuner.FILE_NAME
+    monkeypatch.setattr(_tuner, "_path", lambda: str(path))
+    monkeypatch.delenv("CONVT3D_PATH", raising=False)
+    monkeypatch.delenv("CONVT3D_TUNE", raising=False)
+    monkeypatch.setattr(_tuner, "TUNE_MIN_MACS", 0)
+    return path
+
+
+def layer_data(seed=0, k=2, s=2):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 4, 5, 6, 7)).astype(np.float32)
+    w = rng.standard_normal((4, 3, k, k, k)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    return x, w, b, dict(stride=s)
+
+
+def test_the_winner_is_measured_once_and_stored(store, monkeypatch):
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, **kwargs)
+    assert layer.path_source == "measured"
+    saved = json.loads(store.read_text())
+    [machine] = saved["machines"].values()
+    [entry] = machine.values()
+    assert entry["path"] == layer.path
+    assert set(entry["seconds"]) == set(layer.candidate_paths()) >= {"blocked", "shuffle", "gemm", "fir"}
+
+    def no_measuring(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(_tuner, "measure", no_measuring)
+    again = PreparedLayer(x.shape, w, b, **kwargs)
+    assert again.path == layer.path and again.path_source == "measured"
+
+
+def test_a_tuned_layer_is_exact_and_streams_bitwise(store):
+    from convt3d_cli import geometry
+
+    x, w, b, kwargs = layer_data(1, k=3, s=2)
+    layer = PreparedLayer(x.shape, w, b, **kwargs)
+    whole = np.empty(layer.output_shape, np.float32)
+    layer.run_slab(x, 0, 0, whole.shape[2], whole)
+    np.testing.assert_allclose(whole, conv_transpose3d_ref(x, w, b, **kwargs), rtol=0, atol=1e-4)
+    for o in range(whole.shape[2]):
+        i0, i1 = geometry.input_window(o, o + 1, x.shape[2], 0, layer.params)
+        out = np.empty(whole.shape[:2] + (1,) + whole.shape[3:], np.float32)
+        layer.run_slab(np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)]), i0, o, o + 1, out)
+        assert np.array_equal(out[:, :, 0], whole[:, :, o])
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"version": 999, "machines": {}}', "\\x00" * 10])
+def test_a_corrupt_or_stale_file_is_ignored_and_rewritten(store, content):
+    store.write_text(content)
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, **kwargs)
+    assert layer.path_source == "measured"
+    assert json.loads(store.read_text())["version"] == _tuner.FORMAT_VERSION
+
+
+def test_a_stored_path_that_cannot_run_the_layer_is_measured_again(store):
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, **kwargs)
+    saved = json.loads(store.read_text())
+    machine = next(iter(saved["machines"].values()))
+    key = next(iter(machine))
+    machine[key]["path"] = "nonsense"
+    store.write_text(json.dumps(saved))
+    again = PreparedLayer(x.shape, w, b, **kwargs)
+    assert again.path in layer.candidate_paths()
+    assert json.loads(store.read_text())["machines"][next(iter(saved["machines"]))][key]["path"] != "nonsense"
+
+
+def test_pinning_and_switching_off(store, monkeypatch):
+    x, w, b, kwargs = layer_data()
+    for path in ("blocked", "fir", "gemm", "shuffle", "subpixel"):
+        layer = PreparedLayer(x.shape, w, b, path=path, **kwargs)
+        assert layer.path == path and layer.path_source == "pinned"
+        np.testing.assert_allclose(conv_transpose3d(x, w, b, **kwargs), conv_transpose3d_ref(x, w, b, **kwargs),
+                                   rtol=0, atol=1e-4)
+    monkeypatch.setenv("CONVT3D_PATH", "gemm")
+    assert PreparedLayer(x.shape, w, b, **kwargs).path == "gemm"
+    monkeypatch.setenv("CONVT3D_PATH", "warp")
+    with pytest.raises(ParameterError):
+        PreparedLayer(x.shape, w, b, **kwargs)
+    monkeypatch.delenv("CONVT3D_PATH")
+    monkeypatch.setenv("CONVT3D_TUNE", "0")
+    if store.exists():
+        store.unlink()
+    assert PreparedLayer(x.shape, w, b, **kwargs).path_source == "rule"
+    assert not store.exists()
+
+
+def test_a_pinned_path_that_cannot_run_the_layer_falls_back(store):
+    x, w, b, kwargs = layer_data(k=3, s=3)          # kernel 3 stride 3 W: no paired rows; k == s: gemm fits
+    assert PreparedLayer(x.shape, w, b, path="paired", **kwargs).path == "fir"
+    x, w, b, kwargs = layer_data(k=3, s=2)          # k != s: no shuffle or gemm
+    assert PreparedLayer(x.shape, w, b, path="gemm", **kwargs).path == "blocked"
+
+
+def test_small_layers_keep_the_rules(tmp_path, monkeypatch):
+    monkeypatch.setattr(_tuner, "_path", lambda: str(tmp_path / _tuner.FILE_NAME))
+    monkeypatch.delenv("CONVT3D_PATH", raising=False)
+    x, w, b, kwargs = layer_data()
+    assert PreparedLayer(x.shape, w, b, **kwargs).path_source == "rule"
+    assert not (tmp_path / _tuner.FILE_NAME).exists()

@@ -280,6 +280,8 @@ def _init_worker(threads):
     at start-up. A main module that imported Numba already (re-imported by
     spawn) is handled through ``numba.set_num_threads``.
     """
+    # Never more than the cores (--threads 10**20 would make every pool fail to start).
+    threads = max(1, min(int(threads), available_cores()))
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)
     if "numba" in sys.modules:

@@ -441,6 +441,28 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
         click.get_current_context().exit(code)
 
 
+@cli.command("compile")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "all"]), default="all", show_default=True,
+              help="Compute dtype(s) to compile the kernels for.")
+@opt.json_opt
+def compile_(dtype, as_json):
+    """Compile every kernel into the cache now (container images, cluster nodes).
+
+    A fresh install otherwise compiles the kernels a layer needs on its first
+    run, once per CPU and Numba version. Prints each compute path with the
+    kernels it compiled (nothing when they were cached) and the time taken.
+    """
+    from .compile import DTYPES, compile_kernels
+
+    dtypes = DTYPES if dtype == "all" else (dtype,)
+    result = compile_kernels(dtypes, echo=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    n = sum(len(step["compiled"]) for step in result["steps"])
+    click.echo(f"compiled {n} kernel(s) for {', '.join(dtypes)} in {result['seconds']:.2f} s; cache: {result['cache']}")
+
+
 def _json_default(value):
     """Make NumPy scalars and arrays JSON-serialisable."""
     if hasattr(value, "tolist"):
@@ -505,8 +527,25 @@ def _leaf(value):
     return str(value)
 
 
+def _escape_surrogates(error):
+    """Codec error handler for stdout: ``surrogateescape`` where it applies (undecodable bytes of file
+    names print as they were), else ``backslashreplace`` (a lone surrogate from inside a file, such
+    as a JSON ``"\\ud800"`` escape in a tensor name, prints as ``\\ud800`` instead of failing)."""
+    import codecs
+
+    try:
+        return codecs.lookup_error("surrogateescape")(error)
+    except UnicodeError:
+        return codecs.lookup_error("backslashreplace")(error)
+
+
 def main(argv=None):
     """Entry point of the ``convt3d`` console script and ``python -m convt3d_cli``."""
+    import codecs
+
+    codecs.register_error("convt3d-escape", _escape_surrogates)
+    if getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape") and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="convt3d-escape")
     cli.main(args=argv, prog_name="convt3d")
 
 

@@ -546,7 +546,8 @@ def stride_for_voxel_size(affine, voxel_size):
     stride = []
     for axis, (have, want) in enumerate(zip(voxel_sizes(affine), wanted)):
         ratio = have / want
-        if abs(ratio - round(ratio)) > 1e-4 * max(1.0, ratio) or round(ratio) < 1:
+        # A subnormal V (or a voxel size whose square overflows) gives an infinite ratio.
+        if not np.isfinite(ratio) or abs(ratio - round(ratio)) > 1e-4 * max(1.0, ratio) or round(ratio) < 1:
             raise ParameterError("voxel_size", f"the input's voxel size along {AXES[axis]} is {have:g} mm; "
                                                f"{want:g} mm is not an integer division of it "
                                                f"(ratio {ratio:.6g})")
@@ -567,7 +568,7 @@ def stride_for_grid(in_affine, ref_affine):
     stride = []
     for axis, value in enumerate(scale):
         ratio = 1.0 / value
-        if abs(ratio - round(ratio)) > 1e-4 * max(1.0, ratio) or round(ratio) < 1:
+        if not np.isfinite(ratio) or abs(ratio - round(ratio)) > 1e-4 * max(1.0, ratio) or round(ratio) < 1:
             raise ShapeError(f"the reference's voxels along {AXES[axis]} are {value:.6g} times the input's; "
                              f"a stride can only divide them by an integer (1/2, 1/3, ...)")
         stride.append(int(round(ratio)))
@@ -578,7 +579,13 @@ def _grid_transform(in_affine, ref_affine):
     """Diagonal scale and offset with ``ref = in @ [diag(scale), offset]``, in input voxels."""
     in_affine = np.asarray(in_affine, dtype=np.float64)
     ref_affine = np.asarray(ref_affine, dtype=np.float64)
-    transform = np.linalg.solve(in_affine, ref_affine)
+    with np.errstate(all="ignore"):
+        transform = np.linalg.solve(in_affine, ref_affine)
+    if not np.all(np.isfinite(transform)):
+        # Affines whose numbers are finite but so far apart (origins near 1e308) that the
+        # arithmetic overflows: no integer crop can be computed, let alone reached.
+        raise ShapeError("the reference grid cannot be expressed in the input's voxels (its affine is too "
+                         "far from the input's: the arithmetic overflows)")
     matrix = transform[:3, :3]
     scale = np.diag(matrix).copy()
     off = matrix - np.diag(scale)
@@ -619,6 +626,9 @@ def padding_for_grid(in_affine, in_spatial, ref_affine, ref_spatial, kernel_size
             raise ShapeError(f"the reference's voxels along {AXES[axis]} are {scale[axis]:.6g} of the input's, "
                              f"but the layer's stride {s} gives 1/{s}")
         exact = offset[axis] * s + d * (k - 1) / 2.0
+        if not np.isfinite(exact):
+            raise ShapeError(f"the reference's origin along {AXES[axis]} is {offset[axis]:.6g} input voxels away, "
+                             f"beyond any crop this layer can make")
         begin = int(round(exact))
         if abs(begin - exact) / s * column > GRID_TOLERANCE:
             raise ShapeError(f"the reference's origin along {AXES[axis]} lies between the output voxels this "

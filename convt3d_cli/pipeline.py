@@ -164,14 +164,14 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
     if output_dtype is None and kernel == "nearest":
         output_dtype = "same"      # a label map stays a label map, exactly
     stored = resolve_output_dtype(output_dtype, info.read_dtype, compute)
-    io.check_output(output, plan.output_shape, inputs=[input, weights, bias], overwrite=overwrite,
+    io.check_output(output, plan.output_shape, inputs=[input, weights, bias, like], overwrite=overwrite,
                     dtype=compute, why=geometry.growth_cause(plan.input_shape[-3:], plan.params),
                     output_dtype=stored)
     sidecar_in = sidecars.input_sidecar(input) if sidecar else None
     if sidecar_in is not None:
         sidecar_fields = sidecars.read_sidecar(sidecar_in)
         sidecar_out = sidecars.output_sidecar(output)
-        _check_sidecar_target(sidecar_out, [input, weights, bias, sidecar_in], overwrite)
+        _check_sidecar_target(sidecar_out, [input, weights, bias, like, sidecar_in], overwrite)
     from . import slabs
     from .io.safety import human_bytes
 
@@ -183,6 +183,8 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
         None if loaded is None else loaded.bias, p, compute, transposed, kernel=kernel)
     slab_plan = slabs.plan_slabs(layer, pad, max_memory, resident=io.resident_bytes(info),
                                  transposed=transposed)
+    if info.fourth_axis == "volumes" and plan.output_shape[0] > 1:
+        echo(f"volumes: {plan.output_shape[0]} along the 4th axis, each upsampled on its own")
     shown = dtype if stored == compute else f"{stored.name} (computed in {dtype})"
     echo(f"output:  {report.shape_str(plan.output_shape)} {shown} -> {output}")
     if slab_plan.count > 1:
@@ -204,10 +206,18 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
         source.close()
     written = io.split_spec(output)[0]
     if sidecar_in is not None:
-        sidecars.write_sidecar(sidecar_out, sidecars.build_sidecar(
-            sidecar_fields, input_spec=input, output_spec=output, params=p,
-            layer=f"built-in {kernel}" if kernel else loaded.source,
-            slice_axis_resampled=sidecars.slice_axis_resampled(info.header, p)), overwrite)
+        try:
+            sidecars.write_sidecar(sidecar_out, sidecars.build_sidecar(
+                sidecar_fields, input_spec=input, output_spec=output, params=p,
+                layer=f"built-in {kernel}" if kernel else loaded.source,
+                slice_axis_resampled=sidecars.slice_axis_resampled(info.header, p)), overwrite)
+        except BaseException:
+            # The run fails (disk full, file-size limit): its volume is not left behind without its sidecar.
+            try:
+                os.remove(written)
+            except OSError:
+                pass
+            raise
         echo(f"sidecar: {sidecar_out}")
     if clipped:
         limits = np.iinfo(stored)

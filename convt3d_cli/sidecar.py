@@ -57,6 +57,13 @@ def read_sidecar(path):
                               f"(use --no-sidecar to ignore it)") from exc
     if not isinstance(fields, dict):
         raise FileFormatError(f"the sidecar {path} is not a JSON object (use --no-sidecar to ignore it)")
+    try:
+        # What the output's sidecar will hold must be writable as UTF-8 JSON: a "\ud800"
+        # escape parses to a lone surrogate, which UTF-8 cannot encode. Found now, before any work.
+        json.dumps(fields, indent=2, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise FileFormatError(f"the sidecar {path} cannot be carried over: {' '.join(str(exc).split())} "
+                              f"(use --no-sidecar to ignore it)") from exc
     return fields
 
 

@@ -57,6 +57,21 @@ def _read_attrs(attrs):
     return out
 
 
+def refuse_external(dataset, where):
+    """Refuse a dataset whose values live in external raw files (HDF5's ``H5Pset_external``).
+
+    HDF5 opens those files itself when the values are read, by names relative to the
+    working directory: a FIFO there would block forever, a link could lead anywhere,
+    and convt3d could not check them as it checks its inputs. Nothing that writes
+    volumes or weights (h5py defaults, Keras) stores values that way.
+    """
+    external = dataset.external
+    if external:
+        names = ", ".join(repr(str(name)) for name, _offset, _size in external[:3])
+        raise FileFormatError(f"{where} keeps its values in external raw files ({names}); convt3d reads only "
+                              f"values stored inside the HDF5 file")
+
+
 def chunk_shape(shape, itemsize, target=CHUNK_BYTES):
     """Chunks of about ``target`` bytes made of whole rows along the last axes.
 
@@ -231,6 +246,7 @@ class Hdf5Source(Source):
         with reading(info.path, LABEL):
             self.handle = _h5py().File(info.path, "r")
             self.dataset = self.handle[info.key]
+            refuse_external(self.dataset, f"{info.path}:{info.key}")
         self.rank = len(info.stored_shape)
 
     def _raw(self, a, b):
@@ -283,6 +299,7 @@ class Hdf5Format(ArrayFormat):
         h5py = _h5py()
         with reading(path, LABEL), h5py.File(path, "r") as handle:
             dataset = handle[entry.name]
+            refuse_external(dataset, f"{path}:{entry.name}")
             if entry.numeric and not dataset.dtype.isnative:
                 # Let HDF5 convert while reading instead of byte-swapping a copy.
                 return dataset.astype(dataset.dtype.newbyteorder("="))[()]

@@ -56,6 +56,7 @@ from ..errors import FileFormatError, KeyNotFoundError
 from ..geometry import split_end_crop
 from .base import WeightsFormat
 from .dtypes import is_numeric, native
+from .hdf5 import refuse_external
 from .records import Entry, StoredLayer
 from .safety import check_memory, human_bytes, reading, require_file
 
@@ -754,6 +755,7 @@ class KerasFormat(WeightsFormat):
             now = _entry(entry.name, dataset)
             if now is None or now.shape != tuple(entry.shape) or now.dtype != entry.dtype:
                 raise FileFormatError(f"{where} changed while it was being read")
+            refuse_external(dataset, where)
             if entry.attrs.get("bfloat16"):
                 check_memory(entry.nbytes + entry.size * 2, where)
                 bits = np.ascontiguousarray(dataset[()]).view("<u2")

@@ -753,6 +753,10 @@ def _entry(path, name, record, prefix, infos, byteorder, file_size):
             raise FileFormatError(
                 f"{where}: shape {shape} with strides {record.stride} from element {record.offset} "
                 f"reaches element {last + 1} of a storage that holds {capacity}; the file is damaged")
+    elif any(n >= 2 ** 63 for n in shape) or math.prod(n for n in shape if n) >= 2 ** 63:
+        # An empty tensor fits any storage, but (0, 2**70) is no shape NumPy (or PyTorch) can make.
+        raise FileFormatError(f"{where}: shape {shape!r:.100} has a dimension or an element count of 2**63 or "
+                              f"more; the file is damaged")
     code = _DTYPES[dtype.name][1]
     stored = np.dtype(code).newbyteorder("<" if byteorder == "little" else ">")
     out_dtype = {"bfloat16": np.dtype(np.float32), "bool": np.dtype(bool)}.get(dtype.name, stored)

@@ -37,6 +37,7 @@ F4, F6_*, C64) are listed by ``convt3d info`` as unsupported and never loaded.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -65,6 +66,8 @@ _DTYPES = {
     "F8_E4M3FNUZ": (8, None), "F8_E5M2FNUZ": (8, None), "F4": (4, None), "F6_E2M3": (6, None),
     "F6_E3M2": (6, None),
 }
+#: Dimensions and element counts at least this large are refused (they do not fit 64 bits).
+_MAX_COUNT = 2 ** 63
 _READ = ", ".join(name for name, (_, code) in _DTYPES.items() if code)
 
 
@@ -81,7 +84,8 @@ class _Header:
 def _no_repeats(pairs):
     names = [name for name, _ in pairs]
     if len(set(names)) != len(names):
-        repeated = sorted({n for n in names if names.count(n) > 1})
+        # Counted once (not names.count per name: quadratic, minutes for a 100 MB header of one name).
+        repeated = sorted(n for n, count in collections.Counter(names).items() if count > 1)
         raise FileFormatError(f"the header names {', '.join(map(repr, repeated[:5]))} more than once")
     return dict(pairs)
 
@@ -143,8 +147,8 @@ def read_header(path):
         if not isinstance(info, dict):
             raise FileFormatError(f"{where}: the header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPES:
-            raise FileFormatError(f"{where} has unknown element type {dtype!r}; safetensors defines "
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise FileFormatError(f"{where} has unknown element type {dtype!r:.40}; safetensors defines "
                                   f"{', '.join(_DTYPES)}")
         if not (isinstance(shape, list) and all(_count(n) for n in shape)):
             raise FileFormatError(f"{where}: shape must be a list of non-negative integers, "
@@ -157,12 +161,19 @@ def read_header(path):
         total_bits = math.prod(shape) * bits
         begin, end = offsets
         if total_bits % 8:
-            raise FileFormatError(f"{where}: {math.prod(shape)} {dtype} values do not end on a byte "
+            # The count itself may have more digits than Python prints (10**4000 x 10**4000).
+            count = math.prod(shape)
+            shown = str(count) if count < 10 ** 30 else f"about 10**{int(math.log10(count))}"
+            raise FileFormatError(f"{where}: {shown} {dtype} values do not end on a byte "
                                   f"boundary")
         if end - begin != total_bits // 8:
             raise FileFormatError(
                 f"{where}: shape {tuple(shape)} of {dtype} needs {human_bytes(total_bits // 8)} but "
                 f"data_offsets [{begin}, {end}] hold {end - begin} bytes")
+        if any(n >= _MAX_COUNT for n in shape) or math.prod(n for n in shape if n) >= _MAX_COUNT:
+            # Only an empty tensor gets here so: (0, 10**4000) holds no bytes, but the library's
+            # sizes are 64-bit (usize) and NumPy cannot make such an array either.
+            raise FileFormatError(f"{where}: shape has a dimension or an element count of 2**63 or more")
         spans.append((begin, end, name))
         if code is None:
             unsupported[name] = dtype

@@ -8,8 +8,10 @@ long time limit, so that the fuzz cases after it run in seconds.
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,71 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fuzzkit  # noqa: E402
+
+#: The committed weights fixtures (``tests/fixtures/weights``, made by the ``make_*_fixtures.py`` there).
+WEIGHTS_FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "weights"
+
+
+@functools.cache
+def weights_fixture(name):
+    """The bytes of a committed weights fixture; the Keras files come out of ``keras_models.zip``."""
+    path = WEIGHTS_FIXTURES / name
+    if path.is_file():
+        return path.read_bytes()
+    with zipfile.ZipFile(WEIGHTS_FIXTURES / "keras_models.zip") as archive:
+        return archive.read(name)
+
+
+def _read_output_with_mgh(read):
+    """fuzzkit's output reader, taught MGH (``.mgh``/``.mgz`` outputs are read with nibabel)."""
+    @functools.wraps(read)
+    def read_output(path, key):
+        if str(path).lower().endswith((".mgh", ".mgz")):
+            import nibabel as nib
+
+            image = nib.load(str(path))
+            data = np.asanyarray(image.dataobj)
+            np.asarray(image.affine, dtype=np.float64)
+            return tuple(data.shape)
+        return read(path, key)
+    return read_output
+
+
+fuzzkit._read_output = _read_output_with_mgh(fuzzkit._read_output)
+
+
+def _check_promise_with_sidecars(check):
+    """fuzzkit's checker, taught BIDS sidecars: a run that exits 0 writes ``OUT.json`` beside its output
+    (with ``--overwrite``, over an existing one), and a batch beside each output it reports ``ok``.
+    Those files are outputs, not leftovers; after a failure they are still leftovers."""
+    @functools.wraps(check)
+    def check_promise(case, outcome):
+        problems = check(case, outcome)
+        if outcome.timed_out or outcome.returncode not in (0, 1):
+            return problems
+        from convt3d_cli.io.registry import split_name
+
+        outputs = []
+        reports = [line for line in fuzzkit._json_lines(outcome.stdout)[0] if isinstance(line, dict)] \
+            if case.wants_json else []
+        if case.command == "run" and case.output and outcome.returncode == 0:
+            # With --json, only when the report names the sidecar it wrote.
+            if not case.wants_json or any(report.get("sidecar") for report in reports):
+                outputs.append(case.output)
+        elif case.command == "batch":
+            outputs += [line.get("output") for line in reports if line.get("status") == "ok" and line.get("sidecar")]
+        sidecars = set()
+        for spec in outputs:
+            path = fuzzkit._output_path(case.folder, spec)[0]
+            sidecars.add(str(Path(split_name(str(path))[0] + ".json").relative_to(case.folder)))
+        overwrite = "--overwrite" in case.args
+        return [p for p in problems
+                if not (p.kind == "leftover" and p.detail.split(": ", 1)[-1] in sidecars)
+                and not (overwrite and p.kind == "input-changed" and p.detail.split(" changed: ")[0] in sidecars)]
+    return check_promise
+
+
+fuzzkit.check_promise = _check_promise_with_sidecars(fuzzkit.check_promise)
 
 AFFINE = np.array([[1.5, 0.0, 0.0, -10.0],
                    [0.0, 1.5, 0.0, 20.0],

@@ -24,23 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PHANTOM = os.path.join(ROOT, "sample_data", "phantom.nii.gz")
 DECODER = os.path.join(ROOT, "sample_data", "decoder.npz")
-FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-            "amx_tile")
-
-
-def cpu_description():
-    model, flags = "unknown CPU", []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                name, _, value = line.partition(":")
-                if name.strip() == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif name.strip() == "flags" and not flags:
-                    flags = [f for f in FEATURES if f in value.split()]
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs, features: {' '.join(flags) or '?'}"
+sys.path.insert(0, HERE)
+from bench_engine import cpu_description  # noqa: E402 - the one CPU line of the benchmarks
 
 
 def timed(argv, env):

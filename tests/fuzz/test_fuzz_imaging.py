@@ -304,11 +304,10 @@ def _stored_dtype(folder, spec):
     return data.dtype, data
 
 
-#: One batch per output type, each into another format (all seven formats, MGH refusing
-#: the types it cannot hold), computed in float32 or float64.
-DTYPE_BATCHES = [("same", "nii", "float32"), ("float64", "mgh", "float64"), ("int8", "h5", "float64"),
-                 ("uint8", "mgz", "float32"), ("uint16", "npz", "float64"), ("int64", "nii.gz", "float64"),
-                 ("uint64", "npy", "float32")]
+#: One batch per output type, each into another format (MGH refusing the types it cannot
+#: hold; .nii is written by most other cases), computed in float32 or float64.
+DTYPE_BATCHES = [("same", "nii.gz", "float32"), ("float64", "mgh", "float64"), ("int8", "npz", "float64"),
+                 ("uint8", "mgz", "float32"), ("int64", "h5", "float64"), ("uint64", "npy", "float32")]
 
 
 def test_output_dtypes(new_case):
@@ -416,7 +415,7 @@ def _like_files():
 
 
 LIKE = [   # (reference, extra args, exit codes)
-    ("ref.nii.gz", [], {0}), ("ref.mgz", [], {0}), ("ref4d.nii", [], {0}), ("one.nii", [], {0, 1}),
+    ("ref.mgz", [], {0}), ("ref4d.nii", [], {0}), ("one.nii", [], {0, 1}),
     ("ref.nii", ["--weights", "w.npz"], {0, 1}),
     ("ref.npy", [], {1}), ("flipped.nii", [], {1}), ("spacing.nii", [], {1}), ("far.nii", [], {1}),
     ("hugevox.nii", [], {1}), ("flat.nii", [], {1}), ("nanaffine.nii", [], {1}), ("huge.nii.gz", [], {1}),
@@ -464,7 +463,7 @@ def test_like_references(new_case):
 # --------------------------------------------------------------------------- --voxel-size
 
 VOXEL_SIZES = [   # (value, exit codes) for n.nii (voxels 1.5, 1.5, 2 mm)
-    ("0.75,0.75,1", {0}), ("0", {2}), ("nan", {2}), ("inf", {2}), ("1e-300", {1, 2}), ("5e-324", {1, 2}),
+    ("0", {2}), ("nan", {2}), ("inf", {2}), ("1e-300", {1, 2}), ("5e-324", {1, 2}),
     ("1e-310", {1, 2}), ("1e-5", {1, 2}), ("1,1,1,1", {2}), (",".join(["0.5"] * 3000), {2}), ("\u0661", {2}),
     ("0.75,nan,1", {2}),
 ]
@@ -491,11 +490,12 @@ def test_voxel_size(new_case):
                                                                  "--voxel-size", value, "-q"], folder,
                           output="o.nii", expect=codes))
     folder = _put(new_case("voxel-batch"), files)
-    cases.append(Case("batch --voxel-size 0.5", ["batch", "n.nii", "v.mgz", "v.h5", "big.nii", "small.nii", "--out-dir",
-                                                 "b", "--kernel", "nearest", "--voxel-size", "0.5", "-q", "--json"],
+    cases.append(Case("batch --voxel-size 0.5,0.5,1", ["batch", "n.nii", "v.mgz", "v.h5", "big.nii", "small.nii",
+                                                       "--out-dir", "b", "--kernel", "linear",
+                                                       "--voxel-size", "0.5,0.5,1", "-q", "--json"],
                       folder, output="b", expect={1}))
     outcomes = assert_promise(cases)
-    assert_statuses(cases[-1], outcomes[-1], {"v.mgz": "ok", "v.h5": "ok", "big.nii": "failed",
+    assert_statuses(cases[-1], outcomes[-1], {"n.nii": "ok", "v.mgz": "ok", "v.h5": "ok", "big.nii": "failed",
                                               "small.nii": "failed"})
 
 
@@ -548,13 +548,16 @@ def test_six_value_padding(new_case):
     }
     for number, (weights, extra, codes, output) in enumerate([
         ("w6.npz", [], {0}, "o.mgz"), ("w6neg.npz", [], {1, 2}, "o.nii"), ("w6huge.npz", [], {1, 2}, "o.nii"),
-        ("w6float.npz", [], {1}, "o.nii"), ("w6.h5", [], {0}, "o.h5"),
-        ("w6bad.h5", [], {0, 1}, "o.npy"),
+        ("w6float.npz", [], {1}, "o.nii"), ("w6.h5", [], {0}, None), ("w6bad.h5", [], {0, 1}, None),
         ("w.npy", ["--stride", "3", "--padding", "0,1,0,5,5,5", "--output-padding", "2,0,2"], {0}, "o.nii.gz"),
         ("w.npy", ["--stride", "1", "--padding", "4,0,0,4,0,0"], {2}, "o.nii"),
         ("w6.npz", ["--padding", HUGE + ",0,0,0,0,0"], {2}, "o.nii"),
     ]):
         folder = _put(new_case(f"pad-run-{number}"), stored)
+        if output is None:       # the stored options are read by shape too
+            cases.append(Case(f"shape --weights {weights}", ["shape", "vol.nii", "--weights", weights, "--json"],
+                              folder, expect=codes))
+            continue
         cases.append(Case(f"run --weights {weights} {' '.join(extra)} -> {output}", ["run", "vol.nii", output,
                           "--weights", weights, *extra, "-q", "--json"], folder, output=output, expect=codes))
     assert_promise(cases)
@@ -620,16 +623,13 @@ def test_sidecars(new_case):
     cases.append(Case("batch of volumes with hostile sidecars", ["batch", *names, "--out-dir", "out", "--kernel",
                       "nearest", "--stride", "2", "-q", "--json"], folder, output="out", expect={1}, how=how,
                       retry=False))
-    folder = new_case("sidecar-off")
-    write(folder, "n.nii", vol)
-    write(folder, "n.json", b"\xff" * 100)
-    cases.append(Case("run --no-sidecar with a sidecar that is not UTF-8", ["run", "n.nii", "o.nii", "--kernel",
-                      "nearest", "--stride", "2", "--no-sidecar", "-q"], folder, output="o.nii", expect={0}))
     valid = json.dumps({"RepetitionTime": 2.0}).encode()
     # The output's sidecar: the input's own, an existing file, a folder, a link; larger than RLIMIT_FSIZE.
     for label, setup, args, codes, fsize in [
         ("OUT.json is the input's sidecar (n.nii -> n.nii.gz)", {}, ["n.nii.gz"], {1}, None),
         ("OUT.json exists", {"o.json": b"{}"}, ["o.nii"], {1}, None),
+        ("OUT.json exists, --no-sidecar, the input's is not UTF-8", {"o.json": b"{}", "n.json": b"\xff" * 9},
+         ["o.nii", "--no-sidecar"], {0}, None),
         ("OUT.json exists, --overwrite", {"o.json": b"{}"}, ["o.mgz", "--overwrite"], {0}, None),
         ("OUT.json is a folder, --overwrite", "dir", ["o.nii", "--overwrite"], {1}, None),
         ("the sidecar does not fit RLIMIT_FSIZE (the volume does)", {"n.json": b'{"x": "' + b"a" * 150_000 + b'"}'},

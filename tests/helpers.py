@@ -33,3 +33,20 @@ def invoke_in(folder, *args):
         return CliRunner().invoke(cli, [str(a) for a in args])
     finally:
         os.chdir(cwd)
+
+
+def run_in_slabs(layer, x, cuts, dtype):
+    """A layer's output computed slab by slab over the D cut points ``cuts``, each slab from
+    only the input planes it reads (``geometry.input_window``), concatenated along D."""
+    import numpy as np
+
+    from convt3d_cli import geometry
+
+    pieces = []
+    for o0, o1 in zip(cuts[:-1], cuts[1:]):
+        i0, i1 = geometry.input_window(o0, o1, x.shape[2], 0, layer.params)
+        slab = np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)])
+        out = np.empty(layer.output_shape[:2] + (o1 - o0,) + layer.output_shape[3:], dtype=dtype)
+        layer.run_slab(slab, i0, o0, o1, out)
+        pieces.append(out)
+    return np.concatenate(pieces, axis=2)

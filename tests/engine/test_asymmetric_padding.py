@@ -8,11 +8,12 @@ formula, and the engine against PyTorch (full result cropped by hand).
 
 import numpy as np
 import pytest
+from helpers import run_in_slabs
+from reference import conv_transpose3d_ref
 
 from convt3d_cli import conv_transpose3d, geometry
 from convt3d_cli.engine import ConvTranspose3d, PreparedLayer, _layer
 from convt3d_cli.errors import ParameterError
-from reference import conv_transpose3d_ref
 
 
 def random_asymmetric(rng):
@@ -73,14 +74,7 @@ def test_slabs_are_bitwise_identical_to_whole_volume(kwargs, path):
     layer = PreparedLayer(x.shape, w, b, dtype=np.float32, **kwargs)
     n_out = whole.shape[2]
     for cuts in ([0, 5, n_out], [0, 1, 2, 7, n_out], [0, n_out - 1, n_out]):
-        pieces = []
-        for o0, o1 in zip(cuts[:-1], cuts[1:]):
-            i0, i1 = geometry.input_window(o0, o1, x.shape[2], 0, layer.params)
-            slab = np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)])
-            out = np.empty(whole.shape[:2] + (o1 - o0,) + whole.shape[3:], dtype=np.float32)
-            layer.run_slab(slab, i0, o0, o1, out)
-            pieces.append(out)
-        np.testing.assert_array_equal(np.concatenate(pieces, axis=2), whole)
+        np.testing.assert_array_equal(run_in_slabs(layer, x, cuts, np.float32), whole)
 
 
 def test_the_forms_of_padding_agree():

@@ -6,11 +6,12 @@ compile once per dtype for the whole suite.
 
 import numpy as np
 import pytest
+from helpers import run_in_slabs
+from reference import conv3d_ref, conv_transpose3d_ref
 
 from convt3d_cli import ConvTranspose3d, conv_transpose3d, output_shape
 from convt3d_cli.engine import _layer
 from convt3d_cli.errors import Convt3dError, ParameterError, ShapeError
-from reference import conv3d_ref, conv_transpose3d_ref
 
 
 def random_config(rng):
@@ -214,7 +215,6 @@ def test_integer_input_is_converted_and_dtype_follows_request():
 
 def test_slabs_are_bitwise_identical_to_whole_volume(path):
     """The streaming contract: any split of the output along D gives the same bits."""
-    from convt3d_cli import geometry
     from convt3d_cli.engine import PreparedLayer
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 4, 9, 5, 6)).astype(np.float32)
@@ -225,14 +225,7 @@ def test_slabs_are_bitwise_identical_to_whole_volume(path):
     layer = PreparedLayer(x.shape, w, b, dtype=np.float32, **kwargs)
     n_out = whole.shape[2]
     for cuts in ([0, 5, n_out], [0, 1, 2, 7, 11, n_out], [0, n_out - 1, n_out]):
-        pieces = []
-        for o0, o1 in zip(cuts[:-1], cuts[1:]):
-            i0, i1 = geometry.input_window(o0, o1, x.shape[2], 0, layer.params)
-            slab = np.ascontiguousarray(x[:, :, i0:max(i1, i0 + 1)])
-            out = np.empty(whole.shape[:2] + (o1 - o0,) + whole.shape[3:], dtype=np.float32)
-            layer.run_slab(slab, i0, o0, o1, out)
-            pieces.append(out)
-        np.testing.assert_array_equal(np.concatenate(pieces, axis=2), whole)
+        np.testing.assert_array_equal(run_in_slabs(layer, x, cuts, np.float32), whole)
 
 
 @pytest.mark.parametrize("block_bytes", [1, 6000, 10 ** 9])

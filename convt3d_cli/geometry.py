@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -474,6 +475,67 @@ def input_window(out_start, out_stop, n_in, axis, params):
     start = max(0, -((-lowest) // s))              # ceil division
     stop = min(n_in, (out_stop - 1 + p) // s + 1)
     return start, max(start, stop)
+
+
+class BlockAxis(NamedTuple):
+    """One axis of an output block computed as a layer of its own (:func:`block_window`).
+
+    The block's outputs ``[out_start, out_stop)`` are outputs ``skip ..`` of the layer
+    with input ``[in_start, in_stop)``, begin crop ``crop_begin`` and end crop
+    ``padding_end - output_padding``, which computes outputs ``[computed_start,
+    computed_stop)`` of the whole layer.
+    """
+
+    out_start: int
+    out_stop: int
+    in_start: int
+    in_stop: int
+    crop_begin: int
+    padding_end: int
+    output_padding: int
+    computed_start: int
+    computed_stop: int
+    #: No input reaches the block (output padding past the last input): it is the bias.
+    bias_only: bool = False
+
+    @property
+    def skip(self):
+        return self.out_start - self.computed_start
+
+
+def block_window(out_start, out_stop, n_in, n_out, axis, params):
+    """The small layer that computes outputs ``[out_start, out_stop)`` of one axis.
+
+    Its input is the window those outputs read (``input_window``) and its crops put
+    its first output on the layer's output ``computed_start``. The computed range is
+    widened to whole stride phases, ``(o + crop_begin) % stride == 0`` at both ends
+    (clipped to the output), so that every output keeps the phase, the taps and the
+    neighbours it has in the whole layer; outputs only the bias reaches get a
+    one-plane input. The block is then ``skip`` planes into the computed range.
+
+    Returns
+    -------
+    BlockAxis
+    """
+    k, s, b, d = (params.kernel_size[axis], params.stride[axis], params.padding[axis],
+                  params.dilation[axis])
+    lo = max(0, out_start - (out_start + b) % s)
+    hi = min(n_out, out_stop + (-(out_stop + b)) % s)
+    start = max(0, -((-(lo + b - (k - 1) * d)) // s))
+    start = min(start, (lo + b) // s, n_in - 1)           # the first output is at or after it
+    stop = max(min(n_in, (hi - 1 + b) // s + 1), start + 1)
+    crop_begin = lo + b - start * s
+    full = (stop - start - 1) * s + (k - 1) * d + 1
+    padding_end, output_padding = split_end_crop(full - crop_begin - (hi - lo))
+    bias_only = lo + b > (n_in - 1) * s + (k - 1) * d
+    return BlockAxis(out_start, out_stop, start, stop, crop_begin, padding_end, output_padding, lo, hi, bias_only)
+
+
+def block_params(params, windows):
+    """The :class:`LayerParams` of a block's own layer from its three :class:`BlockAxis`."""
+    return LayerParams.create(params.kernel_size, params.stride,
+                              tuple(w.crop_begin for w in windows) + tuple(w.padding_end for w in windows),
+                              tuple(w.output_padding for w in windows), params.dilation, params.groups)
 
 
 def padding_choices(n_in, target, kernel, stride, dilation):

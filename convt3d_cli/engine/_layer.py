@@ -232,10 +232,11 @@ class PreparedLayer:
             raise ParameterError("path", f"path must be one of {', '.join(PATHS)}, got {pinned!r}")
         self.path = pinned if pinned is not None else choose_path(self.cin_g, self.cout_g, self._phases())
         self.path_source = "pinned" if pinned is not None else "rule"
-        # (Only when a caller forces a path that cannot run the layer.)
+        # A forced path (or the rule's shuffle on a layer whose end crop cuts an input's
+        # outputs) that cannot run the layer falls back to one that can.
         if self.path == "paired" and not _plan.paired_fits(self._phases()[2]):
             self.path = "fir"
-        if self.path in ("shuffle", "gemm") and not _plan.shuffle_fits(self._phases()):
+        if self.path in ("shuffle", "gemm") and not self._fits(self.path):
             self.path = "blocked"
         if pinned is None:
             self._tune()
@@ -247,11 +248,23 @@ class PreparedLayer:
         for path in ("blocked", "subpixel", "fir", "paired", "shuffle", "gemm"):
             if path == "paired" and not _plan.paired_fits(phases[2]):
                 continue
-            if path in ("shuffle", "gemm") and not _plan.shuffle_fits(phases):
+            if path in ("shuffle", "gemm") and not self._fits(path):
                 continue
             if path not in found:
                 found.append(path)
         return found
+
+    def _fits(self, path):
+        """Whether the shuffle-GEMM or BLAS kernel can run this layer: kernel == stride
+        without a start crop, and for ``shuffle`` every input's outputs inside the H and W
+        extent (it stores whole phases there; ``gemm`` crops them)."""
+        if not _plan.shuffle_fits(self._phases()):
+            return False
+        if path == "shuffle":
+            s = self.params.stride
+            return all(n_out >= n_in * s_i for n_out, n_in, s_i in
+                       zip(self.out_spatial[1:], self.input_shape[3:], s[1:]))
+        return True
 
     def _tune(self):
         """Replace the rule's choice by the measured one on large layers (see :mod:`._tuner`)."""
@@ -263,6 +276,40 @@ class PreparedLayer:
         self.path_source = "measured"
         self._plans = {name: plan for name, plan in self._plans.items()
                        if name == self.path or (self.path == "paired" and name == "blocked")}
+
+    @property
+    def block_axes(self):
+        """Spatial axes (0 = D, 1 = H, 2 = W) along which outputs may be computed in
+        separate blocks (:meth:`window`) with the same bits as a whole run.
+
+        Every path computes each output from the same taps in the same order whatever
+        the D and H extent. Along W, the FIR kernel sums a row's windows and the paired
+        kernel a row pair's terms in an order set by the row's length, and BLAS blocks
+        the ``gemm`` path's product by its row count (N x H x W), so those stay whole
+        (``tests/engine/test_blocks.py`` checks every path).
+        """
+        return {"gemm": (0,), "fir": (0, 1), "paired": (0, 1)}.get(self.path, (0, 1, 2))
+
+    def window(self, input_shape, params):
+        """The same weights and path on an input window: the layer of one output block.
+
+        Parameters
+        ----------
+        input_shape : tuple
+            ``(N, Cin, d, h, w)`` of the window (``geometry.block_window`` per axis).
+        params : geometry.LayerParams
+            The block's crops (``geometry.block_params``).
+
+        Returns
+        -------
+        PreparedLayer
+            Runs with :attr:`path` of this layer, never its own rule or measurement.
+        """
+        sub = PreparedLayer(input_shape, self.weight, self.bias, params.stride, params.padding_spec,
+                            params.output_padding, params.dilation, params.groups, self.dtype, path=self.path)
+        if sub.path != self.path:  # block_window keeps whole phases; a fallback would change the bits
+            raise RuntimeError(f"a block of this layer cannot run the {self.path} kernel")
+        return sub
 
     @property
     def output_shape(self):

@@ -1,0 +1,182 @@
+"""Block planning and the block loop: outputs cut along all three axes (chunked stores).
+
+A Zarr output is written chunk by chunk, so its run is cut into *blocks*: boxes of
+whole output chunks (whole shards when the store is sharded), so that no two blocks
+write the same chunk. Each block is computed on its own::
+
+    for each block [o0, o1) x [o0, o1) x [o0, o1):
+        windows = geometry.block_window(...) per axis     # its input window and crops
+        x = source.read_window(i0, i1)                    # only the input it reads, with halo
+        out = layer.window(x.shape, block_params).run()   # same kernel, same bits
+        writer.write_block(region, out[skip ...])
+
+which is what lets blocks run in any order, in other processes or on other machines
+(:mod:`convt3d_cli._distributed`), and still give the bits of a whole-volume run:
+:meth:`~convt3d_cli.engine.PreparedLayer.block_axes` says along which axes a
+layer's kernel keeps its bits when cut; the others span the whole output.
+
+Memory. :func:`plan_blocks` grows the block (in whole chunks, D fastest, as long as
+the working set fits the budget: ``--max-memory``, else :data:`~convt3d_cli.slabs.SOFT_BUDGET`
+or up to half of the available memory when one chunk's block needs more).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry
+from .errors import MemoryLimitError
+from .io.safety import available_memory, human_bytes
+from .slabs import DEFAULT_SHARE, FIXED_BYTES, SOFT_BUDGET
+
+
+@dataclass
+class BlockPlan:
+    """How a run is cut: ``blocks`` is a list of ``((d0, h0, w0), (d1, h1, w1))`` output regions."""
+
+    blocks: list
+    shape: tuple
+    budget: int
+    needed: int
+
+    @property
+    def count(self):
+        return len(self.blocks)
+
+
+def block_windows(layer, region):
+    """The three :class:`~convt3d_cli.geometry.BlockAxis` of an output region of ``layer``."""
+    (lo, hi), params = region, layer.params
+    return tuple(geometry.block_window(lo[a], hi[a], layer.input_shape[2 + a], layer.out_spatial[a], a, params)
+                 for a in range(3))
+
+
+def compute_block(layer, read, region):
+    """Compute one output region.
+
+    Parameters
+    ----------
+    layer : PreparedLayer
+        The whole layer (its path is used for the block).
+    read : callable(lo, hi) -> ndarray
+        Input window ``[lo, hi)`` per spatial axis, ``(N, Cin, ...)`` in compute dtype.
+    region : ((d0, h0, w0), (d1, h1, w1))
+
+    Returns
+    -------
+    ndarray
+        ``(N, Cout, d1 - d0, h1 - h0, w1 - w0)`` in compute dtype, C-contiguous.
+    """
+    windows = block_windows(layer, region)
+    if any(w.bias_only for w in windows):
+        out = np.empty((layer.input_shape[0], layer.out_channels) + tuple(w.out_stop - w.out_start for w in windows),
+                       dtype=layer.dtype)
+        out[...] = layer.bias.reshape(1, -1, 1, 1, 1)
+        return out
+    x = np.ascontiguousarray(read(tuple(w.in_start for w in windows), tuple(w.in_stop for w in windows)))
+    sub = layer.window(x.shape, geometry.block_params(layer.params, windows))
+    out = np.empty(sub.output_shape, dtype=layer.dtype)
+    sub.run_slab(x, 0, 0, sub.output_shape[2], out)
+    del x
+    picked = out[(slice(None), slice(None)) + tuple(slice(w.skip, w.skip + w.out_stop - w.out_start)
+                                                    for w in windows)]
+    return picked if picked.shape == out.shape else np.ascontiguousarray(picked)
+
+
+def block_bytes(layer, shape, pad=0, out_itemsize=None):
+    """Working set of one block of output ``shape`` (its largest window anywhere in the volume)."""
+    itemsize = layer.dtype.itemsize
+    params = layer.params
+    computed, inputs = [], []
+    for a, n in enumerate(shape):
+        k, s, d = params.kernel_size[a], params.stride[a], params.dilation[a]
+        span = min(layer.out_spatial[a], n + 2 * (s - 1))                 # widened to whole phases
+        computed.append(span)
+        inputs.append(min(layer.input_shape[2 + a], (span - 1 + (k - 1) * d) // s + 2))
+    n_batch = layer.input_shape[0]
+    x = n_batch * layer.input_shape[1] * math.prod(inputs) * itemsize
+    out = n_batch * layer.out_channels * math.prod(computed) * itemsize
+    stored = n_batch * layer.out_channels * math.prod(shape) * (out_itemsize or itemsize)
+    # Input as read and converted (and its edge copy), the computed block, its stored copy,
+    # and the kernel's scratch for a layer of this window (bounded by the whole layer's).
+    return FIXED_BYTES + x * (3 if pad else 2) + out + stored + layer.scratch_bytes()
+
+
+def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, block=None):
+    """Cut the output into blocks of whole chunks that fit the memory budget.
+
+    Parameters
+    ----------
+    layer : PreparedLayer
+    chunks : tuple of 3 int
+        The output's chunk (or shard) shape along D, H, W: blocks are multiples of it.
+    max_memory : int, optional
+        ``--max-memory``; default about SOFT_BUDGET, at most half of the available memory.
+    block : tuple of 3 int, optional
+        A block shape to use instead (rounded up to whole chunks).
+
+    Raises
+    ------
+    MemoryLimitError
+        One chunk's block does not fit.
+    """
+    out = layer.out_spatial
+    axes = layer.block_axes
+    chunks = tuple(min(int(c), n) for c, n in zip(chunks, out))
+    # Axes the kernel cannot cut span the whole output (in whole chunks, trivially).
+    base = tuple(chunks[a] if a in axes else out[a] for a in range(3))
+    if available is None:
+        available = available_memory()
+
+    def cost(shape):
+        return block_bytes(layer, shape, pad, out_itemsize)
+
+    if block is not None:
+        shape = tuple(out[a] if a not in axes else min(out[a], -(-int(block[a]) // chunks[a]) * chunks[a])
+                      for a in range(3))
+        budget = max_memory if max_memory is not None else cost(shape)
+    else:
+        hard = None if available is None else int(available * DEFAULT_SHARE)
+        if max_memory is not None:
+            budget = max_memory if available is None else min(max_memory, available)
+        else:
+            budget = SOFT_BUDGET if hard is None else min(SOFT_BUDGET, hard)
+            if cost(base) > budget and hard is not None:
+                budget = max(budget, hard)
+        if cost(base) > budget:
+            raise MemoryLimitError(
+                f"one block of output chunks {geometry.format_triple(base)} needs {human_bytes(cost(base))} but "
+                f"{'--max-memory is ' + human_bytes(max_memory) if max_memory is not None else 'only ' + human_bytes(budget) + ' can be used'}"
+                f"; use smaller --chunks or raise --max-memory")
+        shape = list(base)
+        grown = True
+        while grown:  # double along W, H, D in turn (a row of chunks first: contiguous reads)
+            grown = False
+            for a in (2, 1, 0):
+                if a not in axes or shape[a] >= out[a]:
+                    continue
+                trial = list(shape)
+                trial[a] = min(out[a], shape[a] * 2)
+                if cost(tuple(trial)) <= budget:
+                    shape, grown = trial, True
+        shape = tuple(shape)
+    starts = [range(0, out[a], shape[a]) for a in range(3)]
+    blocks = [(tuple(lo), tuple(min(out[a], lo[a] + shape[a]) for a in range(3)))
+              for lo in itertools.product(*starts)]
+    return BlockPlan(blocks, shape, budget, cost(shape))
+
+
+def run_blocks(layer, source, writer, plan, progress=None, skip=()):
+    """Compute every block of ``plan`` (but those in ``skip``) and hand it to ``writer``."""
+    done = 0
+    total = plan.count
+    for index, region in enumerate(plan.blocks):
+        if index not in skip:
+            writer.write_block(index, region, compute_block(layer, source.read_window, region))
+        done += 1
+        if progress:
+            progress(done, total)

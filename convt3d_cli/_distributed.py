@@ -111,3 +111,83 @@ def run_on_scheduler(address, tasks, on_result):
             # Ctrl-C or a failing callback: do not leave the remaining files queued on the cluster.
             client.cancel(list(futures))
             raise
+
+
+# --------------------------------------------------------------------------- one volume, block by block
+
+def _block_task(job, index, region):
+    """The Dask task of a block-wise run: compute and store one block on a worker.
+
+    A refusal (a damaged input chunk, a full disk) is returned as ``("error", message)``
+    rather than raised, so that Dask does not retry what would fail again.
+    """
+    from .blockrun import compute_and_store
+    from .errors import Convt3dError
+
+    with _COMPUTE:
+        try:
+            return ("ok", compute_and_store(job, index, region))
+        except Convt3dError as exc:
+            return ("error", type(exc).__name__, str(exc))
+
+
+#: Times Dask runs a block again after its worker died or the task raised.
+BLOCK_RETRIES = 3
+
+
+def run_blocks_on_scheduler(address, job, todo, total, progress=None):
+    """Run block tasks on the cluster at ``address``; returns the values clipped in all blocks.
+
+    Parameters
+    ----------
+    address : str
+        Scheduler address (``tcp://host:8786``).
+    job : blockrun.BlockJob
+    todo : list of (index, region)
+        The blocks to compute (a resumed run leaves out the complete ones).
+    total : int
+        Blocks of the whole run (for the progress count).
+    progress : callable(done, total), optional
+
+    Raises
+    ------
+    SchedulerError
+        The scheduler cannot be reached, or a block failed on every retry.
+    Convt3dError
+        A block was refused (the error of the first one, as raised locally).
+    """
+    from . import errors
+
+    distributed = require()
+    try:
+        client = distributed.Client(address, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise SchedulerError(f"cannot reach the Dask scheduler at {address}: {err}") from None
+    clipped = 0
+    done = total - len(todo)
+    with client:
+        # The job (weights, settings, the output's layout) goes to the cluster once.
+        [remote_job] = client.scatter([job], broadcast=True, hash=False)
+        futures = {client.submit(_block_task, remote_job, index, region, key=f"convt3d-block-{job.token}-{index}",
+                                 pure=False, retries=BLOCK_RETRIES, priority=-index): index
+                   for index, region in todo}
+        try:
+            for future in distributed.as_completed(futures, loop=client.loop):
+                try:
+                    result = future.result()
+                except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - Dask lost it
+                    name = type(err).__name__
+                    why = ("its workers died (out of memory?)" if name == "KilledWorker" else f"{name}: {err}")
+                    raise SchedulerError(" ".join(f"block {futures[future]} failed on the cluster: {why}; "
+                                                  f"rerun with --resume to continue".split())) from None
+                if result[0] == "error":
+                    kind = getattr(errors, result[1], errors.Convt3dError)
+                    raise (kind(result[2]) if kind is not errors.ParameterError else errors.Convt3dError(result[2]))
+                clipped += result[1]
+                done += 1
+                if progress:
+                    progress(done, total)
+        except BaseException:
+            client.cancel(list(futures))
+            raise
+    return clipped

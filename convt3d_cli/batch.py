@@ -32,7 +32,9 @@ __all__ = ["run_batch", "FileResult", "Task", "make_task", "run_task", "lost_res
            "result_line", "summary_line", "batch_exit_code"]
 
 #: ``run_file`` keyword arguments the batch sets itself (the others pass through).
-_BATCH_CONTROLLED = ("input", "output", "overwrite", "echo", "progress")
+# ``scheduler``/``resume`` of run_file spread one Zarr volume over a cluster; a batch
+# spreads files instead (its own ``scheduler``) and resumes with --skip-existing.
+_BATCH_CONTROLLED = ("input", "output", "overwrite", "echo", "progress", "scheduler", "resume")
 
 
 # --------------------------------------------------------------------------- results

@@ -172,11 +172,8 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
 
 def run_blocks(layer, source, writer, plan, progress=None, skip=()):
     """Compute every block of ``plan`` (but those in ``skip``) and hand it to ``writer``."""
-    done = 0
-    total = plan.count
     for index, region in enumerate(plan.blocks):
         if index not in skip:
             writer.write_block(index, region, compute_block(layer, source.read_window, region))
-        done += 1
         if progress:
-            progress(done, total)
+            progress(index + 1, plan.count)

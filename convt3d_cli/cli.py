@@ -178,15 +178,33 @@ class _Progress:
             self.bar = None
 
 
+def _resumable(output):
+    """``" (--resume continues it)"`` when an interrupted Zarr output kept its finished blocks."""
+    from .io.registry import split_spec
+
+    path = split_spec(output)[0]
+    if not path.lower().rstrip("/").endswith(".zarr"):
+        return ""
+    from .io.omezarr import partial_path
+
+    return "; --resume continues from its finished blocks" if os.path.isdir(partial_path(path)) else ""
+
+
 @cli.command()
 @click.argument("input", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT")
 @opt.job_options
+@opt.store_options
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Zarr outputs: compute the blocks on a Dask cluster (tcp://host:8786); workers open the "
+                   "stores themselves (shared file system). Needs convt3d[distributed].")
+@click.option("--resume", is_flag=True, default=False,
+              help="Zarr outputs: continue an interrupted run from the blocks it completed.")
 @opt.json_opt
 @opt.quiet_opt
 def run(input, output, weights, bias, no_bias, weight_layout, kernel_name, stride, padding, output_padding,
         dilation, groups, dtype, output_dtype, fourth_axis, like, voxel_size, no_sidecar, threads, max_memory,
-        compress_level, overwrite, as_json, quiet):
+        compress_level, overwrite, chunks, shards, compressor, scheduler, resume, as_json, quiet):
     """Upsample INPUT into OUTPUT with a transposed convolution.
 
     The layer comes from a weights file (--weights: a PyTorch checkpoint,
@@ -194,7 +212,8 @@ def run(input, output, weights, bias, no_bias, weight_layout, kernel_name, strid
     stride, padding, ... unless given here) or a built-in kernel (--kernel
     nearest|linear with --stride). The output size formula is printed per axis before
     computing. OUTPUT's suffix picks the format (.nii, .nii.gz, .mgz, .mgh, .h5,
-    .npz, .npy).
+    .npz, .npy, .zarr/.ome.zarr). A Zarr output is computed block by block, here or
+    on a Dask cluster (--scheduler); --resume continues an interrupted one.
     """
     from . import pipeline
 
@@ -209,18 +228,21 @@ def run(input, output, weights, bias, no_bias, weight_layout, kernel_name, strid
                                    progress=progress.callback, compress_level=compress_level,
                                    weight_layout=weight_layout, output_dtype=output_dtype,
                                    fourth_axis=fourth_axis, sidecar=not no_sidecar, threads=threads,
-                                   like=like, voxel_size=voxel_size)
+                                   like=like, voxel_size=voxel_size,
+                                   store_options=opt.store_dict(chunks, shards, compressor),
+                                   scheduler=scheduler, resume=resume)
     except KeyboardInterrupt:
         # The temporary output is already gone (atomic_write); say so on one line, exit 130.
+        # A Zarr output keeps its completed blocks for --resume.
         progress.close()
-        raise _CliError(f"interrupted; {output} was not written", 130) from None
+        raise _CliError(f"interrupted; {output} was not written{_resumable(output)}", 130) from None
     except SystemExit as stop:
         from .io._atomic import Terminated
 
         if not isinstance(stop, Terminated):
             raise
         progress.close()
-        raise _CliError(f"terminated (SIGTERM); {output} was not written", 143) from None
+        raise _CliError(f"terminated (SIGTERM); {output} was not written{_resumable(output)}", 143) from None
     finally:
         progress.close()
     if as_json:
@@ -346,6 +368,7 @@ def info(spec, as_json):
 @click.option("--format", "out_format", type=opt.OutputFormat(), default=None,
               help="Output format [default: each input's own].")
 @opt.job_options
+@opt.store_options
 @click.option("--skip-existing", is_flag=True, default=False,
               help="Leave files whose output exists (resume an interrupted batch).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
@@ -359,7 +382,7 @@ def info(spec, as_json):
 def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias, weight_layout, kernel_name,
           stride, padding, output_padding, dilation, groups, dtype, output_dtype, fourth_axis, like, voxel_size,
           no_sidecar, threads, max_memory, compress_level,
-          overwrite, skip_existing, jobs, scheduler, as_json, quiet):
+          overwrite, chunks, shards, compressor, skip_existing, jobs, scheduler, as_json, quiet):
     """Upsample many files with one layer into --out-dir.
 
     Every INPUT (and every line of --from-list) is processed as by `convt3d run`,
@@ -370,7 +393,14 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
     With -q only failures are printed. --scheduler runs the files on a Dask
     cluster (not with --jobs).
     """
-    from .batch import batch_exit_code, list_lines, read_list, result_line, run_batch, summary_line
+    from .batch import (
+        batch_exit_code,
+        list_lines,
+        read_list,
+        result_line,
+        run_batch,
+        summary_line,
+    )
 
     if from_list is None and not inputs:
         raise click.UsageError("give INPUT files or --from-list")
@@ -426,7 +456,8 @@ def batch(inputs, out_dir, from_list, suffix, out_format, weights, bias, no_bias
                             kernel=kernel_name, layer_options=layer_cli, dtype=dtype, max_memory=max_memory,
                             compress_level=compress_level, weight_layout=weight_layout,
                             output_dtype=output_dtype, fourth_axis=fourth_axis, sidecar=not no_sidecar,
-                            threads=threads, like=like, voxel_size=voxel_size)
+                            threads=threads, like=like, voxel_size=voxel_size,
+                            store_options=opt.store_dict(chunks, shards, compressor))
     except KeyboardInterrupt:
         # Finished outputs are complete and kept; the files in progress left nothing behind.
         raise _CliError(f"interrupted after {summary_line(finished, time.perf_counter() - started)}; "

@@ -266,6 +266,54 @@ kernel_opt = click.option(
     help="Built-in depthwise upsampling kernel instead of --weights (needs --stride, --like or --voxel-size).")
 
 
+def _positive_triple(ctx, param, value):
+    value = triple_handler(ctx, param, value)
+    if value is not None and min(value) < 1:
+        raise click.BadParameter("must be positive integers", ctx=ctx, param=param)
+    return value
+
+
+class _Compressors(click.Choice):
+    """``--compressor`` choices from the registry, read when click needs them."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from .io.registry import ZARR_COMPRESSORS
+
+        return ZARR_COMPRESSORS
+
+    @choices.setter
+    def choices(self, value):
+        """Ignored: the registry holds the list."""
+
+
+chunks_opt = click.option(
+    "--chunks", callback=_positive_triple, default=None, metavar="C",
+    help="Zarr outputs: chunk shape along z,y,x (C or Cz,Cy,Cx). [default: the input's chunks, else 128]")
+shards_opt = click.option(
+    "--shards", callback=_positive_triple, default=None, metavar="S",
+    help="Zarr v3 outputs: store chunks in shards of this shape (multiples of --chunks). [default: none]")
+compressor_opt = click.option(
+    "--compressor", type=_Compressors(), default=None,
+    help="Zarr outputs: the chunks' codec. [default: blosc-zstd, level 1]")
+
+
+def store_options(func):
+    """Decorator adding the Zarr output options ``--chunks --shards --compressor``."""
+    for option in reversed((chunks_opt, shards_opt, compressor_opt)):
+        func = option(func)
+    return func
+
+
+def store_dict(chunks, shards, compressor):
+    """The ``store_options`` of :func:`convt3d_cli.pipeline.run_file` (only what was given)."""
+    return {name: value for name, value in (("chunks", chunks), ("shards", shards), ("compressor", compressor))
+            if value is not None}
+
+
 def layer_options(func):
     """Decorator adding ``--stride --padding --output-padding --dilation --groups``."""
     for option in reversed((stride_opt, padding_opt, output_padding_opt, dilation_opt, groups_opt)):

@@ -25,7 +25,7 @@ def _silent(line=""):
 def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=None, layer_options=None,
              dtype="float32", max_memory=None, overwrite=False, echo=None, progress=None,
              compress_level=None, weight_layout=None, output_dtype=None, fourth_axis="auto", sidecar=True,
-             threads=None, like=None, voxel_size=None):
+             threads=None, like=None, voxel_size=None, store_options=None, scheduler=None, resume=False):
     """Upsample one volume file into another.
 
     Parameters
@@ -74,6 +74,14 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
         is refused saying why.
     voxel_size : float or 3 floats, optional
         For a built-in kernel: the stride is the input's voxel size over this.
+    store_options : dict, optional
+        Zarr outputs: ``chunks`` and ``shards`` (3 ints each, D/z, H/y, W/x) and
+        ``compressor`` (:data:`convt3d_cli.io.omezarr.COMPRESSORS`).
+    scheduler : str, optional
+        Zarr outputs: compute the blocks on the ``dask.distributed`` scheduler at this
+        address (:mod:`convt3d_cli._distributed`); workers read and write the stores.
+    resume : bool
+        Zarr outputs: continue an interrupted run from the blocks it completed.
 
     Returns
     -------
@@ -95,7 +103,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     with notices.collected(echo) as warned, limited_threads(threads):
         out = _run(input, output, weights, bias, no_bias, kernel, dict(layer_options or {}), dtype,
                    max_memory, overwrite, echo, progress, compress_level, weight_layout, output_dtype,
-                   fourth_axis, sidecar, like, voxel_size)
+                   fourth_axis, sidecar, like, voxel_size, dict(store_options or {}), scheduler, resume)
     out["warnings"] = list(warned)
     return out
 
@@ -130,7 +138,8 @@ def in_channels(weight_shape):
 
 
 def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, max_memory, overwrite, echo,
-         progress, compress_level, weight_layout, output_dtype, fourth_axis, sidecar, like, voxel_size):
+         progress, compress_level, weight_layout, output_dtype, fourth_axis, sidecar, like, voxel_size,
+         store_options, scheduler, resume):
     started = time.perf_counter()
 
     info = io.probe_volume(input)
@@ -175,35 +184,56 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
     from . import slabs
     from .io.safety import human_bytes
 
+    blockwise = io.blockwise(output)
+    if (scheduler or resume) and not blockwise:
+        raise errors.ParameterError("scheduler" if scheduler else "resume",
+                                    f"--{'scheduler' if scheduler else 'resume'} is for Zarr outputs (.zarr, "
+                                    f".ome.zarr); use 'convt3d batch --scheduler' to spread files over a cluster")
+    if store_options and not blockwise:
+        raise errors.ParameterError("chunks", "--chunks, --shards and --compressor are for Zarr outputs")
     transposed = io.transposed_slabs(output)
     slabs.check_feasible(plan, compute, transposed, max_memory)
     p = plan.params
     layer, pad = slabs.oriented_layer(
         info.engine_shape, None if loaded is None else loaded.weight,
         None if loaded is None else loaded.bias, p, compute, transposed, kernel=kernel)
-    slab_plan = slabs.plan_slabs(layer, pad, max_memory, resident=io.resident_bytes(info),
-                                 transposed=transposed)
     if info.fourth_axis == "volumes" and plan.output_shape[0] > 1:
         echo(f"volumes: {plan.output_shape[0]} along the 4th axis, each upsampled on its own")
     shown = dtype if stored == compute else f"{stored.name} (computed in {dtype})"
     echo(f"output:  {report.shape_str(plan.output_shape)} {shown} -> {output}")
-    if slab_plan.count > 1:
-        echo(f"stream:  {slab_plan.count} slabs along {slab_plan.axis}, about {human_bytes(slab_plan.needed)} "
-             f"each (budget {human_bytes(slab_plan.budget)})")
-
     folder = os.path.dirname(os.path.abspath(io.split_spec(output)[0]))
-    from .io._atomic import remove_stale_temporaries
+    if blockwise:
+        from .blockrun import run_blockwise
 
-    remove_stale_temporaries(io.split_spec(output)[0])  # those of killed runs; never a live writer's
-    source = io.open_source(info, transposed, compute, pad, folder)
-    try:
-        with io.open_writer(output, plan.output_shape, like=info, params=p, formula=plan.formula,
-                            overwrite=overwrite, source=input, dtype=compute,
-                            compress_level=compress_level, output_dtype=stored) as writer:
-            slabs.run_slabs(layer, source, writer, slab_plan, progress)
-            file_shape, clipped, stored = writer.file_shape, writer.clipped, writer.dtype
-    finally:
-        source.close()
+        fingerprint = {"input": _identity(input), "weights": None if loaded is None else loaded.source,
+                       "layer": _layer_digest(layer), "kernel": kernel, "params": p.as_dict(),
+                       "output_dtype": stored.name, "dtype": dtype}
+        done = run_blockwise(
+            layer, pad, info, input, output, plan, stored, compute, overwrite=overwrite, max_memory=max_memory,
+            store_options=store_options, scheduler=scheduler, resume=resume, fingerprint=fingerprint,
+            echo=echo, progress=progress, fourth_axis=fourth_axis, folder=folder, kernel=kernel)
+        file_shape, clipped, stored, slab_count = done["file_shape"], done["clipped"], done["dtype"], done["blocks"]
+        extra = {key: done[key] for key in ("blocks", "block_shape", "chunks", "resumed_blocks", "scheduler")}
+    else:
+        slab_plan = slabs.plan_slabs(layer, pad, max_memory, resident=io.resident_bytes(info),
+                                     transposed=transposed)
+        if slab_plan.count > 1:
+            echo(f"stream:  {slab_plan.count} slabs along {slab_plan.axis}, about {human_bytes(slab_plan.needed)} "
+                 f"each (budget {human_bytes(slab_plan.budget)})")
+
+        from .io._atomic import remove_stale_temporaries
+
+        remove_stale_temporaries(io.split_spec(output)[0])  # those of killed runs; never a live writer's
+        source = io.open_source(info, transposed, compute, pad, folder)
+        try:
+            with io.open_writer(output, plan.output_shape, like=info, params=p, formula=plan.formula,
+                                overwrite=overwrite, source=input, dtype=compute,
+                                compress_level=compress_level, output_dtype=stored) as writer:
+                slabs.run_slabs(layer, source, writer, slab_plan, progress)
+                file_shape, clipped, stored = writer.file_shape, writer.clipped, writer.dtype
+        finally:
+            source.close()
+        slab_count, extra = slab_plan.count, {}
     written = io.split_spec(output)[0]
     if sidecar_in is not None:
         try:
@@ -240,7 +270,31 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
         "output_file_shape": list(file_shape),
         "output_affine": geometry.output_affine(info.affine, plan.params).tolist(),
         "seconds": round(seconds, 6),
-        "slabs": slab_plan.count,
+        "slabs": slab_count,
         "peak_memory_bytes": slabs.peak_memory_bytes(),
     })
+    out.update(extra)
     return out
+
+
+def _identity(spec):
+    """An input as a run's identity: its path and the size and time of its files (``--resume``)."""
+    path = os.path.abspath(io.split_spec(spec)[0])
+    stamp = []
+    for folder, _, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [path])]:
+        for name in sorted(files):
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            stamp.append((st.st_size, st.st_mtime_ns))
+    return [spec, path, len(stamp), sum(a for a, _ in stamp), max((b for _, b in stamp), default=0)]
+
+
+def _layer_digest(layer):
+    """A digest of a layer's weights and bias (``--resume`` continues only the same layer)."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(layer.weight).tobytes())
+    digest.update(np.ascontiguousarray(layer.bias).tobytes())
+    return digest.hexdigest()[:20]

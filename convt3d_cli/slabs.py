@@ -103,7 +103,7 @@ def check_feasible(plan, dtype, transposed, max_memory=None, available=None):
 
 # --------------------------------------------------------------------------- layer
 
-def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=None):
+def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=None, path=None):
     """The engine layer for the (possibly transposed, possibly edge-padded) problem.
 
     Parameters
@@ -115,6 +115,8 @@ def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=
     params : geometry.LayerParams
         The layer (for a built-in kernel: the reported, unpadded one).
     kernel : {"nearest", "linear"}, optional
+    path : str, optional
+        Pin the engine path (a worker of a block-wise run uses the client's choice).
 
     Returns
     -------
@@ -144,7 +146,8 @@ def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=
     if transposed:
         weight = weight.transpose(0, 1, 2, 5, 4, 3)
         shape = geometry.oriented(shape, True)
-    layer = PreparedLayer(shape, weight, bias, stride, padding, output_padding, dilation, params.groups, dtype)
+    layer = PreparedLayer(shape, weight, bias, stride, padding, output_padding, dilation, params.groups, dtype,
+                          path=path)
     return layer, pad
 
 

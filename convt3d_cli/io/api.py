@@ -15,14 +15,23 @@ import numpy as np
 
 from ..errors import FileFormatError, OutputError, ParameterError, ShapeError
 from . import _gzip
-from ._atomic import check_target, same_file
+from ._atomic import same_file
 from .base import WeightsFormat
 from .dtypes import check_numeric, dtype_name
-from .entries import BIAS, WEIGHT, basename, choose_entry, choose_layer, entry_source, find_bias, parse_options
+from .entries import (
+    BIAS,
+    WEIGHT,
+    basename,
+    choose_entry,
+    choose_layer,
+    entry_source,
+    find_bias,
+    parse_options,
+)
 from .layouts import check_layout, engine_shape, to_engine
 from .records import StoredLayer, Volume, Weights, WeightsInfo
 from .registry import format_for, format_module, output_format_for, split_spec
-from .safety import check_memory, human_bytes, require_file, writable_bytes
+from .safety import check_memory, human_bytes, writable_bytes
 from .streaming import oriented_view
 
 
@@ -57,10 +66,46 @@ def transposed_slabs(spec):
     return output_format_for(split_spec(spec)[0]).transposed
 
 
+def blockwise(spec):
+    """Whether an output ``PATH[:KEY]`` is a chunked store written block by block (Zarr)."""
+    return output_format_for(split_spec(spec)[0]).blockwise
+
+
+def open_block_writer(spec, out_shape, *, like, params, formula, overwrite=False, source=None, dtype=np.float32,
+                      output_dtype=None, chunks=None, shards=None, compressor=None, resume=False, fingerprint=None,
+                      blocks=None):
+    """Open the writer of a block-wise output (a Zarr store); see :class:`convt3d_cli.io.omezarr.ZarrWriter`.
+
+    Returns
+    -------
+    ZarrWriter
+        ``write_block(index, region, block)``, ``done()``, ``commit()``, ``abort(keep)``;
+        ``layout`` is what a worker process needs to write blocks itself.
+    """
+    path, key = split_spec(spec)
+    fmt = output_format_for(path)
+    stored = fmt.stored_dtype(output_dtype if output_dtype is not None else dtype, dtype)
+    return fmt.open_block_writer(path, key, tuple(int(v) for v in out_shape), stored, overwrite=overwrite,
+                                 like=like, params=params, formula=list(formula), source=source, chunks=chunks,
+                                 shards=shards, compressor=compressor, resume=resume, fingerprint=fingerprint,
+                                 blocks=blocks)
+
+
+def output_chunks(spec, like, out_shape, chunks=None, shards=None):
+    """The chunk shape blocks of a block-wise output align to: ``shards``, else ``chunks``, else the
+    format's default for this input (the input's chunks, or 128 per axis)."""
+    if shards:
+        return tuple(int(v) for v in shards)
+    if chunks:
+        return tuple(int(v) for v in chunks)
+    return output_format_for(split_spec(spec)[0]).default_chunks(like, out_shape)
+
+
 def _reader(spec):
     path, key = split_spec(spec)
-    require_file(path)
-    return path, key, format_for(path)
+    fmt = format_for(path)
+    fmt.require(path)
+    return path, key, fmt
 
 
 # --------------------------------------------------------------------------- volumes
@@ -443,7 +488,7 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why
             raise OutputError(f"the output {path} is the input file {other}; choose another output name "
                               f"(--overwrite never replaces an input)")
     fmt = output_format_for(path)
-    folder = check_target(path, overwrite)
+    folder = fmt.check_target(path, overwrite)
     out_shape = tuple(int(v) for v in out_shape)
     fmt.output_key(key, out_shape)
     stored = fmt.stored_dtype(output_dtype if output_dtype is not None else dtype, dtype)

@@ -56,6 +56,19 @@ class Format:
     #: Whether weights (and biases) may be read from this format.
     holds_weights = False
 
+    #: Whether outputs are written block by block (a chunked store) rather than in slabs.
+    blockwise = False
+
+    def require(self, path):
+        """Refuse a path this format cannot read before anything opens it (a regular file here)."""
+        require_file(path)
+
+    def check_target(self, path, overwrite):
+        """Refuse an output path that cannot be written; return its folder."""
+        from ._atomic import check_target
+
+        return check_target(path, overwrite)
+
     def stored_dtype(self, dtype, data_dtype=None):
         """The element type an output is stored in: ``dtype``, or the data's when it is ``None``."""
         return np.dtype(dtype if dtype is not None else data_dtype)

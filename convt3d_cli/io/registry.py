@@ -29,6 +29,8 @@ _MODULES = {
     ".npy": "npy",
     ".mgz": "mgh",
     ".mgh": "mgh",
+    ".ome.zarr": "omezarr",
+    ".zarr": "omezarr",
     ".safetensors": "safetensors",
     ".keras": "keras",
     ".onnx": "onnx",
@@ -37,6 +39,9 @@ _MODULES = {
     ".pt": "pytorch",
 }
 SUFFIXES = tuple(_MODULES)
+#: ``--compressor`` of Zarr outputs (the first is the default); here so the command line
+#: can list them without loading the Zarr module.
+ZARR_COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
 # Formats that hold trained layers only: read by --weights, never written.
 _WEIGHTS_ONLY = frozenset({"pytorch", "safetensors", "onnx", "keras"})
 VOLUME_SUFFIXES = tuple(s for s, m in _MODULES.items() if m not in _WEIGHTS_ONLY)

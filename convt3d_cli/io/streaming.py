@@ -230,9 +230,15 @@ class Source:
     def _raw(self, a, b):
         raise NotImplementedError
 
+    def _raw_window(self, lo, hi):
+        """Input ``[lo, hi)`` per spatial axis of the unpadded input (engine orientation): by
+        default the planes of the slab axis, cut; sources that can read less override it."""
+        return self._raw(lo[0], hi[0])[:, :, :, lo[1]:hi[1], lo[2]:hi[2]]
+
     def _converted(self, a, b):
-        raw = self._raw(a, b)
-        shape = self.shape[:2] + (b - a,) + self.shape[3:]
+        return self._converted_raw(self._raw(a, b), self.shape[:2] + (b - a,) + self.shape[3:])
+
+    def _converted_raw(self, raw, shape):
         if self.scaling is None and self.read_dtype == self.dtype:
             out = np.empty(shape, dtype=self.dtype)
             np.copyto(out, raw, casting="unsafe")
@@ -242,6 +248,22 @@ class Source:
         del raw
         apply_scaling(stage, self.scaling)
         return np.ascontiguousarray(stage, dtype=self.dtype)
+
+    def read_window(self, lo, hi):
+        """Input ``[lo, hi)`` per spatial axis of the (padded) input, in compute dtype (block-wise
+        runs, never transposed): the edge replication of :meth:`read` along all three axes."""
+        if not self.pad:
+            return self._converted_raw(self._raw_window(lo, hi),
+                                       self.shape[:2] + tuple(b - a for a, b in zip(lo, hi)))
+        n = self.shape[2:]
+        real_lo = [min(max(a - 1, 0), m - 1) for a, m in zip(lo, n)]
+        real_hi = [min(max(b - 2, 0), m - 1) + 1 for b, m in zip(hi, n)]
+        core = self._converted_raw(self._raw_window(real_lo, real_hi),
+                                   self.shape[:2] + tuple(b - a for a, b in zip(real_lo, real_hi)))
+        for axis in range(3):
+            index = np.clip(np.arange(lo[axis], hi[axis]) - 1, 0, n[axis] - 1) - real_lo[axis]
+            core = np.take(core, index, axis=2 + axis)
+        return np.ascontiguousarray(core)
 
     def read(self, a, b):
         """Planes ``[a, b)`` of the (padded) input along the slab axis."""
@@ -269,6 +291,9 @@ class ArraySource(Source):
 
     def _raw(self, a, b):
         return self.array[:, :, a:b]
+
+    def _raw_window(self, lo, hi):
+        return self.array[:, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
 
     def close(self):
         self.array = None

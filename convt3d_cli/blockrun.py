@@ -1,0 +1,144 @@
+"""One volume into a chunked store, block by block, here or on a Dask cluster.
+
+:func:`run_blockwise` is the Zarr branch of :func:`convt3d_cli.pipeline.run_file`:
+it plans blocks of whole output chunks (:mod:`convt3d_cli.blocks`), opens the
+output store under its partial name, computes the blocks in this process or as
+tasks on a ``dask.distributed`` cluster (:mod:`convt3d_cli._distributed`) and
+renames the store onto the target when every block is in.
+
+A worker needs only a :class:`BlockJob`: where the input is, how to build the
+layer (weights and settings, the engine path chosen here), and where and how
+the output array stores blocks. Workers open the stores themselves; no voxel
+passes through the client or the scheduler.
+
+Failures: a refusal (a damaged chunk, a full disk) removes the partial store; an
+interruption (Ctrl-C, SIGTERM) keeps it, and ``--resume`` continues from the
+blocks whose markers exist (:class:`~convt3d_cli.io.omezarr.StoreLayout`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import blocks, io
+from .io.safety import human_bytes
+
+
+@dataclass
+class BlockJob:
+    """Everything a process needs to compute and store blocks of one run (picklable)."""
+
+    input: str
+    fourth_axis: str
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    kernel: str | None
+    params: object
+    dtype: str
+    path: str
+    pad: int
+    layout: object
+    token: str
+
+
+_CACHE = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _prepared(job):
+    """The layer and input source of ``job`` in this process (built once per run and process)."""
+    from . import slabs
+
+    with _CACHE_LOCK:
+        if job.token in _CACHE:
+            return _CACHE[job.token]
+        for old in list(_CACHE):
+            _CACHE.pop(old)[1].close()
+        info = io.with_fourth_axis(io.probe_volume(job.input), job.fourth_axis,
+                                   None if job.weight is None else _in_channels(job.weight.shape))
+        compute = np.dtype(job.dtype)
+        layer, pad = slabs.oriented_layer(info.engine_shape, job.weight, job.bias, job.params, compute, False,
+                                          kernel=job.kernel, path=job.path)
+        import os
+
+        source = io.open_source(info, False, compute, pad, os.path.dirname(job.layout.store))
+        _CACHE[job.token] = (layer, source)
+        return layer, source
+
+
+def _in_channels(shape):
+    return shape[0] * shape[1] if len(shape) == 6 else shape[0]
+
+
+def compute_and_store(job, index, region):
+    """Compute block ``index`` (output ``region``) of ``job`` and store it; returns clipped values."""
+    layer, source = _prepared(job)
+    return job.layout.write(index, region, blocks.compute_block(layer, source.read_window, region))
+
+
+def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, overwrite, max_memory, store_options,
+                  scheduler, resume, fingerprint, echo, progress, fourth_axis, folder, kernel=None):
+    """Write ``output`` (a Zarr store) block by block; see the module docstring.
+
+    Returns
+    -------
+    dict
+        ``file_shape``, ``clipped``, ``dtype``, ``blocks``, ``block_shape``, ``chunks``,
+        ``resumed_blocks``, ``scheduler``.
+    """
+    import os
+    import uuid
+
+    from .io._atomic import Terminated
+
+    chunks = io.output_chunks(output, info, plan.output_shape, store_options.get("chunks"),
+                              store_options.get("shards"))
+    bplan = blocks.plan_blocks(layer, chunks, max_memory, pad, stored.itemsize)
+    writer = io.open_block_writer(output, plan.output_shape, like=info, params=plan.params, formula=plan.formula,
+                                  overwrite=overwrite, source=input, dtype=compute, output_dtype=stored,
+                                  chunks=store_options.get("chunks") or (None if store_options.get("shards")
+                                                                         else chunks),
+                                  shards=store_options.get("shards"), compressor=store_options.get("compressor"),
+                                  resume=resume, fingerprint=fingerprint, blocks=list(bplan.shape))
+    skip = writer.done() if resume else set()
+    echo(f"blocks:  {bplan.count} of {'x'.join(map(str, bplan.shape))} (chunks "
+         f"{'x'.join(map(str, writer.chunks))}), about {human_bytes(bplan.needed)} each "
+         f"(budget {human_bytes(bplan.budget)})" + (f"; {len(skip)} already done" if skip else ""))
+    try:
+        if scheduler:
+            from . import _distributed
+
+            job = BlockJob(input=os.path.abspath(io.split_spec(input)[0]) + (
+                f":{io.split_spec(input)[1]}" if io.split_spec(input)[1] else ""),
+                fourth_axis=info.fourth_axis or fourth_axis, weight=_user_weight(layer, kernel),
+                bias=None if kernel else layer.bias, kernel=kernel, params=plan.params, dtype=compute.name,
+                path=layer.path, pad=pad, layout=writer.layout, token=uuid.uuid4().hex)
+            todo = [(index, region) for index, region in enumerate(bplan.blocks) if index not in skip]
+            echo(f"cluster: {scheduler}, {len(todo)} block tasks")
+            writer.clipped += _distributed.run_blocks_on_scheduler(scheduler, job, todo, bplan.count, progress)
+        else:
+            source = io.open_source(info, False, compute, pad, folder)
+            try:
+                blocks.run_blocks(layer, source, writer, bplan, progress, skip)
+            finally:
+                source.close()
+        writer.commit()
+    except (KeyboardInterrupt, Terminated):
+        writer.abort(keep=True)
+        raise
+    except BaseException:
+        writer.abort()
+        raise
+    return {"file_shape": writer.file_shape, "clipped": writer.clipped, "dtype": writer.dtype,
+            "blocks": bplan.count, "block_shape": list(bplan.shape), "chunks": list(writer.chunks),
+            "resumed_blocks": len(skip), "scheduler": scheduler}
+
+
+def _user_weight(layer, kernel):
+    """The weight a worker rebuilds the layer from: none for a built-in kernel (it is made again)."""
+    if kernel:
+        return None
+    return layer.weight

@@ -1,0 +1,906 @@
+"""OME-Zarr (NGFF 0.4 and 0.5) images and plain Zarr v2/v3 arrays, read and written by block.
+
+A Zarr store is a folder (``vol.zarr``, ``vol.ome.zarr``); ``PATH:KEY`` names an
+array inside it (``vol.ome.zarr:0``, the full-resolution level of a multiscale
+image). Without a key: the array the store is, else the first level of its NGFF
+multiscale image, else its only array.
+
+Axes. NGFF ``axes`` name the array's dimensions: ``t``, ``c``, ``z``, ``y``, ``x``
+(in that order, any of ``t``/``c`` absent) map to N, C, D, H, W. A plain array
+follows the array-file rules ``(D,H,W)``, ``(C,D,H,W)``, ``(N,C,D,H,W)``.
+
+Coordinates. The voxel-to-world map is NGFF's ``scale`` and ``translation``
+(the dataset's, then the multiscale's), an affine without rotation over
+``(z, y, x)``. Outputs follow the same rule as NIfTI affines
+(:func:`convt3d_cli.geometry.output_affine`: scale over the stride, translation
+moved to the centre of each output voxel's kernel footprint) and are written as
+NGFF 0.5 (Zarr v3) or 0.4 (Zarr v2, when the input is v2) with one level, ``0``.
+
+Writing. The output store is built under ``.NAME.convt3d-partial`` beside the
+target and renamed onto it when complete. Blocks of whole chunks
+(:mod:`convt3d_cli.blocks`) are written by whichever process computes them; a
+block is complete when its marker file exists in ``.convt3d-blocks/``, written
+after all its chunks, so ``--resume`` recomputes exactly the blocks without one.
+
+Safety. Metadata JSON is read by this module, size-limited, and checked before
+zarr-python opens anything: numeric dtypes only, and only the codecs in
+:data:`SAFE_CODECS` (no pickle or other object codecs), so reading a store never
+runs code from it.
+
+zarr-python 3 is an optional dependency (``pip install "convt3d[zarr]"``, Python
+>= 3.11), imported only when a Zarr store is read or written (about 0.5 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import stat
+
+import numpy as np
+
+from .. import geometry
+from ..errors import (
+    FileFormatError,
+    KeyNotFoundError,
+    MissingDependency,
+    OutputError,
+    ShapeError,
+)
+from .base import Format, array_engine_shape, jsonable
+from .dtypes import byte_order, cast_block, check_numeric, dtype_name, native
+from .records import VolumeInfo
+from .registry import ZARR_COMPRESSORS
+from .safety import check_nonempty
+from .streaming import Source
+
+INSTALL_HINT = 'pip install "convt3d[zarr]"'
+#: Metadata documents longer than this are not read.
+MAX_METADATA_BYTES = 16 << 20
+#: Codecs a store may use (Zarr v3 names; v2 ``id``s map to them in :func:`_codec_names`).
+SAFE_CODECS = frozenset({
+    "bytes", "transpose", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "zlib", "lz4", "bz2", "lzma",
+    "shuffle", "delta", "bitround", "fletcher32", "adler32", "crc32", "packbits", "quantize", "fixedscaleoffset"})
+#: Compressors ``--compressor`` offers; the first is the default.
+COMPRESSORS = ZARR_COMPRESSORS
+#: Chunk edge of an output without a chunked input (voxels per spatial axis).
+DEFAULT_CHUNK = 128
+PARTIAL_SUFFIX = ".convt3d-partial"
+MARKERS = ".convt3d-blocks"
+RUN_FILE = ".convt3d-run.json"
+_SPACE = ("z", "y", "x")
+
+
+def require_zarr():
+    """The ``zarr`` package (version 3), or :class:`MissingDependency` with the install hint."""
+    try:
+        import zarr
+    except ImportError as err:
+        raise MissingDependency(f"Zarr stores need zarr-python 3 ({err}); install it with: {INSTALL_HINT}") from None
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise MissingDependency(f"Zarr stores need zarr-python 3, found {zarr.__version__}; "
+                                f"upgrade with: {INSTALL_HINT}")
+    # zarr reads with asyncio tasks; after a failed read the pending ones are logged at exit.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    return zarr
+
+
+# --------------------------------------------------------------------------- metadata (our own reading)
+
+def _read_json(path, what):
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_METADATA_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_METADATA_BYTES:
+        raise FileFormatError(f"{path}: {what} is longer than {MAX_METADATA_BYTES >> 20} MiB; not read")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FileFormatError(f"{path}: {what} is not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(value, dict):
+        raise FileFormatError(f"{path}: {what} is not a JSON object")
+    return value
+
+
+def _node(store, key):
+    """``(kind, zarr_format, metadata, attributes)`` of the node at ``key`` ("" = root), or ``None``."""
+    folder = os.path.join(store, *[p for p in (key or "").split("/") if p])
+    meta = _read_json(os.path.join(folder, "zarr.json"), "zarr.json")
+    if meta is not None:
+        kind = meta.get("node_type")
+        if kind not in ("array", "group") or meta.get("zarr_format") != 3:
+            raise FileFormatError(f"{folder}/zarr.json is not Zarr v3 metadata")
+        attrs = meta.get("attributes") or {}
+        return kind, 3, meta, attrs if isinstance(attrs, dict) else {}
+    attrs = _read_json(os.path.join(folder, ".zattrs"), ".zattrs") or {}
+    array = _read_json(os.path.join(folder, ".zarray"), ".zarray")
+    if array is not None:
+        return "array", 2, array, attrs
+    group = _read_json(os.path.join(folder, ".zgroup"), ".zgroup")
+    if group is not None:
+        return "group", 2, group, attrs
+    return None
+
+
+def _codec_names(meta, fmt):
+    """Every codec name an array's metadata uses (nested sharding codecs included)."""
+    names = []
+    if fmt == 2:
+        for item in [meta.get("compressor")] + list(meta.get("filters") or []):
+            if item is None:
+                continue
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                raise FileFormatError("a codec entry is not an object with an 'id'")
+            names.append(item["id"])
+        return names
+
+    def walk(codecs):
+        if not isinstance(codecs, list):
+            raise FileFormatError("'codecs' is not a list")
+        for item in codecs:
+            if isinstance(item, str):
+                names.append(item)
+                continue
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise FileFormatError("a codec entry is not an object with a 'name'")
+            names.append(item["name"])
+            config = item.get("configuration") or {}
+            if item["name"] == "sharding_indexed" and isinstance(config, dict):
+                walk(config.get("codecs", []))
+                walk(config.get("index_codecs", []))
+
+    walk(meta.get("codecs", []))
+    return names
+
+
+def _check_array_meta(where, meta, fmt):
+    """Refuse what convt3d does not read before zarr-python sees it: codecs, dtypes, shapes."""
+    try:
+        names = _codec_names(meta, fmt)
+    except FileFormatError as exc:
+        raise FileFormatError(f"{where}: {exc}") from None
+    for name in names:
+        bare = name.removeprefix("numcodecs.")
+        if bare not in SAFE_CODECS:
+            raise FileFormatError(f"{where}: codec '{name}' is not read by convt3d (allowed: "
+                                  f"{', '.join(sorted(SAFE_CODECS))}); object and pickle codecs can run code")
+    shape = meta.get("shape")
+    chunks = (meta.get("chunks") if fmt == 2 else
+              ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape"))
+    for name, value in (("shape", shape), ("chunks", chunks)):
+        if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+            raise FileFormatError(f"{where}: '{name}' is not a list of non-negative integers")
+    if len(chunks) != len(shape) or min(chunks, default=1) < 1:
+        raise FileFormatError(f"{where}: chunks {chunks} do not fit shape {shape}")
+    if math.prod(max(v, 1) for v in shape) > 1 << 62:
+        raise FileFormatError(f"{where}: shape {shape} is larger than any array can be")
+    dtype = meta.get("dtype") if fmt == 2 else meta.get("data_type")
+    if not isinstance(dtype, str):
+        raise FileFormatError(f"{where}: the element type {str(dtype)[:40]} is not a numeric type")
+    try:
+        parsed = np.dtype(dtype)
+    except TypeError:
+        raise FileFormatError(f"{where}: element type '{dtype[:40]}' is not read (numeric types only)") from None
+    check_numeric(parsed, where)
+    return tuple(shape), tuple(chunks), parsed
+
+
+def _arrays(store, key="", depth=0):
+    """Paths of every array under the group at ``key`` (metadata files only)."""
+    found = []
+    folder = os.path.join(store, *[p for p in key.split("/") if p])
+    if depth > 8:
+        return found
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith("."):
+            continue
+        child = f"{key}/{name}" if key else name
+        if not os.path.isdir(os.path.join(folder, name)) or os.path.islink(os.path.join(folder, name)):
+            continue
+        node = _node(store, child)
+        if node is None:
+            continue
+        if node[0] == "array":
+            found.append(child)
+        else:
+            found.extend(_arrays(store, child, depth + 1))
+    return found
+
+
+def _multiscales(attrs):
+    """``(version, list)`` of NGFF multiscales in group attributes (0.5 under ``ome``), or ``(None, [])``."""
+    ome = attrs.get("ome")
+    if isinstance(ome, dict) and isinstance(ome.get("multiscales"), list):
+        return str(ome.get("version", "0.5")), ome["multiscales"]
+    if isinstance(attrs.get("multiscales"), list):
+        first = attrs["multiscales"][0] if attrs["multiscales"] else {}
+        return str(first.get("version", "0.4") if isinstance(first, dict) else "0.4"), attrs["multiscales"]
+    return None, []
+
+
+def _numbers(value, n, what, where, positive=False):
+    if not isinstance(value, list) or len(value) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise FileFormatError(f"{where}: {what} must be {n} finite numbers, got {str(value)[:80]}")
+    if positive and min(value) <= 0:
+        raise FileFormatError(f"{where}: {what} must be positive, got {value}")
+    return [float(v) for v in value]
+
+
+def _transforms(items, n, where):
+    """``(scale, translation)`` of a list of NGFF coordinateTransformations."""
+    scale, shift = [1.0] * n, [0.0] * n
+    if items is None:
+        return scale, shift
+    if not isinstance(items, list):
+        raise FileFormatError(f"{where}: coordinateTransformations is not a list")
+    for item in items:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "identity":
+            continue
+        if kind == "scale":
+            if "path" in item:
+                raise FileFormatError(f"{where}: coordinateTransformations stored in a file are not read")
+            factor = _numbers(item.get("scale"), n, "scale", where, positive=True)
+            scale = [a * b for a, b in zip(scale, factor)]
+            shift = [a * b for a, b in zip(shift, factor)]
+        elif kind == "translation":
+            if "path" in item:
+                raise FileFormatError(f"{where}: coordinateTransformations stored in a file are not read")
+            offset = _numbers(item.get("translation"), n, "translation", where)
+            shift = [a + b for a, b in zip(shift, offset)]
+        else:
+            raise FileFormatError(f"{where}: coordinate transformation {str(kind)[:40]!r} is not read "
+                                  f"(scale and translation are)")
+    return scale, shift
+
+
+def _axes(raw, ndim, where):
+    """NGFF axes -> ``(names, units)``; only ``[t][c]zyx`` is a 3-D volume."""
+    if not isinstance(raw, list) or len(raw) != ndim:
+        raise FileFormatError(f"{where}: the image's axes do not match the array's {ndim} dimensions")
+    names, units = [], []
+    for axis in raw:
+        if isinstance(axis, str):
+            axis = {"name": axis}
+        if not isinstance(axis, dict) or not isinstance(axis.get("name"), str):
+            raise FileFormatError(f"{where}: an axis has no name")
+        names.append(axis["name"].lower())
+        units.append(axis.get("unit") if isinstance(axis.get("unit"), str) else None)
+    order = [n for n in ("t", "c", "z", "y", "x") if n in names]
+    if names != order or names[-3:] != list(_SPACE):
+        raise FileFormatError(f"{where}: axes ({','.join(names)}) are not a 3-D volume; convt3d reads t,c,z,y,x "
+                              f"with t and c optional, in that order")
+    return names, units
+
+
+class _Image:
+    """What :meth:`ZarrFormat.probe` learnt about one array: its NGFF context and shapes."""
+
+    def __init__(self, store, key, fmt, meta, shape, chunks, dtype, axes, units, scale, shift, version,
+                 group_attrs):
+        self.store, self.key, self.fmt, self.meta = store, key, fmt, meta
+        self.shape, self.chunks, self.dtype = shape, chunks, dtype
+        self.axes, self.units, self.scale, self.shift = axes, units, scale, shift
+        self.version, self.group_attrs = version, group_attrs
+
+    @property
+    def shards(self):
+        if self.fmt != 3:
+            return None
+        for codec in self.meta.get("codecs") or []:
+            if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+                return tuple(self.chunks), tuple((codec.get("configuration") or {}).get("chunk_shape") or ())
+        return None
+
+    @property
+    def read_chunks(self):
+        """Chunk shape as zarr-python reads it (the inner chunks of a shard)."""
+        shards = self.shards
+        return shards[1] if shards and len(shards[1]) == len(self.shape) else self.chunks
+
+    def engine_shape(self, where):
+        if self.axes is None:
+            return array_engine_shape(self.shape, where)
+        sizes = dict(zip(self.axes, self.shape))
+        shape = (sizes.get("t", 1), sizes.get("c", 1)) + tuple(sizes[a] for a in _SPACE)
+        check_nonempty(shape, where)
+        return shape
+
+    def engine_index(self, engine_slices):
+        """The array's index for engine slices ``(N, C, D, H, W)``."""
+        if self.axes is None:
+            return engine_slices[5 - len(self.shape):]
+        picks = {"t": engine_slices[0], "c": engine_slices[1], "z": engine_slices[2], "y": engine_slices[3],
+                 "x": engine_slices[4]}
+        return tuple(picks[a] for a in self.axes)
+
+    def affine(self):
+        affine = np.eye(4)
+        affine[[0, 1, 2], [0, 1, 2]] = self.scale
+        affine[:3, 3] = self.shift
+        return affine
+
+
+def _describe_where(store, key):
+    return f"{store}:{key}" if key else store
+
+
+def require_store(path):
+    """Refuse a path that is not a Zarr store folder (without following it into devices)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileFormatError(f"no such Zarr store: {path}") from None
+    except OSError as exc:
+        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(mode):
+        raise FileFormatError(f"{path} is not a Zarr store (a folder with zarr.json, .zgroup or .zarray)")
+    if _node(path, "") is None:
+        raise FileFormatError(f"{path} is a folder without Zarr metadata (zarr.json, .zgroup or .zarray)")
+
+
+def _image(store, key):
+    """Find and check the array ``key`` names (see the module docstring) and its NGFF context."""
+    require_store(store)
+    root = _node(store, "")
+    where = _describe_where(store, key)
+    version, multiscales, group_attrs, scale_ctx = None, [], {}, None
+    if key is None:
+        if root[0] == "array":
+            key = ""
+        else:
+            version, multiscales = _multiscales(root[3])
+            if multiscales:
+                first = multiscales[0] if isinstance(multiscales[0], dict) else {}
+                datasets = first.get("datasets")
+                if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict) \
+                        or not isinstance(datasets[0].get("path"), str):
+                    raise FileFormatError(f"{store}: the NGFF multiscales have no dataset path")
+                key = datasets[0]["path"]
+            else:
+                arrays = _arrays(store)
+                if len(arrays) != 1:
+                    listed = ", ".join(arrays[:10]) or "none"
+                    raise FileFormatError(f"{store} holds {len(arrays)} arrays ({listed}); name one as {store}:KEY")
+                key = arrays[0]
+        where = _describe_where(store, key)
+    key = key.strip("/")
+    if any(part in ("", ".", "..") for part in key.split("/")) and key:
+        raise KeyNotFoundError(f"{where}: not an array path inside the store")
+    node = _node(store, key)
+    if node is None or node[0] != "array":
+        if node is not None and node[0] == "group":
+            version, multiscales = _multiscales(node[3])
+            if multiscales:
+                return _image(store, f"{key}/{multiscales[0]['datasets'][0]['path']}" if key else None)
+        arrays = _arrays(store)
+        raise KeyNotFoundError(f"{where}: no such array in the store (arrays: {', '.join(arrays[:10]) or 'none'})")
+    _, fmt, meta, attrs = node
+    shape, chunks, dtype = _check_array_meta(where, meta, fmt)
+    # The NGFF image this array is a level of: the group above it that lists it as a dataset.
+    parts = key.split("/") if key else []
+    axes = units = None
+    scale, shift = [1.0] * 3, [0.0] * 3
+    for cut in range(len(parts) - 1, -1, -1):
+        parent = "/".join(parts[:cut])
+        group = _node(store, parent)
+        if group is None or group[0] != "group":
+            continue
+        version, multiscales = _multiscales(group[3])
+        rel = "/".join(parts[cut:])
+        for image in multiscales:
+            if not isinstance(image, dict):
+                continue
+            for dataset in image.get("datasets") or []:
+                if isinstance(dataset, dict) and dataset.get("path") == rel:
+                    axes, units = _axes(image.get("axes") if "axes" in image else ["t", "c", "z", "y", "x"][-len(shape):],
+                                        len(shape), where)
+                    s1, t1 = _transforms(dataset.get("coordinateTransformations"), len(shape), where)
+                    s2, t2 = _transforms(image.get("coordinateTransformations"), len(shape), where)
+                    scale_all = [a * b for a, b in zip(s1, s2)]
+                    shift_all = [a * b + c for a, b, c in zip(t1, s2, t2)]
+                    scale, shift = scale_all[-3:], shift_all[-3:]
+                    group_attrs = group[3]
+                    scale_ctx = image
+                    break
+            if scale_ctx is not None:
+                break
+        if scale_ctx is not None:
+            break
+    if scale_ctx is None:
+        version = None
+        dims = meta.get("dimension_names") if fmt == 3 else attrs.get("_ARRAY_DIMENSIONS")
+        if isinstance(dims, list) and len(dims) == len(shape) and all(isinstance(d, str) for d in dims) \
+                and [d.lower() for d in dims][-3:] == list(_SPACE):
+            axes, units = _axes(dims, len(shape), where)
+    return _Image(store, key, fmt, meta, shape, chunks, dtype, axes, units, scale, shift, version, group_attrs)
+
+
+# --------------------------------------------------------------------------- reading
+
+class ZarrSource(Source):
+    """Input windows read straight from the store; a chunk that cannot be decoded is named.
+
+    Slabs (``read``) come in the output's orientation: for a NIfTI/MGH output, W-ranges
+    transposed to ``(N, C, W, H, D)``. Windows (``read_window``, block-wise runs) are
+    always in engine orientation.
+    """
+
+    def __init__(self, info, transposed, dtype, pad, image):
+        super().__init__(info, transposed, dtype, pad)
+        self.image = image
+        self.engine_spatial = tuple(info.engine_shape[2:])
+        self.array = _open_array(image.store, image.key, image.fmt, "r")
+
+    def _raw(self, a, b):
+        if not self.transposed:
+            return self._raw_window((a, 0, 0), (b,) + self.engine_spatial[1:])
+        block = self._raw_window((0, 0, a), self.engine_spatial[:2] + (b,))
+        return block.transpose(0, 1, 4, 3, 2)
+
+    def _raw_window(self, lo, hi):
+        index = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))
+        try:
+            data = self.array[self.image.engine_index(index)]
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything on damaged bytes
+            raise FileFormatError(self._bad_chunk(lo, hi, exc)) from None
+        n, c = self.info.engine_shape[:2]
+        return np.asarray(data).reshape((n, c) + tuple(b - a for a, b in zip(lo, hi)))
+
+    def _bad_chunk(self, lo, hi, exc):
+        """Find the chunk of window ``[lo, hi)`` that fails and say which (and its file)."""
+        import itertools
+
+        image = self.image
+        chunks = image.read_chunks
+        engine_chunks = dict(zip(image.axes or ["t", "c", "z", "y", "x"][-len(chunks):], chunks))
+        steps = [engine_chunks.get(a, 1) for a in _SPACE]
+        ranges = [range(a // s * s, b, s) for a, b, s in zip(lo, hi, steps)]
+        for start in itertools.product(*ranges):
+            stop = tuple(min(n, s0 + s) for s0, s, n in zip(start, steps, self.engine_spatial))
+            index = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(start, stop))
+            try:
+                self.array[image.engine_index(index)]
+            except Exception as inner:  # noqa: BLE001
+                grid = tuple(0 if isinstance(v, slice) else v for v in
+                             image.engine_index((slice(None), slice(None)) + tuple(s0 // s for s0, s in zip(start, steps))))
+                return (f"{_describe_where(image.store, image.key)}: chunk {_chunk_key(image, grid)} cannot be "
+                        f"decoded ({type(inner).__name__}: {str(inner)[:80]}); the store is damaged")
+        return f"{_describe_where(image.store, image.key)}: cannot read voxels ({type(exc).__name__}: {str(exc)[:80]})"
+
+    def close(self):
+        self.array = None
+
+
+def _chunk_key(image, grid):
+    """The store key of the chunk (shard) holding read-chunk ``grid``."""
+    shards = image.shards
+    if shards:
+        grid = tuple(g * i // o for g, o, i in zip(grid, shards[0], shards[1]))
+    if image.fmt == 3:
+        encoding = image.meta.get("chunk_key_encoding") or {}
+        sep = (encoding.get("configuration") or {}).get("separator", "/")
+        name = sep.join(str(g) for g in grid)
+        name = name if encoding.get("name") == "v2" else "c" + sep + name
+    else:
+        name = (image.meta.get("dimension_separator") or ".").join(str(g) for g in grid)
+    return f"{image.key}/{name}" if image.key else name
+
+
+def _open_array(store, key, fmt, mode):
+    """The zarr-python array (after :func:`_image` has checked its metadata, or one we made)."""
+    zarr = require_zarr()
+    from zarr.storage import LocalStore
+
+    try:
+        return zarr.open_array(LocalStore(store, read_only=mode == "r"), path=key, mode=mode, zarr_format=fmt)
+    except Exception as exc:  # noqa: BLE001 - zarr-python raises many types on bad metadata
+        raise FileFormatError(f"{_describe_where(store, key)}: cannot open the array "
+                              f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+# --------------------------------------------------------------------------- writing
+
+class StoreLayout:
+    """How the output array stores engine blocks, and where: everything a worker needs (picklable)."""
+
+    def __init__(self, store, key, fmt, axes, dtype, engine_shape):
+        self.store, self.key, self.fmt, self.axes = store, key, fmt, tuple(axes)
+        self.dtype = np.dtype(dtype)
+        self.engine_shape = tuple(engine_shape)
+        self._array = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    def array(self):
+        if self._array is None:
+            self._array = _open_array(self.store, self.key, self.fmt, "r+")
+        return self._array
+
+    def index(self, region):
+        (lo, hi) = region
+        picks = {"t": slice(None), "c": slice(None)}
+        picks.update({a: slice(l, h) for a, l, h in zip(_SPACE, lo, hi)})
+        return tuple(picks[a] for a in self.axes)
+
+    def stored_block(self, block):
+        """An engine block ``(N, C, d, h, w)`` in the array's axes."""
+        if "t" not in self.axes:
+            block = block[0]
+            if "c" not in self.axes:
+                block = block[0]
+        elif "c" not in self.axes:
+            block = block[:, 0]
+        return block
+
+    def write(self, index, region, block):
+        """Store one block (compute dtype, converted here) and mark it complete.
+
+        Returns
+        -------
+        int
+            Values clipped to an integer type's range.
+        """
+        clipped = 0
+        if block.dtype != self.dtype:
+            block, clipped = cast_block(np.ascontiguousarray(block), self.dtype)
+        try:
+            self.array()[self.index(region)] = self.stored_block(block)
+            marker = os.path.join(self.store, MARKERS, str(index))
+            with open(marker, "wb") as handle:
+                handle.write(b"")
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.store}: {exc.strerror or exc}") from None
+        return clipped
+
+    def done(self):
+        """Indexes of the blocks already complete."""
+        try:
+            return {int(name) for name in os.listdir(os.path.join(self.store, MARKERS)) if name.isdigit()}
+        except OSError:
+            return set()
+
+
+def partial_path(path):
+    """Where the output store is built before it is renamed onto ``path``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
+
+
+def _output_affine_ngff(affine):
+    """``(scale, translation, rotated)`` of an output affine over (z, y, x)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    rotated = not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3])), atol=1e-9) or \
+        bool((np.diag(affine[:3, :3]) < 0).any())
+    return [float(v) for v in zooms], [float(v) for v in affine[:3, 3]], rotated
+
+
+class ZarrWriter:
+    """Builds the output store under :func:`partial_path` and renames it when every block is written.
+
+    Parameters
+    ----------
+    path, key : str
+        Target store and the array's path in it (``"0"``).
+    out_shape : tuple
+        Engine output ``(N, C, D, H, W)``.
+    dtype : numpy dtype
+        Stored type.
+    like : VolumeInfo
+        The input (NGFF axes, units, version and chunks; the affine).
+    params : LayerParams
+    chunks, shards : tuple of 3 int, optional
+    compressor : str
+        One of :data:`COMPRESSORS`.
+    fingerprint : dict
+        What the run is (input, layer, options); ``resume`` continues only a partial
+        store made by the same run.
+    """
+
+    transposed = False
+
+    def __init__(self, path, key, out_shape, dtype, *, overwrite, like, params, formula, source, chunks=None,
+                 shards=None, compressor=None, resume=False, fingerprint=None, blocks=None):
+        zarr = require_zarr()
+        self.path, self.key = path, key or "0"
+        self.out_shape = tuple(int(v) for v in out_shape)
+        self.dtype = np.dtype(dtype)
+        self.overwrite = overwrite
+        self.clipped = 0
+        self.tmp = partial_path(path)
+        image = getattr(like, "image", None) if like is not None else None
+        fmt = image.fmt if image is not None and image.fmt == 2 else 3
+        self.chunks = tuple(chunks) if chunks else default_chunks(like, self.out_shape)
+        self.shards = tuple(shards) if shards else None
+        if self.shards and fmt == 2:
+            raise OutputError("--shards needs a Zarr v3 output; the input is Zarr v2 (0.4), whose outputs are v2")
+        n, c = self.out_shape[:2]
+        keep_t = n > 1 or (image is not None and image.axes is not None and "t" in image.axes)
+        keep_c = c > 1 or (image is not None and image.axes is not None and "c" in image.axes)
+        axes = (["t"] if keep_t else []) + (["c"] if keep_c else []) + list(_SPACE)
+        self.layout = StoreLayout(self.tmp, self.key, fmt, axes, self.dtype, self.out_shape)
+        self.file_shape = tuple(({"t": n, "c": c} | dict(zip(_SPACE, self.out_shape[2:])))[a] for a in axes)
+        fingerprint = dict(fingerprint or {})
+        fingerprint.update(shape=list(self.file_shape), dtype=self.dtype.name, chunks=list(self.chunks),
+                           shards=list(self.shards) if self.shards else None, compressor=compressor,
+                           blocks=blocks)
+        self.fingerprint = fingerprint
+        self.resumed = 0
+        if resume and os.path.isdir(self.tmp):
+            stored = _read_json(os.path.join(self.tmp, RUN_FILE), RUN_FILE)
+            if stored != json.loads(json.dumps(fingerprint)):
+                raise OutputError(f"--resume: the partial output {self.tmp} was made by another run (input, "
+                                  f"layer or output options differ); run without --resume to start again")
+            self.resumed = len(self.layout.done())
+            return
+        self._remove_partial()
+        try:
+            os.mkdir(self.tmp)
+            self._create(zarr, like, params, formula, source, compressor, fmt, axes)
+            os.mkdir(os.path.join(self.tmp, MARKERS))
+            with open(os.path.join(self.tmp, RUN_FILE), "w", encoding="utf-8") as handle:
+                json.dump(fingerprint, handle)
+        except OSError as exc:
+            self._remove_partial()
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._remove_partial()
+            raise
+
+    def _create(self, zarr, like, params, formula, source, compressor, fmt, axes):
+        from zarr.storage import LocalStore
+
+        image = getattr(like, "image", None) if like is not None else None
+        group = zarr.open_group(LocalStore(self.tmp), mode="w", zarr_format=fmt)
+        sizes = {"t": 1, "c": 1}
+        chunks = tuple(sizes.get(a, 0) or dict(zip(_SPACE, self.chunks))[a] for a in axes)
+        shards = None
+        if self.shards:
+            shards = tuple(sizes.get(a, 0) or dict(zip(_SPACE, self.shards))[a] for a in axes)
+        kwargs = {"shape": self.file_shape, "chunks": chunks, "dtype": self.dtype, "fill_value": 0,
+                  "compressors": _compressor(compressor, fmt, self.dtype)}
+        if shards:
+            kwargs["shards"] = shards
+        if fmt == 3:
+            kwargs["dimension_names"] = list(axes)
+        group.create_array(self.key, **kwargs)
+        affine = geometry.output_affine(like.affine if like is not None else np.eye(4), params)
+        scale, shift, rotated = _output_affine_ngff(affine)
+        units = {}
+        if image is not None and image.units:
+            units = {a: u for a, u in zip(image.axes or [], image.units) if u}
+        elif like is not None and getattr(like, "format", None) in ("nifti", "mgh"):
+            units = {a: "millimeter" for a in _SPACE}
+        extra = {"t": 1.0, "c": 1.0}  # not resampled; NGFF wants a scale for every axis
+        ngff_axes = []
+        for a in axes:
+            entry = {"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")}
+            if units.get(a):
+                entry["unit"] = units[a]
+            ngff_axes.append(entry)
+        full_scale = [extra[a] if a in extra else scale[_SPACE.index(a)] for a in axes]
+        full_shift = [0.0 if a in extra else shift[_SPACE.index(a)] for a in axes]
+        transforms = [{"type": "scale", "scale": full_scale}]
+        if any(full_shift):
+            transforms.append({"type": "translation", "translation": full_shift})
+        name = os.path.basename(os.path.normpath(self.path))
+        image_meta = {"name": name, "axes": ngff_axes,
+                      "datasets": [{"path": self.key, "coordinateTransformations": transforms}]}
+        convt3d = {"source": source, "layer": params.as_dict(), "formula": list(formula),
+                   "affine": [list(map(float, row)) for row in affine]}
+        if rotated:
+            convt3d["note"] = ("the input's affine has a rotation or flip, which NGFF coordinateTransformations "
+                               "cannot hold; scale is the voxel size and translation the first voxel's centre")
+        if fmt == 3:
+            group.attrs.update({"ome": {"version": "0.5", "multiscales": [image_meta]}, "convt3d": convt3d})
+        else:
+            image_meta = {"version": "0.4", **image_meta}
+            group.attrs.update({"multiscales": [image_meta], "convt3d": convt3d})
+
+    def write_block(self, index, region, block):
+        self.clipped += self.layout.write(index, region, block)
+
+    def done(self):
+        return self.layout.done()
+
+    def commit(self):
+        """Remove the run's bookkeeping and rename the store onto the target (replacing it with --overwrite)."""
+        try:
+            shutil.rmtree(os.path.join(self.tmp, MARKERS), ignore_errors=True)
+            os.remove(os.path.join(self.tmp, RUN_FILE))
+            if os.path.lexists(self.path):
+                if not self.overwrite:
+                    raise OutputError(f"{self.path} exists; use --overwrite to replace it")
+                trash = partial_path(self.path) + ".old"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.rename(self.path, trash)
+                os.rename(self.tmp, self.path)
+                _remove_tree(trash)
+            else:
+                os.rename(self.tmp, self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def abort(self, keep=False):
+        """Remove the partial store, or keep it for ``--resume`` (an interrupted run)."""
+        if not keep:
+            self._remove_partial()
+
+    def _remove_partial(self):
+        _remove_tree(self.tmp)
+
+
+def _remove_tree(path):
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _compressor(name, fmt, dtype):
+    name = name or COMPRESSORS[0]
+    if name not in COMPRESSORS:
+        raise OutputError(f"--compressor must be one of {', '.join(COMPRESSORS)}, got {name!r}")
+    if name == "none":
+        return None
+    typesize = np.dtype(dtype).itemsize
+    if fmt == 2:
+        import numcodecs
+
+        if name.startswith("blosc-"):
+            return numcodecs.Blosc(cname=name[6:], clevel=1 if name.endswith("zstd") else 5,
+                                   shuffle=numcodecs.Blosc.SHUFFLE)
+        return numcodecs.Zstd(level=1) if name == "zstd" else numcodecs.GZip(level=1)
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+    if name.startswith("blosc-"):
+        return BloscCodec(cname=name[6:], clevel=1 if name.endswith("zstd") else 5, shuffle="shuffle",
+                          typesize=typesize)
+    return ZstdCodec(level=1) if name == "zstd" else GzipCodec(level=1)
+
+
+def default_chunks(like, out_shape):
+    """The input's chunk shape per spatial axis when it is a Zarr store, else DEFAULT_CHUNK; never
+    larger than the output."""
+    image = getattr(like, "image", None) if like is not None else None
+    if image is not None:
+        sizes = dict(zip(image.axes or ["t", "c", "z", "y", "x"][-len(image.chunks):], image.read_chunks))
+        chunks = tuple(sizes.get(a, DEFAULT_CHUNK) for a in _SPACE)
+    else:
+        chunks = (DEFAULT_CHUNK,) * 3
+    return tuple(max(1, min(c, n)) for c, n in zip(chunks, out_shape[2:]))
+
+
+def check_store_target(path, overwrite):
+    """Refuse a target store that cannot be written; return its folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"cannot write {path}: the folder {folder} does not exist")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise OutputError(f"{path} exists; use --overwrite to replace it")
+        if not os.path.isdir(path) or os.path.islink(path) or _node(path, "") is None:
+            raise OutputError(f"{path} exists and is not a Zarr store; --overwrite replaces only a Zarr store")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
+    return folder
+
+
+# --------------------------------------------------------------------------- the format
+
+class ZarrFormat(Format):
+    """OME-Zarr images and Zarr arrays (see the module docstring)."""
+
+    name = "zarr"
+    label = "Zarr"
+    blockwise = True
+
+    def require(self, path):
+        require_store(path)
+
+    def probe(self, path, key):
+        image = _image(path, key)
+        where = _describe_where(path, image.key)
+        engine = image.engine_shape(where)
+        nbytes = math.prod(image.shape) * image.dtype.itemsize
+        info = VolumeInfo(
+            path=path, key=image.key, format=self.name, stored_shape=tuple(image.shape), engine_shape=engine,
+            dtype=dtype_name(image.dtype), source_ndim=len(image.shape), affine=image.affine(),
+            zooms=tuple(image.scale), header=None, attrs={}, read_dtype=dtype_name(native(image.dtype)),
+            nbytes=nbytes, memory_needed=nbytes * 2, file_size=_tree_size(path),
+            byte_order=byte_order(image.dtype), stored_dtype=image.dtype)
+        info.image = image
+        return info
+
+    def load(self, info):
+        source = ZarrSource(info, False, native(np.dtype(info.stored_dtype)), 0, info.image)
+        try:
+            return np.ascontiguousarray(source._raw(0, info.engine_shape[2]), dtype=native(info.stored_dtype))
+        finally:
+            source.close()
+
+    def open_source(self, info, transposed, dtype, pad, scratch_dir):
+        return ZarrSource(info, transposed, dtype, pad, info.image)
+
+    def describe(self, path, key):
+        image = _image(path, key)
+        where = _describe_where(path, image.key)
+        report = {"path": path, "format": self.name, "zarr_format": image.fmt, "ngff_version": image.version,
+                  "key": image.key, "arrays": _arrays(path) if _node(path, "")[0] == "group" else [""],
+                  "stored_shape": list(image.shape), "dtype": dtype_name(image.dtype),
+                  "byte_order": byte_order(image.dtype), "data_bytes": math.prod(image.shape) * image.dtype.itemsize,
+                  "chunks": list(image.read_chunks), "store_size": _tree_size(path)}
+        if image.shards:
+            report["shards"] = list(image.shards[0])
+        report["codecs"] = _codec_names(image.meta, image.fmt)
+        report["axes"] = image.axes
+        report["units"] = image.units
+        report["scale"] = image.scale
+        report["translation"] = image.shift
+        report["affine"] = image.affine()
+        try:
+            engine = image.engine_shape(where)
+        except (FileFormatError, ShapeError) as exc:
+            report["engine_shape"] = None
+            report["note"] = f"cannot be read as a volume: {exc}"
+        else:
+            report.update(engine_shape=list(engine), batch=engine[0], channels=engine[1],
+                          spatial_axes="D,H,W = z,y,x")
+        return jsonable(report)
+
+    def output_key(self, key, out_shape):
+        key = (key or "0").strip("/")
+        if not key or any(part in ("", ".", "..") or part.startswith(".") for part in key.split("/")):
+            raise OutputError(f"':{key}' is not an array path for a Zarr output (e.g. ':0')")
+        return key
+
+    def check_target(self, path, overwrite):
+        return check_store_target(path, overwrite)
+
+    def disk_bytes(self, path, out_shape, dtype):
+        return None  # compressed: its size is not known before it is written
+
+    def default_chunks(self, like, out_shape):
+        return default_chunks(like, out_shape)
+
+    def open_block_writer(self, path, key, out_shape, dtype, **kwargs):
+        return ZarrWriter(path, self.output_key(key, out_shape), out_shape, dtype, **kwargs)
+
+    def open_writer(self, *args, **kwargs):
+        raise OutputError("Zarr outputs are written block by block (convt3d run)")
+
+
+def _tree_size(path):
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def fingerprint_of(*parts):
+    """A short stable digest of JSON-able parts (the run identity ``--resume`` checks)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+FORMAT = ZarrFormat()

@@ -824,7 +824,7 @@ class ZarrFormat(Format):
             path=path, key=image.key, format=self.name, stored_shape=tuple(image.shape), engine_shape=engine,
             dtype=dtype_name(image.dtype), source_ndim=len(image.shape), affine=image.affine(),
             zooms=tuple(image.scale), header=None, attrs={}, read_dtype=dtype_name(native(image.dtype)),
-            nbytes=nbytes, memory_needed=nbytes * 2, file_size=_tree_size(path),
+            nbytes=nbytes, memory_needed=nbytes * 2, file_size=_metadata_size(path, image.key),
             byte_order=byte_order(image.dtype), stored_dtype=image.dtype)
         info.image = image
         return info
@@ -846,7 +846,8 @@ class ZarrFormat(Format):
                   "key": image.key, "arrays": _arrays(path) if _node(path, "")[0] == "group" else [""],
                   "stored_shape": list(image.shape), "dtype": dtype_name(image.dtype),
                   "byte_order": byte_order(image.dtype), "data_bytes": math.prod(image.shape) * image.dtype.itemsize,
-                  "chunks": list(image.read_chunks), "store_size": _tree_size(path)}
+                  "chunks": list(image.read_chunks), "store_size": _tree_size(path),
+                  "file_size": _metadata_size(path, image.key)}
         if image.shards:
             report["shards"] = list(image.shards[0])
         report["codecs"] = _codec_names(image.meta, image.fmt)
@@ -885,6 +886,18 @@ class ZarrFormat(Format):
 
     def open_writer(self, *args, **kwargs):
         raise OutputError("Zarr outputs are written block by block (convt3d run)")
+
+
+def _metadata_size(path, key):
+    """Bytes of the store's metadata documents (a store's chunks are not listed: there may be millions)."""
+    total = 0
+    for folder in {path, os.path.join(path, *[p for p in (key or "").split("/") if p])}:
+        for name in ("zarr.json", ".zarray", ".zattrs", ".zgroup"):
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _tree_size(path):

@@ -42,7 +42,11 @@ class BlockJob:
     pad: int
     layout: object
     token: str
+    threads: int | None = None
 
+
+#: Blocks a cluster run is cut into at least (when its chunks allow).
+CLUSTER_MIN_BLOCKS = 64
 
 _CACHE = {}
 _CACHE_LOCK = threading.Lock()
@@ -75,12 +79,15 @@ def _in_channels(shape):
 
 def compute_and_store(job, index, region):
     """Compute block ``index`` (output ``region``) of ``job`` and store it; returns clipped values."""
-    layer, source = _prepared(job)
-    return job.layout.write(index, region, blocks.compute_block(layer, source.read_window, region))
+    from .engine._numba_env import limited_threads
+
+    with limited_threads(job.threads):
+        layer, source = _prepared(job)
+        return job.layout.write(index, region, blocks.compute_block(layer, source.read_window, region))
 
 
 def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, overwrite, max_memory, store_options,
-                  scheduler, resume, fingerprint, echo, progress, fourth_axis, folder, kernel=None):
+                  scheduler, resume, fingerprint, echo, progress, fourth_axis, folder, kernel=None, threads=None):
     """Write ``output`` (a Zarr store) block by block; see the module docstring.
 
     Returns
@@ -96,13 +103,21 @@ def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, ove
 
     chunks = io.output_chunks(output, info, plan.output_shape, store_options.get("chunks"),
                               store_options.get("shards"))
-    bplan = blocks.plan_blocks(layer, chunks, max_memory, pad, stored.itemsize)
+    # On a cluster, enough blocks to keep the workers busy (and to lose little with one).
+    bplan = blocks.plan_blocks(layer, chunks, max_memory, pad, stored.itemsize,
+                               min_blocks=CLUSTER_MIN_BLOCKS if scheduler else 1)
     writer = io.open_block_writer(output, plan.output_shape, like=info, params=plan.params, formula=plan.formula,
                                   overwrite=overwrite, source=input, dtype=compute, output_dtype=stored,
                                   chunks=store_options.get("chunks") or (None if store_options.get("shards")
                                                                          else chunks),
                                   shards=store_options.get("shards"), compressor=store_options.get("compressor"),
                                   resume=resume, fingerprint=fingerprint, blocks=list(bplan.shape))
+    if tuple(writer.block_shape) != tuple(bplan.shape):   # continuing a run planned with other blocks
+        try:
+            bplan = blocks.fixed_plan(layer, writer.block_shape, pad, stored.itemsize, max_memory)
+        except BaseException:
+            writer.abort(keep=True)
+            raise
     skip = writer.done() if resume else set()
     echo(f"blocks:  {bplan.count} of {'x'.join(map(str, bplan.shape))} (chunks "
          f"{'x'.join(map(str, writer.chunks))}), about {human_bytes(bplan.needed)} each "
@@ -115,7 +130,7 @@ def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, ove
                 f":{io.split_spec(input)[1]}" if io.split_spec(input)[1] else ""),
                 fourth_axis=info.fourth_axis or fourth_axis, weight=_user_weight(layer, kernel),
                 bias=None if kernel else layer.bias, kernel=kernel, params=plan.params, dtype=compute.name,
-                path=layer.path, pad=pad, layout=writer.layout, token=uuid.uuid4().hex)
+                path=layer.path, pad=pad, layout=writer.layout, token=uuid.uuid4().hex, threads=threads)
             todo = [(index, region) for index, region in enumerate(bplan.blocks) if index not in skip]
             echo(f"cluster: {scheduler}, {len(todo)} block tasks")
             writer.clipped += _distributed.run_blocks_on_scheduler(scheduler, job, todo, bplan.count, progress)

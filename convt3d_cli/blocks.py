@@ -106,7 +106,7 @@ def block_bytes(layer, shape, pad=0, out_itemsize=None):
     return FIXED_BYTES + x * (3 if pad else 2) + out + stored + layer.scratch_bytes()
 
 
-def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, block=None):
+def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, min_blocks=1):
     """Cut the output into blocks of whole chunks that fit the memory budget.
 
     Parameters
@@ -115,9 +115,12 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
     chunks : tuple of 3 int
         The output's chunk (or shard) shape along D, H, W: blocks are multiples of it.
     max_memory : int, optional
-        ``--max-memory``; default about SOFT_BUDGET, at most half of the available memory.
-    block : tuple of 3 int, optional
-        A block shape to use instead (rounded up to whole chunks).
+        ``--max-memory``: blocks grow (W, H, D in turn, doubling) while they fit it.
+        Default: they grow within :data:`~convt3d_cli.slabs.SOFT_BUDGET`; a layer whose
+        one-chunk block needs more may use up to half of the available memory, with
+        blocks of one chunk.
+    min_blocks : int
+        Stop growing before the output has fewer blocks than this (tasks for a cluster).
 
     Raises
     ------
@@ -127,47 +130,66 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
     out = layer.out_spatial
     axes = layer.block_axes
     chunks = tuple(min(int(c), n) for c, n in zip(chunks, out))
-    # Axes the kernel cannot cut span the whole output (in whole chunks, trivially).
+    # Axes the kernel cannot cut span the whole output.
     base = tuple(chunks[a] if a in axes else out[a] for a in range(3))
     if available is None:
         available = available_memory()
+    hard = None if available is None else int(available * DEFAULT_SHARE)
 
     def cost(shape):
         return block_bytes(layer, shape, pad, out_itemsize)
 
-    if block is not None:
-        shape = tuple(out[a] if a not in axes else min(out[a], -(-int(block[a]) // chunks[a]) * chunks[a])
-                      for a in range(3))
-        budget = max_memory if max_memory is not None else cost(shape)
+    def count(shape):
+        return math.prod(-(-n // b) for n, b in zip(out, shape))
+
+    grow = True
+    if max_memory is not None:
+        budget = max_memory if available is None else min(max_memory, available)
     else:
-        hard = None if available is None else int(available * DEFAULT_SHARE)
-        if max_memory is not None:
-            budget = max_memory if available is None else min(max_memory, available)
-        else:
-            budget = SOFT_BUDGET if hard is None else min(SOFT_BUDGET, hard)
-            if cost(base) > budget and hard is not None:
-                budget = max(budget, hard)
-        if cost(base) > budget:
-            raise MemoryLimitError(
-                f"one block of output chunks {geometry.format_triple(base)} needs {human_bytes(cost(base))} but "
-                f"{'--max-memory is ' + human_bytes(max_memory) if max_memory is not None else 'only ' + human_bytes(budget) + ' can be used'}"
-                f"; use smaller --chunks or raise --max-memory")
-        shape = list(base)
-        grown = True
-        while grown:  # double along W, H, D in turn (a row of chunks first: contiguous reads)
-            grown = False
-            for a in (2, 1, 0):
-                if a not in axes or shape[a] >= out[a]:
-                    continue
-                trial = list(shape)
-                trial[a] = min(out[a], shape[a] * 2)
-                if cost(tuple(trial)) <= budget:
-                    shape, grown = trial, True
-        shape = tuple(shape)
+        budget = SOFT_BUDGET if hard is None else min(SOFT_BUDGET, hard)
+        if cost(base) > budget and (hard is None or cost(base) <= hard):
+            budget, grow = cost(base) if hard is None else hard, False
+    if cost(base) > budget:
+        limit = (f"--max-memory is {human_bytes(max_memory)}" if max_memory is not None
+                 else f"only {human_bytes(budget)} can be used (half of the available memory)")
+        raise MemoryLimitError(f"one block of output chunks {'x'.join(map(str, base))} needs "
+                               f"{human_bytes(cost(base))} but {limit}; use smaller --chunks or raise --max-memory")
+    shape = list(base)
+    while grow:  # double along W, H, D in turn (a row of chunks first: longer contiguous reads)
+        grow = False
+        for a in (2, 1, 0):
+            if a not in axes or shape[a] >= out[a]:
+                continue
+            trial = list(shape)
+            trial[a] = min(out[a], shape[a] * 2)
+            if cost(tuple(trial)) <= budget and count(trial) >= min_blocks:
+                shape, grow = trial, True
+    shape = tuple(shape)
     starts = [range(0, out[a], shape[a]) for a in range(3)]
     blocks = [(tuple(lo), tuple(min(out[a], lo[a] + shape[a]) for a in range(3)))
               for lo in itertools.product(*starts)]
     return BlockPlan(blocks, shape, budget, cost(shape))
+
+
+def fixed_plan(layer, shape, pad=0, out_itemsize=None, max_memory=None):
+    """The plan of blocks of a given ``shape`` (an interrupted run's, continued by ``--resume``).
+
+    Raises
+    ------
+    MemoryLimitError
+        Those blocks need more than ``max_memory``.
+    """
+    shape = tuple(int(v) for v in shape)
+    out = layer.out_spatial
+    need = block_bytes(layer, shape, pad, out_itemsize)
+    if max_memory is not None and need > max_memory:
+        raise MemoryLimitError(f"the interrupted run used blocks of {'x'.join(map(str, shape))}, which need "
+                               f"{human_bytes(need)}; give --max-memory of at least that to resume it, or run "
+                               f"without --resume to start again")
+    starts = [range(0, out[a], shape[a]) for a in range(3)]
+    blocks = [(tuple(lo), tuple(min(out[a], lo[a] + shape[a]) for a in range(3)))
+              for lo in itertools.product(*starts)]
+    return BlockPlan(blocks, shape, max(need, max_memory or 0), need)
 
 
 def run_blocks(layer, source, writer, plan, progress=None, skip=()):

@@ -103,7 +103,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     with notices.collected(echo) as warned, limited_threads(threads):
         out = _run(input, output, weights, bias, no_bias, kernel, dict(layer_options or {}), dtype,
                    max_memory, overwrite, echo, progress, compress_level, weight_layout, output_dtype,
-                   fourth_axis, sidecar, like, voxel_size, dict(store_options or {}), scheduler, resume)
+                   fourth_axis, sidecar, like, voxel_size, dict(store_options or {}), scheduler, resume, threads)
     out["warnings"] = list(warned)
     return out
 
@@ -139,7 +139,7 @@ def in_channels(weight_shape):
 
 def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, max_memory, overwrite, echo,
          progress, compress_level, weight_layout, output_dtype, fourth_axis, sidecar, like, voxel_size,
-         store_options, scheduler, resume):
+         store_options, scheduler, resume, threads):
     started = time.perf_counter()
 
     info = io.probe_volume(input)
@@ -211,7 +211,8 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
         done = run_blockwise(
             layer, pad, info, input, output, plan, stored, compute, overwrite=overwrite, max_memory=max_memory,
             store_options=store_options, scheduler=scheduler, resume=resume, fingerprint=fingerprint,
-            echo=echo, progress=progress, fourth_axis=fourth_axis, folder=folder, kernel=kernel)
+            echo=echo, progress=progress, fourth_axis=fourth_axis, folder=folder, kernel=kernel,
+            threads=threads)
         file_shape, clipped, stored, slab_count = done["file_shape"], done["clipped"], done["dtype"], done["blocks"]
         extra = {key: done[key] for key in ("blocks", "block_shape", "chunks", "resumed_blocks", "scheduler")}
     else:

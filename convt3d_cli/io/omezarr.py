@@ -643,9 +643,24 @@ class ZarrWriter:
                            blocks=blocks)
         self.fingerprint = fingerprint
         self.resumed = 0
+        #: The block shape of the run whose partial store is continued (``resume``), else this run's.
+        self.block_shape = tuple(blocks or ())
+        self._lock_fd = None
+        self._lock()
+        try:
+            self._start(zarr, resume, like, params, formula, source, compressor, fmt, axes)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _start(self, zarr, resume, like, params, formula, source, compressor, fmt, axes):
+        """Continue the partial store (``resume``) or make a new one."""
+        path, fingerprint = self.path, self.fingerprint
         if resume and os.path.isdir(self.tmp):
-            stored = _read_json(os.path.join(self.tmp, RUN_FILE), RUN_FILE)
-            if stored != json.loads(json.dumps(fingerprint)):
+            stored = _read_json(os.path.join(self.tmp, RUN_FILE), RUN_FILE) or {}
+            self.block_shape = tuple(stored.get("blocks") or ())
+            wanted = json.loads(json.dumps(fingerprint))
+            if {k: v for k, v in stored.items() if k != "blocks"} != {k: v for k, v in wanted.items() if k != "blocks"}:
                 raise OutputError(f"--resume: the partial output {self.tmp} was made by another run (input, "
                                   f"layer or output options differ); run without --resume to start again")
             self.resumed = len(self.layout.done())
@@ -663,6 +678,32 @@ class ZarrWriter:
         except BaseException:
             self._remove_partial()
             raise
+
+    def _lock(self):
+        """Hold ``PARTIAL.lock`` for the run: a second run on the same output is refused
+        instead of removing a live run's partial store."""
+        import fcntl
+
+        path = self.tmp + ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputError(f"another convt3d run is writing {self.path} (it holds {path})") from None
+        self._lock_fd = fd
+
+    def _unlock(self):
+        if self._lock_fd is not None:
+            try:
+                os.remove(self.tmp + ".lock")
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _create(self, zarr, like, params, formula, source, compressor, fmt, axes):
         from zarr.storage import LocalStore
@@ -723,6 +764,12 @@ class ZarrWriter:
     def commit(self):
         """Remove the run's bookkeeping and rename the store onto the target (replacing it with --overwrite)."""
         try:
+            self._commit()
+        finally:
+            self._unlock()
+
+    def _commit(self):
+        try:
             shutil.rmtree(os.path.join(self.tmp, MARKERS), ignore_errors=True)
             os.remove(os.path.join(self.tmp, RUN_FILE))
             if os.path.lexists(self.path):
@@ -742,6 +789,7 @@ class ZarrWriter:
         """Remove the partial store, or keep it for ``--resume`` (an interrupted run)."""
         if not keep:
             self._remove_partial()
+        self._unlock()
 
     def _remove_partial(self):
         _remove_tree(self.tmp)

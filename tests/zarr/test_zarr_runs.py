@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import read_array, same_bits, tree_digest, write_image
 
-from convt3d_cli import blocks, errors, pipeline
+from convt3d_cli import blocks, errors, geometry, pipeline
 from convt3d_cli.builtin import apply_builtin
 from convt3d_cli.engine import conv_transpose3d
 from helpers import invoke_in
@@ -264,3 +264,30 @@ def test_info_and_batch(tmp_path, rng):
                        "-k", "linear", "--stride", "2", "--chunks", "4")
     assert result.exit_code == 0, result.output
     assert same_bits(read_array(tmp_path / "o" / "a.ome.zarr"), read_array(tmp_path / "o" / "b.ome.zarr"))
+
+
+def test_resume_keeps_the_interrupted_runs_blocks_and_a_second_run_waits_its_turn(tmp_path, rng, monkeypatch):
+    x = rng.standard_normal((24, 24, 24)).astype(np.float32)
+    store = write_image(tmp_path / "in.ome.zarr", x)
+    out = str(tmp_path / "out.ome.zarr")
+    kwargs = {"kernel": "linear", "layer_options": {"stride": 2}, "store_options": {"chunks": (4, 4, 4)}}
+    _interrupt_after(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_file(store, out, max_memory=(8 << 20) + (64 << 10), **kwargs)
+    monkeypatch.undo()
+    # A larger --max-memory would plan larger blocks: the run continues with the old ones.
+    report = pipeline.run_file(store, out, resume=True, max_memory=1 << 30, **kwargs)
+    assert report["resumed_blocks"] == 2
+    assert same_bits(read_array(out), apply_builtin(x[None, None], "linear", 2)[0, 0])
+    # While a run holds the output's lock, another is refused (and removes nothing).
+    from convt3d_cli.io import omezarr
+
+    writer = omezarr.ZarrWriter(str(tmp_path / "busy.ome.zarr"), "0", (1, 1, 4, 4, 4), np.float32,
+                                overwrite=False, like=None, params=geometry.LayerParams.create(1),
+                                formula=[], source="x", blocks=[4, 4, 4])
+    try:
+        with pytest.raises(errors.OutputError, match="another convt3d run"):
+            pipeline.run_file(store, str(tmp_path / "busy.ome.zarr"), **kwargs)
+        assert (tmp_path / ".busy.ome.zarr.convt3d-partial").is_dir()
+    finally:
+        writer.abort()

@@ -119,7 +119,7 @@ def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, ove
             writer.abort(keep=True)
             raise
     skip = writer.done() if resume else set()
-    echo(f"blocks:  {bplan.count} of {'x'.join(map(str, bplan.shape))} (chunks "
+    echo(f"blocks:  {bplan.count} blocks of {'x'.join(map(str, bplan.shape))} voxels (chunks "
          f"{'x'.join(map(str, writer.chunks))}), about {human_bytes(bplan.needed)} each "
          f"(budget {human_bytes(bplan.budget)})" + (f"; {len(skip)} already done" if skip else ""))
     try:

@@ -33,6 +33,10 @@ from .errors import MemoryLimitError
 from .io.safety import available_memory, human_bytes
 from .slabs import DEFAULT_SHARE, FIXED_BYTES, SOFT_BUDGET
 
+#: Blocks grow up to this working set even when --max-memory allows more: smaller blocks
+#: let storing one overlap computing the next, and the process stays small.
+BLOCK_TARGET = 256 << 20
+
 
 @dataclass
 class BlockPlan:
@@ -101,9 +105,10 @@ def block_bytes(layer, shape, pad=0, out_itemsize=None):
     x = n_batch * layer.input_shape[1] * math.prod(inputs) * itemsize
     out = n_batch * layer.out_channels * math.prod(computed) * itemsize
     stored = n_batch * layer.out_channels * math.prod(shape) * (out_itemsize or itemsize)
-    # Input as read and converted (and its edge copy), the computed block, its stored copy,
-    # and the kernel's scratch for a layer of this window (bounded by the whole layer's).
-    return FIXED_BYTES + x * (3 if pad else 2) + out + stored + layer.scratch_bytes()
+    # Input as read and converted (and its edge copy), the computed block, its stored copy and
+    # the store's chunk copies, the previous block still being stored (run_blocks overlaps
+    # them), and the kernel's scratch for a layer of this window (bounded by the whole layer's).
+    return FIXED_BYTES + x * (3 if pad else 2) + 2 * out + 2 * stored + layer.scratch_bytes()
 
 
 def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, min_blocks=1):
@@ -115,7 +120,8 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
     chunks : tuple of 3 int
         The output's chunk (or shard) shape along D, H, W: blocks are multiples of it.
     max_memory : int, optional
-        ``--max-memory``: blocks grow (W, H, D in turn, doubling) while they fit it.
+        ``--max-memory``: blocks grow (W, H, D in turn, doubling) while they fit it and
+        :data:`BLOCK_TARGET`.
         Default: they grow within :data:`~convt3d_cli.slabs.SOFT_BUDGET`; a layer whose
         one-chunk block needs more may use up to half of the available memory, with
         blocks of one chunk.
@@ -145,10 +151,12 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
     grow = True
     if max_memory is not None:
         budget = max_memory if available is None else min(max_memory, available)
+        target = min(budget, BLOCK_TARGET)
     else:
         budget = SOFT_BUDGET if hard is None else min(SOFT_BUDGET, hard)
         if cost(base) > budget and (hard is None or cost(base) <= hard):
             budget, grow = cost(base) if hard is None else hard, False
+        target = budget
     if cost(base) > budget:
         limit = (f"--max-memory is {human_bytes(max_memory)}" if max_memory is not None
                  else f"only {human_bytes(budget)} can be used (half of the available memory)")
@@ -162,7 +170,7 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
                 continue
             trial = list(shape)
             trial[a] = min(out[a], shape[a] * 2)
-            if cost(tuple(trial)) <= budget and count(trial) >= min_blocks:
+            if cost(tuple(trial)) <= target and count(trial) >= min_blocks:
                 shape, grow = trial, True
     shape = tuple(shape)
     starts = [range(0, out[a], shape[a]) for a in range(3)]
@@ -193,9 +201,26 @@ def fixed_plan(layer, shape, pad=0, out_itemsize=None, max_memory=None):
 
 
 def run_blocks(layer, source, writer, plan, progress=None, skip=()):
-    """Compute every block of ``plan`` (but those in ``skip``) and hand it to ``writer``."""
-    for index, region in enumerate(plan.blocks):
-        if index not in skip:
-            writer.write_block(index, region, compute_block(layer, source.read_window, region))
-        if progress:
-            progress(index + 1, plan.count)
+    """Compute every block of ``plan`` (but those in ``skip``) and hand it to ``writer``.
+
+    A block is stored (compressed, written) by a second thread while the next one is
+    computed; :func:`block_bytes` counts the block in flight.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="convt3d-store") as pool:
+        pending = None
+        for index, region in enumerate(plan.blocks):
+            if index in skip:
+                continue
+            block = compute_block(layer, source.read_window, region)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_block, index, region, block)
+            del block
+            if progress:
+                progress(index + 1, plan.count)
+        if pending is not None:
+            pending.result()
+    if progress:
+        progress(plan.count, plan.count)

@@ -282,7 +282,19 @@ def run_slabs(layer, source, writer, plan, progress=None):
 
 
 def peak_memory_bytes():
-    """Peak resident size of this process so far (bytes)."""
+    """Peak resident size of this process so far (bytes).
+
+    ``VmHWM`` of ``/proc/self/status`` where there is one: ``ru_maxrss`` starts at the
+    parent's peak on Linux (it survives fork and exec), so a run started by a large
+    process would report that process's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 

@@ -291,3 +291,19 @@ def test_resume_keeps_the_interrupted_runs_blocks_and_a_second_run_waits_its_tur
         assert (tmp_path / ".busy.ome.zarr.convt3d-partial").is_dir()
     finally:
         writer.abort()
+
+
+def test_without_zarr_python_a_store_is_one_line_with_the_install_hint(tmp_path, rng, monkeypatch):
+    import sys
+
+    store = write_image(tmp_path / "in.ome.zarr", rng.standard_normal((4, 4, 4)).astype(np.float32))
+    monkeypatch.setitem(sys.modules, "zarr", None)          # import zarr -> ImportError
+    # Headers are read without it (info, shape) ...
+    assert invoke_in(tmp_path, "shape", "in.ome.zarr", "-k", "linear", "--stride", "2").exit_code == 0
+    # ... voxels need it.
+    for output in ("out.npy", "out.ome.zarr"):
+        result = invoke_in(tmp_path, "run", store, output, "-k", "linear", "--stride", "2", "-q")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("Error: ") and 'pip install "convt3d[zarr]"' in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ome.zarr"]

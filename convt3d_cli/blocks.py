@@ -31,7 +31,8 @@ import numpy as np
 from . import geometry
 from .errors import MemoryLimitError
 from .io.safety import available_memory, human_bytes
-from .slabs import DEFAULT_SHARE, FIXED_BYTES, SOFT_BUDGET
+from . import slabs
+from .slabs import DEFAULT_SHARE, SOFT_BUDGET
 
 #: Blocks grow up to this working set even when --max-memory allows more: smaller blocks
 #: let storing one overlap computing the next, and the process stays small.
@@ -108,7 +109,7 @@ def block_bytes(layer, shape, pad=0, out_itemsize=None):
     # Input as read and converted (and its edge copy), the computed block, its stored copy and
     # the store's chunk copies, the previous block still being stored (run_blocks overlaps
     # them), and the kernel's scratch for a layer of this window (bounded by the whole layer's).
-    return FIXED_BYTES + x * (3 if pad else 2) + 2 * out + 2 * stored + layer.scratch_bytes()
+    return slabs.FIXED_BYTES + x * (3 if pad else 2) + 2 * out + 2 * stored + layer.scratch_bytes()
 
 
 def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, min_blocks=1):

@@ -9,6 +9,8 @@ and ``convt3d run`` write the same bytes.
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 
 import numpy as np
@@ -31,7 +33,7 @@ from .entries import (
 from .layouts import check_layout, engine_shape, to_engine
 from .records import StoredLayer, Volume, Weights, WeightsInfo
 from .registry import format_for, format_module, output_format_for, split_spec
-from .safety import check_memory, human_bytes, writable_bytes
+from .safety import check_memory, human_bytes, require_file, writable_bytes
 from .streaming import oriented_view
 
 
@@ -103,8 +105,10 @@ def output_chunks(spec, like, out_shape, chunks=None, shards=None):
 
 def _reader(spec):
     path, key = split_spec(spec)
+    if not os.path.isdir(path):  # devices, pipes and missing files are refused before the suffix
+        require_file(path)
     fmt = format_for(path)
-    fmt.require(path)
+    fmt.require(path)            # a folder must be a store the format reads (Zarr)
     return path, key, fmt
 
 
@@ -592,6 +596,16 @@ def write_volume(spec, data, *, like, params, formula, overwrite=False, source=N
     if data.ndim != 5:
         raise ShapeError(f"data to write must be (N, C, D, H, W), got shape {data.shape}")
     stored = fmt.stored_dtype(dtype, data.dtype)
+    if fmt.blockwise:  # a chunked store: the block writer fed one block, the whole output
+        writer = open_block_writer(spec, data.shape, like=like, params=params, formula=formula,
+                                   overwrite=overwrite, source=source, dtype=stored)
+        try:
+            writer.write_block(0, ((0, 0, 0), tuple(data.shape[2:])), data)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return path
     with open_writer(spec, data.shape, like=like, params=params, formula=formula, overwrite=overwrite,
                      source=source, dtype=stored, compress_level=compress_level) as writer:
         block = oriented_view(data, writer.transposed)

@@ -11,6 +11,7 @@ are reproducible too).
 import gzip
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -67,13 +68,19 @@ def _cli_run(folder, *args):
     return json.loads(result.stdout)
 
 
-def _library_write(folder, case, cli_output, target):
+def _library_write(folder, case, cli_output, target, chunks=None):
     """What a library user writes for the data ``convt3d run`` produced."""
     spec, options, shape, _ = CASES[case]
     volume = io.read_volume(str(folder / spec))
     params = geometry.LayerParams.create(shape[-3:], **options)
     formula = geometry.formula_lines(volume.data.shape[-3:], params)
     data = io.read_volume(str(cli_output)).data
+    if chunks is not None:   # a Zarr store: the run's chunks (the default follows the input)
+        writer = io.open_block_writer(str(target), data.shape, like=volume, params=params, formula=formula,
+                                      overwrite=True, source=spec, dtype=np.float32, chunks=tuple(chunks))
+        writer.write_block(0, ((0, 0, 0), data.shape[2:]), data)
+        writer.commit()
+        return
     io.write_volume(str(target), data, like=volume, params=params, formula=formula, overwrite=True,
                     source=spec, dtype=np.float32)
 
@@ -92,10 +99,33 @@ def test_library_and_command_write_the_same_bytes(folder, tiny_budget, case, suf
     spec = CASES[case][0]
     name = f"{case}-{'s' if streamed else 'w'}"
     extra = ["--max-memory", "3K"] if streamed else []
+    store = suffix.endswith(".zarr")
+    if store and streamed:   # blocks of whole chunks: small chunks to have several
+        extra = ["--max-memory", "12K", "--chunks", "2,2,2"]
     report = _cli_run(folder, spec, f"{name}-cli{suffix}", "--weights", f"{case}.npz", *extra)
     assert (report["slabs"] > 1) == streamed
-    _library_write(folder, case, folder / f"{name}-cli{suffix}", folder / f"{name}-lib{suffix}")
-    assert (folder / f"{name}-cli{suffix}").read_bytes() == (folder / f"{name}-lib{suffix}").read_bytes()
+    cli_out, lib_out = folder / f"{name}-cli{suffix}", folder / f"{name}-lib{suffix}"
+    if store:   # the library writes the run's chunks in one block
+        _library_write(folder, case, cli_out, lib_out, chunks=report["chunks"])
+        assert _store_files(cli_out) == _store_files(lib_out)
+        return
+    _library_write(folder, case, cli_out, lib_out)
+    assert cli_out.read_bytes() == lib_out.read_bytes()
+
+
+def _store_files(path):
+    """A Zarr store's files and their bytes (the image's ``name``, the store's own, left out)."""
+    files = {}
+    for where, _, names in os.walk(path):
+        for name in names:
+            data = (Path(where) / name).read_bytes()
+            if name == "zarr.json" and Path(where) == Path(path):
+                meta = json.loads(data)
+                for image in meta["attributes"]["ome"]["multiscales"]:
+                    image.pop("name")
+                data = json.dumps(meta, sort_keys=True).encode()
+            files[os.path.relpath(os.path.join(where, name), path)] = data
+    return files
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])

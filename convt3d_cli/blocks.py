@@ -22,16 +22,15 @@ or up to half of the available memory when one chunk's block needs more).
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import geometry
+from . import geometry, slabs
 from .errors import MemoryLimitError
 from .io.safety import available_memory, human_bytes
-from . import slabs
 from .slabs import DEFAULT_SHARE, SOFT_BUDGET
 
 #: Blocks grow up to this working set even when --max-memory allows more: smaller blocks
@@ -39,11 +38,40 @@ from .slabs import DEFAULT_SHARE, SOFT_BUDGET
 BLOCK_TARGET = 256 << 20
 
 
+#: Blocks a run may be cut into at most (a plan is computed, not listed, so this is a sanity bound).
+MAX_BLOCKS = 1 << 40
+
+
+class BlockGrid(Sequence):
+    """The blocks of an output, ``((d0, h0, w0), (d1, h1, w1))`` in C order, computed on demand."""
+
+    def __init__(self, out, shape):
+        self.out, self.shape = tuple(out), tuple(shape)
+        self.counts = tuple(-(-n // b) for n, b in zip(self.out, self.shape))
+
+    def __len__(self):
+        return math.prod(self.counts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        lo = []
+        for count, size in zip(reversed(self.counts), reversed(self.shape)):
+            index, position = divmod(index, count)
+            lo.append(position * size)
+        lo = tuple(reversed(lo))
+        return lo, tuple(min(n, a + b) for n, a, b in zip(self.out, lo, self.shape))
+
+
 @dataclass
 class BlockPlan:
-    """How a run is cut: ``blocks`` is a list of ``((d0, h0, w0), (d1, h1, w1))`` output regions."""
+    """How a run is cut: ``blocks`` is a :class:`BlockGrid` of output regions."""
 
-    blocks: list
+    blocks: Sequence
     shape: tuple
     budget: int
     needed: int
@@ -173,11 +201,15 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
             trial[a] = min(out[a], shape[a] * 2)
             if cost(tuple(trial)) <= target and count(trial) >= min_blocks:
                 shape, grow = trial, True
-    shape = tuple(shape)
-    starts = [range(0, out[a], shape[a]) for a in range(3)]
-    blocks = [(tuple(lo), tuple(min(out[a], lo[a] + shape[a]) for a in range(3)))
-              for lo in itertools.product(*starts)]
-    return BlockPlan(blocks, shape, budget, cost(shape))
+    return BlockPlan(_grid(out, shape), tuple(shape), budget, cost(tuple(shape)))
+
+
+def _grid(out, shape):
+    grid = BlockGrid(out, shape)
+    if len(grid) > MAX_BLOCKS:
+        raise MemoryLimitError(f"the output {'x'.join(map(str, out))} would be cut into {len(grid)} blocks of "
+                               f"{'x'.join(map(str, shape))}; that is no volume convt3d can write")
+    return grid
 
 
 def fixed_plan(layer, shape, pad=0, out_itemsize=None, max_memory=None):
@@ -195,10 +227,7 @@ def fixed_plan(layer, shape, pad=0, out_itemsize=None, max_memory=None):
         raise MemoryLimitError(f"the interrupted run used blocks of {'x'.join(map(str, shape))}, which need "
                                f"{human_bytes(need)}; give --max-memory of at least that to resume it, or run "
                                f"without --resume to start again")
-    starts = [range(0, out[a], shape[a]) for a in range(3)]
-    blocks = [(tuple(lo), tuple(min(out[a], lo[a] + shape[a]) for a in range(3)))
-              for lo in itertools.product(*starts)]
-    return BlockPlan(blocks, shape, max(need, max_memory or 0), need)
+    return BlockPlan(_grid(out, shape), shape, max(need, max_memory or 0), need)
 
 
 def run_blocks(layer, source, writer, plan, progress=None, skip=()):

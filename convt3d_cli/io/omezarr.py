@@ -34,12 +34,14 @@ zarr-python 3 is an optional dependency (``pip install "convt3d[zarr]"``, Python
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
 import stat
+import warnings
 
 import numpy as np
 
@@ -61,6 +63,10 @@ from .streaming import Source
 INSTALL_HINT = 'pip install "convt3d[zarr]"'
 #: Metadata documents longer than this are not read.
 MAX_METADATA_BYTES = 16 << 20
+#: Arrays (and chunks) with more elements than this are refused: 2**48 float32 values are 1 PiB.
+MAX_VOXELS = 1 << 48
+#: The largest chunk (or shard) written: Blosc and most codecs take buffers below 2 GiB.
+MAX_CHUNK_BYTES = (1 << 31) - 1
 #: Codecs a store may use (Zarr v3 names; v2 ``id``s map to them in :func:`_codec_names`).
 SAFE_CODECS = frozenset({
     "bytes", "transpose", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "zlib", "lz4", "bz2", "lzma",
@@ -84,14 +90,48 @@ def require_zarr():
     if int(zarr.__version__.split(".")[0]) < 3:
         raise MissingDependency(f"Zarr stores need zarr-python 3, found {zarr.__version__}; "
                                 f"upgrade with: {INSTALL_HINT}")
-    # zarr reads with asyncio tasks; after a failed read the pending ones are logged at exit.
+    # zarr reads with asyncio tasks; after a failed read the pending ones are logged, or
+    # reported as "Event loop is closed" when the interpreter exits, after the Error: line.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    _quiet_closed_loops()
     return zarr
+
+
+def _quiet_closed_loops():
+    """Drop the unraisable ``RuntimeError: Event loop is closed`` of zarr's leftover coroutines."""
+    import sys
+
+    if getattr(sys.unraisablehook, "_convt3d", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    hook._convt3d = True
+    sys.unraisablehook = hook
+    # Their "coroutine ... was never awaited" comes when zarr's loop closes at exit; a filter set
+    # now would be undone by the run's warning capture, so it is set at exit (before zarr's own
+    # exit handler, registered earlier, runs).
+    import atexit
+
+    atexit.register(warnings.filterwarnings, "ignore", message=r"coroutine '.*' was never awaited",
+                    category=RuntimeWarning)
 
 
 # --------------------------------------------------------------------------- metadata (our own reading)
 
 def _read_json(path, what):
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block, a device never end
+        raise FileFormatError(f"{path}: {what} is not a regular file")
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_METADATA_BYTES + 1)
@@ -134,7 +174,10 @@ def _codec_names(meta, fmt):
     """Every codec name an array's metadata uses (nested sharding codecs included)."""
     names = []
     if fmt == 2:
-        for item in [meta.get("compressor")] + list(meta.get("filters") or []):
+        filters = meta.get("filters") or []
+        if not isinstance(filters, list):
+            raise FileFormatError("'filters' is not a list")
+        for item in [meta.get("compressor")] + filters:
             if item is None:
                 continue
             if not isinstance(item, dict) or not isinstance(item.get("id"), str):
@@ -153,7 +196,12 @@ def _codec_names(meta, fmt):
                 raise FileFormatError("a codec entry is not an object with a 'name'")
             names.append(item["name"])
             config = item.get("configuration") or {}
-            if item["name"] == "sharding_indexed" and isinstance(config, dict):
+            if not isinstance(config, dict):
+                raise FileFormatError(f"the configuration of codec '{item['name']}' is not an object")
+            if item["name"] == "sharding_indexed":
+                inner = config.get("chunk_shape")
+                if not isinstance(inner, list) or not all(type(v) is int and v >= 1 for v in inner):
+                    raise FileFormatError("the sharding codec's chunk_shape is not a list of positive integers")
                 walk(config.get("codecs", []))
                 walk(config.get("index_codecs", []))
 
@@ -173,22 +221,32 @@ def _check_array_meta(where, meta, fmt):
             raise FileFormatError(f"{where}: codec '{name}' is not read by convt3d (allowed: "
                                   f"{', '.join(sorted(SAFE_CODECS))}); object and pickle codecs can run code")
     shape = meta.get("shape")
-    chunks = (meta.get("chunks") if fmt == 2 else
-              ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape"))
+    if fmt == 2:
+        chunks = meta.get("chunks")
+    else:
+        grid = meta.get("chunk_grid")
+        config = grid.get("configuration") if isinstance(grid, dict) else None
+        if not isinstance(config, dict) or grid.get("name") != "regular":
+            raise FileFormatError(f"{where}: 'chunk_grid' is not a regular chunk grid")
+        chunks = config.get("chunk_shape")
     for name, value in (("shape", shape), ("chunks", chunks)):
         if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
             raise FileFormatError(f"{where}: '{name}' is not a list of non-negative integers")
     if len(chunks) != len(shape) or min(chunks, default=1) < 1:
         raise FileFormatError(f"{where}: chunks {chunks} do not fit shape {shape}")
-    if math.prod(max(v, 1) for v in shape) > 1 << 62:
-        raise FileFormatError(f"{where}: shape {shape} is larger than any array can be")
+    if math.prod(max(v, 1) for v in shape) > MAX_VOXELS:
+        raise FileFormatError(f"{where}: shape {shape} has more than 2**48 elements; not read")
+    if math.prod(min(c, max(n, 1)) for c, n in zip(chunks, shape)) > MAX_VOXELS:
+        raise FileFormatError(f"{where}: chunks {chunks} are larger than any chunk can be")
     dtype = meta.get("dtype") if fmt == 2 else meta.get("data_type")
     if not isinstance(dtype, str):
         raise FileFormatError(f"{where}: the element type {str(dtype)[:40]} is not a numeric type")
     try:
         parsed = np.dtype(dtype)
-    except TypeError:
+    except (TypeError, ValueError, SyntaxError):
         raise FileFormatError(f"{where}: element type '{dtype[:40]}' is not read (numeric types only)") from None
+    if parsed.shape or parsed.fields:
+        raise FileFormatError(f"{where}: element type '{dtype[:40]}' is not read (numeric types only)")
     check_numeric(parsed, where)
     return tuple(shape), tuple(chunks), parsed
 
@@ -302,7 +360,8 @@ class _Image:
             return None
         for codec in self.meta.get("codecs") or []:
             if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
-                return tuple(self.chunks), tuple((codec.get("configuration") or {}).get("chunk_shape") or ())
+                inner = tuple(codec["configuration"]["chunk_shape"])   # checked by _codec_names
+                return tuple(self.chunks), inner
         return None
 
     @property
@@ -352,6 +411,19 @@ def require_store(path):
         raise FileFormatError(f"{path} is a folder without Zarr metadata (zarr.json, .zgroup or .zarray)")
 
 
+def _first_dataset(where, multiscales):
+    """The path of the first dataset of the first NGFF image, checked to stay below its group."""
+    first = multiscales[0] if isinstance(multiscales[0], dict) else {}
+    datasets = first.get("datasets")
+    if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict) \
+            or not isinstance(datasets[0].get("path"), str):
+        raise FileFormatError(f"{where}: the NGFF multiscales have no dataset path")
+    path = datasets[0]["path"].strip("/")
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise FileFormatError(f"{where}: the NGFF dataset path {path[:60]!r} does not name an array below the image")
+    return path
+
+
 def _image(store, key):
     """Find and check the array ``key`` names (see the module docstring) and its NGFF context."""
     require_store(store)
@@ -364,12 +436,7 @@ def _image(store, key):
         else:
             version, multiscales = _multiscales(root[3])
             if multiscales:
-                first = multiscales[0] if isinstance(multiscales[0], dict) else {}
-                datasets = first.get("datasets")
-                if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict) \
-                        or not isinstance(datasets[0].get("path"), str):
-                    raise FileFormatError(f"{store}: the NGFF multiscales have no dataset path")
-                key = datasets[0]["path"]
+                key = _first_dataset(store, multiscales)
             else:
                 arrays = _arrays(store)
                 if len(arrays) != 1:
@@ -381,11 +448,13 @@ def _image(store, key):
     if any(part in ("", ".", "..") for part in key.split("/")) and key:
         raise KeyNotFoundError(f"{where}: not an array path inside the store")
     node = _node(store, key)
+    if node is not None and node[0] == "group":
+        version, multiscales = _multiscales(node[3])
+        if multiscales:   # a key naming an NGFF image: its first level (dataset paths go down only)
+            key = f"{key}/{_first_dataset(where, multiscales)}" if key else _first_dataset(where, multiscales)
+            where = _describe_where(store, key)
+            node = _node(store, key)
     if node is None or node[0] != "array":
-        if node is not None and node[0] == "group":
-            version, multiscales = _multiscales(node[3])
-            if multiscales:
-                return _image(store, f"{key}/{multiscales[0]['datasets'][0]['path']}" if key else None)
         arrays = _arrays(store)
         raise KeyNotFoundError(f"{where}: no such array in the store (arrays: {', '.join(arrays[:10]) or 'none'})")
     _, fmt, meta, attrs = node
@@ -404,7 +473,10 @@ def _image(store, key):
         for image in multiscales:
             if not isinstance(image, dict):
                 continue
-            for dataset in image.get("datasets") or []:
+            datasets = image.get("datasets")
+            if not isinstance(datasets, list):
+                raise FileFormatError(f"{_describe_where(store, parent)}: the NGFF multiscales' datasets is not a list")
+            for dataset in datasets:
                 if isinstance(dataset, dict) and dataset.get("path") == rel:
                     axes, units = _axes(image.get("axes") if "axes" in image else ["t", "c", "z", "y", "x"][-len(shape):],
                                         len(shape), where)
@@ -413,6 +485,10 @@ def _image(store, key):
                     scale_all = [a * b for a, b in zip(s1, s2)]
                     shift_all = [a * b + c for a, b, c in zip(t1, s2, t2)]
                     scale, shift = scale_all[-3:], shift_all[-3:]
+                    if not all(math.isfinite(v) and v > 0 for v in scale) or \
+                            not all(math.isfinite(v) for v in shift):
+                        raise FileFormatError(f"{where}: the NGFF scale {scale} and translation {shift} (dataset "
+                                              f"and image combined) are not finite and positive")
                     group_attrs = group[3]
                     scale_ctx = image
                     break
@@ -453,6 +529,7 @@ class ZarrSource(Source):
 
     def _raw_window(self, lo, hi):
         index = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))
+        check_chunk_files(self.image, self.image.engine_index(index))
         try:
             data = self.array[self.image.engine_index(index)]
         except Exception as exc:  # noqa: BLE001 - codecs raise anything on damaged bytes
@@ -462,8 +539,6 @@ class ZarrSource(Source):
 
     def _bad_chunk(self, lo, hi, exc):
         """Find the chunk of window ``[lo, hi)`` that fails and say which (and its file)."""
-        import itertools
-
         image = self.image
         chunks = image.read_chunks
         engine_chunks = dict(zip(image.axes or ["t", "c", "z", "y", "x"][-len(chunks):], chunks))
@@ -485,14 +560,92 @@ class ZarrSource(Source):
         self.array = None
 
 
-def _chunk_key(image, grid):
-    """The store key of the chunk (shard) holding read-chunk ``grid``."""
+def _declared_size(head, codec):
+    """Bytes a zstd frame or a Blosc buffer says it decompresses to, or ``None``."""
+    if codec == "zstd" and head[:4] == b"\x28\xb5\x2f\xfd" and len(head) >= 6:
+        descriptor = head[4]
+        single = (descriptor >> 5) & 1
+        size_bytes = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+        at = 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3]
+        if not size_bytes or len(head) < at + size_bytes:
+            return None
+        value = int.from_bytes(head[at:at + size_bytes], "little")
+        return value + 256 if size_bytes == 2 else value
+    if codec == "blosc" and len(head) >= 8:
+        return int.from_bytes(head[4:8], "little")
+    return None
+
+
+def _outer_codec(image):
+    """The codec whose output the chunk files hold, when it declares its decompressed size."""
+    if image.shards:
+        return None
+    if image.fmt == 2:
+        compressor = image.meta.get("compressor")
+        name = compressor.get("id") if isinstance(compressor, dict) else None
+    else:
+        names = [c.get("name") if isinstance(c, dict) else c for c in image.meta.get("codecs") or []]
+        names = [n for n in names if n not in ("crc32c", "numcodecs.crc32", "numcodecs.adler32",
+                                                "numcodecs.fletcher32")]
+        name = names[-1] if names else None
+    name = name[len("numcodecs."):] if isinstance(name, str) and name.startswith("numcodecs.") else name
+    return name if name in ("zstd", "blosc") else None
+
+
+def check_chunk_files(image, index):
+    """Refuse, before zarr-python reads them, chunk files of ``index`` (slices in the array's axes)
+    that no writer makes: folders, pipes and devices (which would hang or never end), empty
+    files, files larger than a chunk's data can compress to, and zstd or Blosc chunks that claim
+    to hold more than a chunk (a decompression bomb). A missing chunk is the fill value."""
+    ranges = []
+    for piece, n, c in zip(index, image.shape, image.chunks):
+        start, stop, _ = piece.indices(n)
+        if stop <= start:
+            return
+        ranges.append(range(start // c, (stop - 1) // c + 1))
+    raw = math.prod(image.chunks) * image.dtype.itemsize
     shards = image.shards
-    if shards:
+    inner = math.prod(-(-o // i) for o, i in zip(*shards)) if shards else 0
+    limit = raw + raw // 4 + (64 << 10) + 16 * inner
+    codec = _outer_codec(image)
+    where = _describe_where(image.store, image.key)
+    for grid in itertools.product(*ranges):
+        key = _chunk_key(image, grid, outer=True)
+        path = os.path.join(image.store, *key.split("/"))
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise FileFormatError(f"{where}: chunk {key} cannot be read ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise FileFormatError(f"{where}: chunk {key} is not a regular file (a folder, pipe or device); "
+                                  f"the store is damaged")
+        if info.st_size == 0 or info.st_size > limit:
+            raise FileFormatError(f"{where}: chunk {key} is {info.st_size} bytes, which no chunk of this array "
+                                  f"({raw} bytes of data) can be; the store is damaged")
+        if codec is not None:
+            try:
+                with open(path, "rb") as handle:
+                    head = handle.read(18)
+            except OSError as exc:
+                raise FileFormatError(f"{where}: chunk {key} cannot be read ({exc.strerror or exc})") from None
+            claimed = _declared_size(head, codec)
+            if claimed is not None and claimed > raw:
+                raise FileFormatError(f"{where}: chunk {key} claims to decompress to {claimed} bytes, more than a "
+                                      f"chunk holds ({raw}); the store is damaged")
+
+
+def _chunk_key(image, grid, outer=False):
+    """The store key of the chunk (shard) holding read-chunk ``grid`` (a chunk-grid index when ``outer``)."""
+    shards = image.shards
+    if shards and not outer:
         grid = tuple(g * i // o for g, o, i in zip(grid, shards[0], shards[1]))
     if image.fmt == 3:
         encoding = image.meta.get("chunk_key_encoding") or {}
-        sep = (encoding.get("configuration") or {}).get("separator", "/")
+        encoding = encoding if isinstance(encoding, dict) else {}
+        config = encoding.get("configuration") if isinstance(encoding.get("configuration"), dict) else {}
+        sep = config.get("separator", "." if encoding.get("name") == "v2" else "/")
         name = sep.join(str(g) for g in grid)
         name = name if encoding.get("name") == "v2" else "c" + sep + name
     else:
@@ -586,7 +739,10 @@ def partial_path(path):
 def _output_affine_ngff(affine):
     """``(scale, translation, rotated)`` of an output affine over (z, y, x)."""
     affine = np.asarray(affine, dtype=np.float64)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zooms = np.array([math.hypot(*affine[:3, j]) for j in range(3)])   # no under/overflow of squares
+    if not (np.isfinite(zooms).all() and (zooms > 0).all() and np.isfinite(affine[:3, 3]).all()):
+        raise OutputError(f"the output's voxel sizes {zooms.tolist()} and origin {affine[:3, 3].tolist()} cannot be "
+                          f"written as NGFF coordinates (not finite and positive)")
     rotated = not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3])), atol=1e-9) or \
         bool((np.diag(affine[:3, :3]) < 0).any())
     return [float(v) for v in zooms], [float(v) for v in affine[:3, 3]], rotated
@@ -627,10 +783,24 @@ class ZarrWriter:
         self.tmp = partial_path(path)
         image = getattr(like, "image", None) if like is not None else None
         fmt = image.fmt if image is not None and image.fmt == 2 else 3
-        self.chunks = tuple(chunks) if chunks else default_chunks(like, self.out_shape)
-        self.shards = tuple(shards) if shards else None
-        if self.shards and fmt == 2:
-            raise OutputError("--shards needs a Zarr v3 output; the input is Zarr v2 (0.4), whose outputs are v2")
+        spatial = self.out_shape[2:]
+        self.chunks = tuple(max(1, min(int(c), n)) for c, n in zip(chunks, spatial)) if chunks \
+            else default_chunks(like, self.out_shape)
+        self.shards = None
+        if shards:
+            if fmt == 2:
+                raise OutputError("--shards needs a Zarr v3 output; the input is Zarr v2 (NGFF 0.4), whose "
+                                  "outputs are v2")
+            # A shard past the output's end would only hold empty chunks: clip to whole chunks.
+            self.shards = tuple(min(int(s), -(-n // c) * c) for s, c, n in zip(shards, self.chunks, spatial))
+            if any(s % c for s, c in zip(self.shards, self.chunks)):
+                raise OutputError(f"--shards {','.join(map(str, shards))} must be a multiple of the chunks "
+                                  f"{','.join(map(str, self.chunks))} along every axis")
+        for what, shape in (("chunk", self.chunks), ("shard", self.shards)):
+            if shape and math.prod(shape) * self.dtype.itemsize > MAX_CHUNK_BYTES:
+                raise OutputError(f"a {what} of {'x'.join(map(str, shape))} {self.dtype.name} values is "
+                                  f"{math.prod(shape) * self.dtype.itemsize} bytes; codecs take at most 2 GiB: use "
+                                  f"smaller --{what}s")
         n, c = self.out_shape[:2]
         keep_t = n > 1 or (image is not None and image.axes is not None and "t" in image.axes)
         keep_c = c > 1 or (image is not None and image.axes is not None and "c" in image.axes)

@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import read_array, same_bits, write_image
+from helpers import invoke_in
+from zarrkit import read_array, same_bits, write_image
 
 from convt3d_cli import errors, pipeline
 from convt3d_cli.engine import conv_transpose3d
-from helpers import invoke_in
 
 distributed = pytest.importorskip("distributed")
 
@@ -45,7 +45,7 @@ def _layer(tmp_path, rng, cin=2, cout=3):
 
 def test_cluster_blocks_equal_the_in_memory_engine(tmp_path, rng, cluster):
     x = rng.standard_normal((2, 12, 14, 16)).astype(np.float32)
-    store = write_image(tmp_path / "in.ome.zarr", x, axes="czyx", chunks=(2, 5, 5, 5))
+    write_image(tmp_path / "in.ome.zarr", x, axes="czyx", chunks=(2, 5, 5, 5))
     layer, weight, bias = _layer(tmp_path, rng)
     result = invoke_in(tmp_path, "run", "in.ome.zarr", "out.ome.zarr", "--weights", "layer.npz", "--stride", "2",
                        "--padding", "1", "--chunks", "4,6,5", "--max-memory", "8300K",

@@ -1,12 +1,11 @@
-"""Zarr stores for the tests: NGFF 0.4/0.5 images and plain arrays written with zarr-python."""
+"""Zarr stores for the tests (tests/stores, tests/fuzz): NGFF 0.4/0.5 images and plain arrays written with
+zarr-python. Kept out of conftest.py: with several conftest modules, ``from conftest import ...`` finds
+whichever one was imported first."""
 
 import hashlib
 import os
 
 import numpy as np
-import pytest
-
-zarr = pytest.importorskip("zarr")
 
 SPACE = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
 
@@ -19,6 +18,7 @@ def write_image(path, data, *, fmt=3, axes="zyx", chunks=None, scale=(1.0, 1.0, 
     ``translation`` are the spatial (z, y, x) parts; other axes get scale 1. ``levels``
     adds more arrays ``{key: (data, spatial_scale)}`` to the multiscale image.
     """
+    import zarr
     from zarr.storage import LocalStore
 
     group = zarr.open_group(LocalStore(str(path)), mode="w", zarr_format=fmt)
@@ -28,7 +28,7 @@ def write_image(path, data, *, fmt=3, axes="zyx", chunks=None, scale=(1.0, 1.0, 
         kwargs = {"shape": values.shape, "chunks": chunks or tuple(min(8, n) for n in values.shape),
                   "dtype": values.dtype, "fill_value": 0}
         if fmt == 3:
-            kwargs["dimension_names"] = list(axes) if not ngff else list(axes)
+            kwargs["dimension_names"] = list(axes)
         array = group.create_array(name, **kwargs)
         array[...] = values
         full = [1.0] * (len(axes) - 3) + list(spatial)
@@ -49,6 +49,8 @@ def write_image(path, data, *, fmt=3, axes="zyx", chunks=None, scale=(1.0, 1.0, 
 
 
 def read_array(path, key="0"):
+    import zarr
+
     return zarr.open_array(str(path), path=key, mode="r")[...]
 
 
@@ -66,8 +68,3 @@ def tree_digest(path):
 def same_bits(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(19)

@@ -7,12 +7,12 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import read_array, same_bits, tree_digest, write_image
+from helpers import invoke_in
+from zarrkit import read_array, same_bits, tree_digest, write_image
 
 from convt3d_cli import blocks, errors, geometry, pipeline
 from convt3d_cli.builtin import apply_builtin
 from convt3d_cli.engine import conv_transpose3d
-from helpers import invoke_in
 
 LAYERS = {
     # name: (weights shape or built-in, options)
@@ -239,7 +239,7 @@ def test_a_failing_run_removes_its_partial_store(tmp_path, rng, monkeypatch):
 
 @pytest.mark.parametrize("fmt", [3, 2])
 def test_a_damaged_chunk_is_one_error_naming_it(tmp_path, rng, fmt):
-    store = write_image(tmp_path / "in.ome.zarr", rng.standard_normal((8, 8, 8)).astype(np.float32), fmt=fmt,
+    write_image(tmp_path / "in.ome.zarr", rng.standard_normal((8, 8, 8)).astype(np.float32), fmt=fmt,
                         chunks=(4, 4, 4))
     chunk = tmp_path / "in.ome.zarr" / "0" / ("c/1/0/1" if fmt == 3 else "1.0.1")
     chunk.write_bytes(b"\x02\x01" + os.urandom(40))

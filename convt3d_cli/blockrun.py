@@ -43,6 +43,7 @@ class BlockJob:
     layout: object
     token: str
     threads: int | None = None
+    window_cache: int = 0
 
 
 #: Blocks a cluster run is cut into at least (when its chunks allow).
@@ -69,6 +70,7 @@ def _prepared(job):
         import os
 
         source = io.open_source(info, False, compute, pad, os.path.dirname(job.layout.store))
+        source.window_cache = job.window_cache
         _CACHE[job.token] = (layer, source)
         return layer, source
 
@@ -101,11 +103,17 @@ def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, ove
 
     from .io._atomic import Terminated
 
+    from .io.registry import format_for
+
     chunks = io.output_chunks(output, info, plan.output_shape, store_options.get("chunks"),
                               store_options.get("shards"))
+    # A chunked input keeps the chunks around the last window for the next (neighbouring) one:
+    # blocks take half of the budget then, and the input's box the rest.
+    caches = format_for(info.path).caches_windows
     # On a cluster, enough blocks to keep the workers busy (and to lose little with one).
     bplan = blocks.plan_blocks(layer, chunks, max_memory, pad, stored.itemsize,
-                               min_blocks=CLUSTER_MIN_BLOCKS if scheduler else 1)
+                               min_blocks=CLUSTER_MIN_BLOCKS if scheduler else 1, reserve=0.5 if caches else 0)
+    window_cache = max(0, bplan.budget - bplan.needed) if caches else 0
     writer = io.open_block_writer(output, plan.output_shape, like=info, params=plan.params, formula=plan.formula,
                                   overwrite=overwrite, source=input, dtype=compute, output_dtype=stored,
                                   chunks=store_options.get("chunks") or (None if store_options.get("shards")
@@ -130,12 +138,14 @@ def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, ove
                 f":{io.split_spec(input)[1]}" if io.split_spec(input)[1] else ""),
                 fourth_axis=info.fourth_axis or fourth_axis, weight=_user_weight(layer, kernel),
                 bias=None if kernel else layer.bias, kernel=kernel, params=plan.params, dtype=compute.name,
-                path=layer.path, pad=pad, layout=writer.layout, token=uuid.uuid4().hex, threads=threads)
+                path=layer.path, pad=pad, layout=writer.layout, token=uuid.uuid4().hex, threads=threads,
+                window_cache=window_cache)
             todo = [(index, region) for index, region in enumerate(bplan.blocks) if index not in skip]
             echo(f"cluster: {scheduler}, {len(todo)} block tasks")
             writer.clipped += _distributed.run_blocks_on_scheduler(scheduler, job, todo, bplan.count, progress)
         else:
             source = io.open_source(info, False, compute, pad, folder)
+            source.window_cache = window_cache
             try:
                 blocks.run_blocks(layer, source, writer, bplan, progress, skip)
             finally:

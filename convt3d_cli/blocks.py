@@ -102,7 +102,7 @@ def compute_block(layer, read, region):
     Returns
     -------
     ndarray
-        ``(N, Cout, d1 - d0, h1 - h0, w1 - w0)`` in compute dtype, C-contiguous.
+        ``(N, Cout, d1 - d0, h1 - h0, w1 - w0)`` in compute dtype (a view of the computed block).
     """
     windows = block_windows(layer, region)
     if any(w.bias_only for w in windows):
@@ -115,9 +115,9 @@ def compute_block(layer, read, region):
     out = np.empty(sub.output_shape, dtype=layer.dtype)
     sub.run_slab(x, 0, 0, sub.output_shape[2], out)
     del x
-    picked = out[(slice(None), slice(None)) + tuple(slice(w.skip, w.skip + w.out_stop - w.out_start)
-                                                    for w in windows)]
-    return picked if picked.shape == out.shape else np.ascontiguousarray(picked)
+    # A view when the computed range was widened to whole phases: writers copy chunks anyway.
+    return out[(slice(None), slice(None)) + tuple(slice(w.skip, w.skip + w.out_stop - w.out_start)
+                                                  for w in windows)]
 
 
 def block_bytes(layer, shape, pad=0, out_itemsize=None):
@@ -140,7 +140,8 @@ def block_bytes(layer, shape, pad=0, out_itemsize=None):
     return slabs.FIXED_BYTES + x * (3 if pad else 2) + 2 * out + 2 * stored + layer.scratch_bytes()
 
 
-def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, min_blocks=1):
+def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, min_blocks=1,
+                reserve=0.0):
     """Cut the output into blocks of whole chunks that fit the memory budget.
 
     Parameters
@@ -156,6 +157,8 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
         blocks of one chunk.
     min_blocks : int
         Stop growing before the output has fewer blocks than this (tasks for a cluster).
+    reserve : float
+        Share of the budget blocks leave free when they grow (for the input's chunk cache).
 
     Raises
     ------
@@ -199,7 +202,7 @@ def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, availa
                 continue
             trial = list(shape)
             trial[a] = min(out[a], shape[a] * 2)
-            if cost(tuple(trial)) <= target and count(trial) >= min_blocks:
+            if cost(tuple(trial)) <= target * (1 - reserve) and count(trial) >= min_blocks:
                 shape, grow = trial, True
     return BlockPlan(_grid(out, shape), tuple(shape), budget, cost(tuple(shape)))
 

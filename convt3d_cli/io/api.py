@@ -457,6 +457,18 @@ def _read_bias(spec):
 
 # --------------------------------------------------------------------------- writing
 
+def _nested(a, b):
+    """Whether one of two paths lies inside the other (a store folder and a path in it)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    if a == b:
+        return False
+    try:
+        common = os.path.commonpath([a, b])
+    except ValueError:
+        return False
+    return common in (a, b) and (os.path.isdir(a) or os.path.isdir(b))
+
+
 def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why=None, output_dtype=None):
     """Refuse, before any computation, an output that :func:`open_writer` would refuse.
 
@@ -491,6 +503,9 @@ def check_output(spec, out_shape, *, inputs=(), overwrite=False, dtype=None, why
         if other and same_file(path, split_spec(other)[0]):
             raise OutputError(f"the output {path} is the input file {other}; choose another output name "
                               f"(--overwrite never replaces an input)")
+        if other and _nested(path, split_spec(other)[0]):
+            raise OutputError(f"the output {path} and the input {other} are one inside the other (a Zarr store "
+                              f"is a folder); choose an output outside the input and not containing it")
     fmt = output_format_for(path)
     folder = fmt.check_target(path, overwrite)
     out_shape = tuple(int(v) for v in out_shape)

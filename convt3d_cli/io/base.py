@@ -58,6 +58,8 @@ class Format:
 
     #: Whether outputs are written block by block (a chunked store) rather than in slabs.
     blockwise = False
+    #: Whether the slab source keeps the chunks around a window for the next (``window_cache``).
+    caches_windows = False
 
     def require(self, path):
         """Refuse a path this format cannot read before anything opens it (a regular file here)."""

@@ -515,11 +515,29 @@ class ZarrSource(Source):
     always in engine orientation.
     """
 
+    #: Bytes the last chunk-aligned box read may keep for the next window (set by a block-wise
+    #: run from its memory budget; 0: every window is read on its own). Neighbouring blocks'
+    #: windows share input chunks, which would otherwise be decompressed once per window.
+    window_cache = 0
+
     def __init__(self, info, transposed, dtype, pad, image):
         super().__init__(info, transposed, dtype, pad)
         self.image = image
         self.engine_spatial = tuple(info.engine_shape[2:])
         self.array = _open_array(image.store, image.key, image.fmt, "r")
+        self._box = None          # (lo, hi, engine array) of the last box read
+
+    def box_bytes(self, window):
+        """Bytes of the chunk-aligned box around an input ``window`` shape at its worst placement."""
+        chunks = self._engine_chunks()
+        n, c = self.info.engine_shape[:2]
+        return n * c * self.image.dtype.itemsize * math.prod(
+            min(size, -(-(w + ch - 1) // ch) * ch) for w, ch, size in zip(window, chunks, self.engine_spatial))
+
+    def _engine_chunks(self):
+        image = self.image
+        sizes = dict(zip(image.axes or ["t", "c", "z", "y", "x"][-len(image.read_chunks):], image.read_chunks))
+        return tuple(sizes.get(a, 1) for a in _SPACE)
 
     def _raw(self, a, b):
         if not self.transposed:
@@ -528,6 +546,22 @@ class ZarrSource(Source):
         return block.transpose(0, 1, 4, 3, 2)
 
     def _raw_window(self, lo, hi):
+        if self.window_cache:
+            chunks = self._engine_chunks()
+            box_lo = tuple(a // ch * ch for a, ch in zip(lo, chunks))
+            box_hi = tuple(min(n, -(-b // ch) * ch) for b, ch, n in zip(hi, chunks, self.engine_spatial))
+            n, c = self.info.engine_shape[:2]
+            size = n * c * self.image.dtype.itemsize * math.prod(b - a for a, b in zip(box_lo, box_hi))
+            if size <= self.window_cache:
+                cached = self._box
+                if cached is None or not all(a >= ca and b <= cb for a, b, ca, cb in zip(lo, hi, cached[0], cached[1])):
+                    self._box = None   # freed before the next one is read
+                    cached = self._box = (box_lo, box_hi, self._read(box_lo, box_hi))
+                return cached[2][(slice(None), slice(None)) + tuple(
+                    slice(a - ca, b - ca) for a, b, ca in zip(lo, hi, cached[0]))]
+        return self._read(lo, hi)
+
+    def _read(self, lo, hi):
         index = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))
         check_chunk_files(self.image, self.image.engine_index(index))
         try:
@@ -558,6 +592,7 @@ class ZarrSource(Source):
 
     def close(self):
         self.array = None
+        self._box = None
 
 
 def _declared_size(head, codec):
@@ -1029,6 +1064,7 @@ class ZarrFormat(Format):
     name = "zarr"
     label = "Zarr"
     blockwise = True
+    caches_windows = True
 
     def require(self, path):
         require_store(path)

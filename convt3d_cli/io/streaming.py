@@ -262,7 +262,8 @@ class Source:
                                    self.shape[:2] + tuple(b - a for a, b in zip(real_lo, real_hi)))
         for axis in range(3):
             index = np.clip(np.arange(lo[axis], hi[axis]) - 1, 0, n[axis] - 1) - real_lo[axis]
-            core = np.take(core, index, axis=2 + axis)
+            if len(index) != core.shape[2 + axis] or (len(index) and (index[0] != 0 or index[-1] != len(index) - 1)):
+                core = np.take(core, index, axis=2 + axis)   # an edge is replicated along this axis
         return np.ascontiguousarray(core)
 
     def read(self, a, b):

@@ -307,3 +307,21 @@ def test_without_zarr_python_a_store_is_one_line_with_the_install_hint(tmp_path,
         assert result.output.startswith("Error: ") and 'pip install "convt3d[zarr]"' in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ome.zarr"]
+
+
+def test_an_output_inside_the_input_store_or_around_it_is_refused(tmp_path, rng):
+    x = rng.standard_normal((4, 4, 4)).astype(np.float32)
+    write_image(tmp_path / "in.ome.zarr", x)
+    before = tree_digest(tmp_path / "in.ome.zarr")
+    for output in ("in.ome.zarr/out.ome.zarr", "in.ome.zarr/0/x.npy"):
+        result = invoke_in(tmp_path, "run", "in.ome.zarr", output, "-k", "linear", "--stride", "2", "--overwrite")
+        assert result.exit_code == 1 and "one inside the other" in result.output, result.output
+    # An --overwrite of a store holding the input would delete the input.
+    (tmp_path / "outer.zarr").mkdir()
+    write_image(tmp_path / "outer.zarr" / "in.ome.zarr", x)
+    (tmp_path / "outer.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    result = invoke_in(tmp_path, "run", "outer.zarr/in.ome.zarr", "outer.zarr", "-k", "linear", "--stride", "2",
+                       "--overwrite")
+    assert result.exit_code == 1 and "one inside the other" in result.output, result.output
+    assert (tmp_path / "outer.zarr" / "in.ome.zarr" / "0").is_dir()
+    assert tree_digest(tmp_path / "in.ome.zarr") == before

@@ -329,7 +329,7 @@ def run_cluster(launcher, workers, warm_cmd, cmd):
             if str(task.get("key", "")).startswith("convt3d-block-"):
                 per_worker[task["worker"]] = per_worker.get(task["worker"], 0) + 1
         return {"wall": wall, "report": report, "warmed": warmed, "workers": list(stats.values()),
-                "blocks_per_worker": [per_worker.get(w, 0) for w in stats], "version": distributed.__version__,
+                "tasks_per_worker": [per_worker.get(w, 0) for w in stats], "version": distributed.__version__,
                 "scheduler_peak": _maxrss()}
 
 
@@ -443,8 +443,8 @@ def print_results(args, folder, r):
     if cluster:
         print(f"cluster memory: peak RSS per worker {', '.join(_mib(w['peak']) for w in cluster['workers'])} MiB "
               f"(whole process life, warm-up included); client {_mib(cluster['report']['peak_memory_bytes'])} MiB; "
-              f"scheduler + nannies (this process) {_mib(cluster['scheduler_peak'])} MiB; blocks per worker "
-              f"{', '.join(map(str, cluster['blocks_per_worker']))}")
+              f"scheduler + nannies (this process) {_mib(cluster['scheduler_peak'])} MiB; tasks (runs of blocks) per worker "
+              f"{', '.join(map(str, cluster['tasks_per_worker']))}")
         if checks["same_metadata"] and not checks["different"]:
             verdict = "same bits"
         else:

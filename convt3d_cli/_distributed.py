@@ -115,8 +115,8 @@ def run_on_scheduler(address, tasks, on_result):
 
 # --------------------------------------------------------------------------- one volume, block by block
 
-def _block_task(job, index, region):
-    """The Dask task of a block-wise run: compute and store one block on a worker.
+def _block_task(job, items):
+    """The Dask task of a block-wise run: compute and store a run of neighbouring blocks on a worker.
 
     A refusal (a damaged input chunk, a full disk) is returned as ``("error", message)``
     rather than raised, so that Dask does not retry what would fail again.
@@ -126,13 +126,16 @@ def _block_task(job, index, region):
 
     with _COMPUTE:
         try:
-            return ("ok", compute_and_store(job, index, region))
+            return ("ok", compute_and_store(job, items))
         except Convt3dError as exc:
             return ("error", type(exc).__name__, str(exc))
 
 
-#: Times Dask runs a block again after its worker died or the task raised.
+#: Times Dask runs a task again after its worker died or the task raised.
 BLOCK_RETRIES = 3
+#: Tasks per Dask thread of the cluster, about: a task computes a run of neighbouring blocks
+#: (they share input chunks, and storing one overlaps computing the next).
+TASKS_PER_THREAD = 4
 
 
 def run_blocks_on_scheduler(address, job, todo, total, progress=None):
@@ -144,7 +147,8 @@ def run_blocks_on_scheduler(address, job, todo, total, progress=None):
         Scheduler address (``tcp://host:8786``).
     job : blockrun.BlockJob
     todo : list of (index, region)
-        The blocks to compute (a resumed run leaves out the complete ones).
+        The blocks to compute (a resumed run leaves out the complete ones), in order: runs of
+        consecutive ones become one task each.
     total : int
         Blocks of the whole run (for the progress count).
     progress : callable(done, total), optional
@@ -168,9 +172,12 @@ def run_blocks_on_scheduler(address, job, todo, total, progress=None):
     with client:
         # The job (weights, settings, the output's layout) goes to the cluster once.
         [remote_job] = client.scatter([job], broadcast=True, hash=False)
-        futures = {client.submit(_block_task, remote_job, index, region, key=f"convt3d-block-{job.token}-{index}",
-                                 pure=False, retries=BLOCK_RETRIES, priority=-index): index
-                   for index, region in todo}
+        threads = max(1, sum(client.nthreads().values()))
+        size = max(1, -(-len(todo) // (TASKS_PER_THREAD * threads)))
+        groups = [todo[start:start + size] for start in range(0, len(todo), size)]
+        futures = {client.submit(_block_task, remote_job, group, key=f"convt3d-block-{job.token}-{group[0][0]}",
+                                 pure=False, retries=BLOCK_RETRIES, priority=-number): group
+                   for number, group in enumerate(groups)}
         try:
             for future in distributed.as_completed(futures, loop=client.loop):
                 try:
@@ -178,13 +185,14 @@ def run_blocks_on_scheduler(address, job, todo, total, progress=None):
                 except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - Dask lost it
                     name = type(err).__name__
                     why = ("its workers died (out of memory?)" if name == "KilledWorker" else f"{name}: {err}")
-                    raise SchedulerError(" ".join(f"block {futures[future]} failed on the cluster: {why}; "
+                    first = futures[future][0][0]
+                    raise SchedulerError(" ".join(f"blocks from {first} failed on the cluster: {why}; "
                                                   f"rerun with --resume to continue".split())) from None
                 if result[0] == "error":
                     kind = getattr(errors, result[1], errors.Convt3dError)
                     raise (kind(result[2]) if kind is not errors.ParameterError else errors.Convt3dError(result[2]))
                 clipped += result[1]
-                done += 1
+                done += len(futures[future])
                 if progress:
                     progress(done, total)
         except BaseException:

@@ -79,13 +79,20 @@ def _in_channels(shape):
     return shape[0] * shape[1] if len(shape) == 6 else shape[0]
 
 
-def compute_and_store(job, index, region):
-    """Compute block ``index`` (output ``region``) of ``job`` and store it; returns clipped values."""
+def compute_and_store(job, items):
+    """Compute blocks ``[(index, region), ...]`` of ``job`` in turn and store them (each marked
+    complete when written); returns the values clipped."""
     from .engine._numba_env import limited_threads
+
+    clipped = []
+
+    def store(index, region, block):
+        clipped.append(job.layout.write(index, region, block))
 
     with limited_threads(job.threads):
         layer, source = _prepared(job)
-        return job.layout.write(index, region, blocks.compute_block(layer, source.read_window, region))
+        blocks.compute_regions(layer, source, store, items)
+    return sum(clipped)
 
 
 def run_blockwise(layer, pad, info, input, output, plan, stored, compute, *, overwrite, max_memory, store_options,

@@ -234,26 +234,45 @@ def fixed_plan(layer, shape, pad=0, out_itemsize=None, max_memory=None):
 
 
 def run_blocks(layer, source, writer, plan, progress=None, skip=()):
-    """Compute every block of ``plan`` (but those in ``skip``) and hand it to ``writer``.
+    """Compute every block of ``plan`` (but those in ``skip``) and hand it to ``writer.write_block``."""
+    todo = ((index, region) for index, region in enumerate(plan.blocks) if index not in skip)
+    done = len([i for i in skip if 0 <= i < plan.count])
+
+    def advance(count):
+        if progress:
+            progress(done + count, plan.count)
+
+    compute_regions(layer, source, writer.write_block, todo, advance)
+
+
+def compute_regions(layer, source, store, items, advance=None):
+    """Compute blocks ``(index, region)`` in turn and ``store(index, region, block)`` each.
 
     A block is stored (compressed, written) by a second thread while the next one is
-    computed; :func:`block_bytes` counts the block in flight.
+    computed; :func:`block_bytes` counts the block in flight. ``advance(n)`` is called
+    with the number of blocks stored so far.
+
+    Returns
+    -------
+    int
+        Blocks computed.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    count = 0
     with ThreadPoolExecutor(1, thread_name_prefix="convt3d-store") as pool:
         pending = None
-        for index, region in enumerate(plan.blocks):
-            if index in skip:
-                continue
+        for index, region in items:
             block = compute_block(layer, source.read_window, region)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(writer.write_block, index, region, block)
+                if advance:
+                    advance(count)
+            pending = pool.submit(store, index, region, block)
             del block
-            if progress:
-                progress(index + 1, plan.count)
+            count += 1
         if pending is not None:
             pending.result()
-    if progress:
-        progress(plan.count, plan.count)
+    if advance and count:
+        advance(count)
+    return count

@@ -44,17 +44,19 @@ def _layer(tmp_path, rng, cin=2, cout=3):
 
 
 def test_cluster_blocks_equal_the_in_memory_engine(tmp_path, rng, cluster):
-    x = rng.standard_normal((2, 12, 14, 16)).astype(np.float32)
-    write_image(tmp_path / "in.ome.zarr", x, axes="czyx", chunks=(2, 5, 5, 5))
+    # A few MB out (3 x 79 x 83 x 88 float32), input chunks smaller than the blocks' windows.
+    x = rng.standard_normal((2, 40, 42, 44)).astype(np.float32)
+    write_image(tmp_path / "in.ome.zarr", x, axes="czyx", chunks=(2, 9, 10, 11))
     layer, weight, bias = _layer(tmp_path, rng)
     result = invoke_in(tmp_path, "run", "in.ome.zarr", "out.ome.zarr", "--weights", "layer.npz", "--stride", "2",
-                       "--padding", "1", "--chunks", "4,6,5", "--max-memory", "8300K",
+                       "--padding", "1", "--chunks", "8,12,10", "--max-memory", "12M",
                        "--scheduler", cluster.scheduler_address, "--json", "-q")
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["blocks"] > 8
     expected = conv_transpose3d(x[None], weight, bias, stride=2, padding=1, dtype="float32")[0]
     assert same_bits(read_array(tmp_path / "out.ome.zarr"), expected)
     local = pipeline.run_file(str(tmp_path / "in.ome.zarr"), str(tmp_path / "local.ome.zarr"), weights=layer,
-                              layer_options={"stride": 2, "padding": 1}, store_options={"chunks": (4, 6, 5)})
+                              layer_options={"stride": 2, "padding": 1}, store_options={"chunks": (8, 12, 10)})
     assert same_bits(read_array(tmp_path / "local.ome.zarr"), expected)
     # The same NGFF metadata as the local run.
     here, there = (json.loads((tmp_path / name / "zarr.json").read_text())["attributes"]["ome"]
@@ -65,7 +67,7 @@ def test_cluster_blocks_equal_the_in_memory_engine(tmp_path, rng, cluster):
 
 
 def test_stride_3_builtin_and_groups_on_the_cluster(tmp_path, rng, cluster):
-    x = rng.standard_normal((4, 7, 8, 9)).astype(np.float32)
+    x = rng.standard_normal((4, 14, 15, 16)).astype(np.float32)     # stride 3: 2.3 MB out
     store = write_image(tmp_path / "in.ome.zarr", x, axes="czyx")
     for name, kwargs in (("linear", {"kernel": "linear", "layer_options": {"stride": 3}}),
                          ("groups", {"weights": None, "layer_options": {"stride": 2, "groups": 2}})):
@@ -73,7 +75,7 @@ def test_stride_3_builtin_and_groups_on_the_cluster(tmp_path, rng, cluster):
             weight = rng.standard_normal((4, 3, 2, 2, 2)).astype(np.float32)
             np.save(tmp_path / "g.npy", weight)
             kwargs["weights"] = str(tmp_path / "g.npy")
-        opts = {"store_options": {"chunks": (3, 4, 5)}, "max_memory": (8 << 20) + (100 << 10)}
+        opts = {"store_options": {"chunks": (6, 8, 10)}, "max_memory": 9 << 20}
         remote = pipeline.run_file(store, str(tmp_path / f"{name}-c.ome.zarr"), scheduler=cluster.scheduler_address,
                                    **kwargs, **opts)
         pipeline.run_file(store, str(tmp_path / f"{name}-l.ome.zarr"), **kwargs, **opts)

@@ -115,6 +115,35 @@ def run_on_scheduler(address, tasks, on_result):
 
 # --------------------------------------------------------------------------- one volume, block by block
 
+_MALLOC_TUNED = []
+
+
+def _heap_for_blocks():
+    """Give this worker process glibc's usual heap behaviour back (once).
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed
+    memory returns to the system at once. Setting it also pins glibc's mmap threshold
+    at 128 KiB, so every buffer above that (the store's 8 MiB chunk buffers, the
+    block's arrays) is a fresh mapping whose pages fault in again: a block-wise run
+    measured 1.6x slower in such a worker. Heap buffers up to 64 MiB are reused, and
+    at most 256 MiB of free heap is kept.
+    """
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED.append(True)
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to undo
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 def _block_task(job, items):
     """The Dask task of a block-wise run: compute and store a run of neighbouring blocks on a worker.
 
@@ -124,6 +153,7 @@ def _block_task(job, items):
     from .blockrun import compute_and_store
     from .errors import Convt3dError
 
+    _heap_for_blocks()
     with _COMPUTE:
         try:
             return ("ok", compute_and_store(job, items))

@@ -57,7 +57,7 @@ from .base import Format, array_engine_shape, jsonable
 from .dtypes import byte_order, cast_block, check_numeric, dtype_name, native
 from .records import VolumeInfo
 from .registry import ZARR_COMPRESSORS
-from .safety import check_nonempty
+from .safety import check_nonempty, path_mode
 from .streaming import Source
 
 INSTALL_HINT = 'pip install "convt3d[zarr]"'
@@ -399,12 +399,7 @@ def _describe_where(store, key):
 
 def require_store(path):
     """Refuse a path that is not a Zarr store folder (without following it into devices)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileFormatError(f"no such Zarr store: {path}") from None
-    except OSError as exc:
-        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    mode = path_mode(path, "no such Zarr store")
     if not stat.S_ISDIR(mode):
         raise FileFormatError(f"{path} is not a Zarr store (a folder with zarr.json, .zgroup or .zarray)")
     if _node(path, "") is None:

@@ -20,6 +20,16 @@ _KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character de
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def path_mode(path, missing="no such file"):
+    """``os.stat(path).st_mode`` (links followed), or a :class:`FileFormatError` saying ``missing: path``."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileFormatError(f"{missing}: {path}") from None
+    except OSError as exc:
+        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def require_file(path):
     """Raise :class:`FileFormatError` unless ``path`` is an existing regular file.
 
@@ -27,12 +37,7 @@ def require_file(path):
     without a writer blocks forever, and a device such as ``/dev/zero`` (also
     behind a symbolic link named like a volume) never ends.
     """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileFormatError(f"no such file: {path}") from None
-    except OSError as exc:
-        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    mode = path_mode(path)
     if stat.S_ISDIR(mode):
         raise FileFormatError(f"{path} is a folder, not a file")
     for test, kind in _KINDS:

@@ -33,7 +33,6 @@ zarr-python 3 is an optional dependency (``pip install "convt3d[zarr]"``, Python
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -347,12 +346,11 @@ def _axes(raw, ndim, where):
 class _Image:
     """What :meth:`ZarrFormat.probe` learnt about one array: its NGFF context and shapes."""
 
-    def __init__(self, store, key, fmt, meta, shape, chunks, dtype, axes, units, scale, shift, version,
-                 group_attrs):
+    def __init__(self, store, key, fmt, meta, shape, chunks, dtype, axes, units, scale, shift, version):
         self.store, self.key, self.fmt, self.meta = store, key, fmt, meta
         self.shape, self.chunks, self.dtype = shape, chunks, dtype
         self.axes, self.units, self.scale, self.shift = axes, units, scale, shift
-        self.version, self.group_attrs = version, group_attrs
+        self.version = version
 
     @property
     def shards(self):
@@ -424,7 +422,7 @@ def _image(store, key):
     require_store(store)
     root = _node(store, "")
     where = _describe_where(store, key)
-    version, multiscales, group_attrs, scale_ctx = None, [], {}, None
+    version, multiscales, scale_ctx = None, [], None
     if key is None:
         if root[0] == "array":
             key = ""
@@ -484,7 +482,6 @@ def _image(store, key):
                             not all(math.isfinite(v) for v in shift):
                         raise FileFormatError(f"{where}: the NGFF scale {scale} and translation {shift} (dataset "
                                               f"and image combined) are not finite and positive")
-                    group_attrs = group[3]
                     scale_ctx = image
                     break
             if scale_ctx is not None:
@@ -497,7 +494,7 @@ def _image(store, key):
         if isinstance(dims, list) and len(dims) == len(shape) and all(isinstance(d, str) for d in dims) \
                 and [d.lower() for d in dims][-3:] == list(_SPACE):
             axes, units = _axes(dims, len(shape), where)
-    return _Image(store, key, fmt, meta, shape, chunks, dtype, axes, units, scale, shift, version, group_attrs)
+    return _Image(store, key, fmt, meta, shape, chunks, dtype, axes, units, scale, shift, version)
 
 
 # --------------------------------------------------------------------------- reading
@@ -1158,11 +1155,6 @@ def _tree_size(path):
             except OSError:
                 pass
     return total
-
-
-def fingerprint_of(*parts):
-    """A short stable digest of JSON-able parts (the run identity ``--resume`` checks)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 FORMAT = ZarrFormat()

@@ -179,15 +179,10 @@ class _Progress:
 
 
 def _resumable(output):
-    """``" (--resume continues it)"`` when an interrupted Zarr output kept its finished blocks."""
-    from .io.registry import split_spec
+    """A hint to ``--resume`` when an interrupted output (a Zarr store) kept its finished blocks."""
+    from . import io
 
-    path = split_spec(output)[0]
-    if not path.lower().rstrip("/").endswith(".zarr"):
-        return ""
-    from .io.omezarr import partial_path
-
-    return "; --resume continues from its finished blocks" if os.path.isdir(partial_path(path)) else ""
+    return "; --resume continues from its finished blocks" if io.partial_output(output) else ""
 
 
 @cli.command()

@@ -205,7 +205,7 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
     if blockwise:
         from .blockrun import run_blockwise
 
-        fingerprint = {"input": _identity(input, info.key), "weights": None if loaded is None else loaded.source,
+        fingerprint = {"input": [input, os.path.abspath(io.split_spec(input)[0]), io.input_stamps(input, info.key)], "weights": None if loaded is None else loaded.source,
                        "layer": _layer_digest(layer), "kernel": kernel, "params": p.as_dict(),
                        "output_dtype": stored.name, "dtype": dtype}
         done = run_blockwise(
@@ -276,25 +276,6 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
     })
     out.update(extra)
     return out
-
-
-def _identity(spec, key):
-    """An input as a run's identity (``--resume``): its path, and the size and time of the file or,
-    for a store, of the metadata documents of its root and of the array read (not of its chunks:
-    there may be millions)."""
-    path = os.path.abspath(io.split_spec(spec)[0])
-    stamps = []
-    folders = [path] + ([os.path.join(path, *key.split("/"))] if key and os.path.isdir(path) else [])
-    for entry in folders:
-        names = [entry] if os.path.isfile(entry) else [
-            os.path.join(entry, name) for name in ("zarr.json", ".zarray", ".zattrs", ".zgroup")]
-        for name in names:
-            try:
-                st = os.stat(name)
-            except OSError:
-                continue
-            stamps.append([os.path.relpath(name, os.path.dirname(path)), st.st_size, st.st_mtime_ns])
-    return [spec, path, stamps]
 
 
 def _layer_digest(layer):

@@ -39,7 +39,7 @@ _LAZY = {
     "api": ("format_of", "output_format", "transposed_slabs", "probe_volume", "with_fourth_axis", "read_volume",
             "open_source", "resident_bytes", "describe", "inspect_weights", "probe_weights",
             "read_weights", "check_output", "open_writer", "write_volume", "blockwise", "open_block_writer",
-            "output_chunks"),
+            "output_chunks", "input_stamps", "partial_output"),
     "records": ("Volume", "VolumeInfo", "Weights", "WeightsInfo"),
     "_atomic": ("atomic_write", "same_file"),
 }

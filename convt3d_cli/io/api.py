@@ -93,6 +93,22 @@ def open_block_writer(spec, out_shape, *, like, params, formula, overwrite=False
                                  blocks=blocks)
 
 
+def input_stamps(spec, key=None):
+    """What says an input changed, for ``--resume``: names, sizes and times of its file, or of a
+    store's metadata documents (never of its chunks)."""
+    path = split_spec(spec)[0]
+    return format_for(path).stamps(path, key)
+
+
+def partial_output(spec):
+    """The partial output an interrupted run left at ``spec`` for ``--resume``, else ``None``."""
+    path = split_spec(spec)[0]
+    try:
+        return output_format_for(path).partial_output(path)
+    except OutputError:
+        return None
+
+
 def output_chunks(spec, like, out_shape, chunks=None, shards=None):
     """The chunk shape blocks of a block-wise output align to: ``shards``, else ``chunks``, else the
     format's default for this input (the input's chunks, or 128 per axis)."""

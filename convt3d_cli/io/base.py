@@ -71,6 +71,14 @@ class Format:
 
         return check_target(path, overwrite)
 
+    def stamps(self, path, key):
+        """What says an input changed (``--resume``): ``[[name, size, mtime_ns], ...]`` of its file."""
+        info = os.stat(path)
+        return [[os.path.basename(path), info.st_size, info.st_mtime_ns]]
+
+    def partial_output(self, path):
+        """The partial output an interrupted run of ``path`` left for ``--resume``, else ``None``."""
+
     def stored_dtype(self, dtype, data_dtype=None):
         """The element type an output is stored in: ``dtype``, or the data's when it is ``None``."""
         return np.dtype(dtype if dtype is not None else data_dtype)

@@ -368,6 +368,12 @@ class _Image:
         shards = self.shards
         return shards[1] if shards and len(shards[1]) == len(self.shape) else self.chunks
 
+    def spatial_chunks(self, missing=1):
+        """The read chunk shape along z, y, x (``missing`` for an axis the array lacks)."""
+        chunks = self.read_chunks
+        sizes = dict(zip(self.axes or ["t", "c", "z", "y", "x"][-len(chunks):], chunks))
+        return tuple(sizes.get(a, missing) for a in _SPACE)
+
     def engine_shape(self, where):
         if self.axes is None:
             return array_engine_shape(self.shape, where)
@@ -519,18 +525,6 @@ class ZarrSource(Source):
         self.array = _open_array(image.store, image.key, image.fmt, "r")
         self._box = None          # (lo, hi, engine array) of the last box read
 
-    def box_bytes(self, window):
-        """Bytes of the chunk-aligned box around an input ``window`` shape at its worst placement."""
-        chunks = self._engine_chunks()
-        n, c = self.info.engine_shape[:2]
-        return n * c * self.image.dtype.itemsize * math.prod(
-            min(size, -(-(w + ch - 1) // ch) * ch) for w, ch, size in zip(window, chunks, self.engine_spatial))
-
-    def _engine_chunks(self):
-        image = self.image
-        sizes = dict(zip(image.axes or ["t", "c", "z", "y", "x"][-len(image.read_chunks):], image.read_chunks))
-        return tuple(sizes.get(a, 1) for a in _SPACE)
-
     def _raw(self, a, b):
         if not self.transposed:
             return self._raw_window((a, 0, 0), (b,) + self.engine_spatial[1:])
@@ -539,7 +533,7 @@ class ZarrSource(Source):
 
     def _raw_window(self, lo, hi):
         if self.window_cache:
-            chunks = self._engine_chunks()
+            chunks = self.image.spatial_chunks()
             box_lo = tuple(a // ch * ch for a, ch in zip(lo, chunks))
             box_hi = tuple(min(n, -(-b // ch) * ch) for b, ch, n in zip(hi, chunks, self.engine_spatial))
             n, c = self.info.engine_shape[:2]
@@ -566,9 +560,7 @@ class ZarrSource(Source):
     def _bad_chunk(self, lo, hi, exc):
         """Find the chunk of window ``[lo, hi)`` that fails and say which (and its file)."""
         image = self.image
-        chunks = image.read_chunks
-        engine_chunks = dict(zip(image.axes or ["t", "c", "z", "y", "x"][-len(chunks):], chunks))
-        steps = [engine_chunks.get(a, 1) for a in _SPACE]
+        steps = image.spatial_chunks()
         ranges = [range(a // s * s, b, s) for a, b, s in zip(lo, hi, steps)]
         for start in itertools.product(*ranges):
             stop = tuple(min(n, s0 + s) for s0, s, n in zip(start, steps, self.engine_spatial))
@@ -1026,8 +1018,7 @@ def default_chunks(like, out_shape):
     larger than the output."""
     image = getattr(like, "image", None) if like is not None else None
     if image is not None:
-        sizes = dict(zip(image.axes or ["t", "c", "z", "y", "x"][-len(image.chunks):], image.read_chunks))
-        chunks = tuple(sizes.get(a, DEFAULT_CHUNK) for a in _SPACE)
+        chunks = image.spatial_chunks(DEFAULT_CHUNK)
     else:
         chunks = (DEFAULT_CHUNK,) * 3
     return tuple(max(1, min(c, n)) for c, n in zip(chunks, out_shape[2:]))
@@ -1127,6 +1118,14 @@ class ZarrFormat(Format):
     def default_chunks(self, like, out_shape):
         return default_chunks(like, out_shape)
 
+    def stamps(self, path, key):
+        return [[os.path.relpath(name, os.path.dirname(os.path.abspath(path))), info.st_size, info.st_mtime_ns]
+                for name, info in _metadata_stats(os.path.abspath(path), key)]
+
+    def partial_output(self, path):
+        partial = partial_path(path)
+        return partial if os.path.isdir(partial) else None
+
     def open_block_writer(self, path, key, out_shape, dtype, **kwargs):
         return ZarrWriter(path, self.output_key(key, out_shape), out_shape, dtype, **kwargs)
 
@@ -1134,16 +1133,22 @@ class ZarrFormat(Format):
         raise OutputError("Zarr outputs are written block by block (convt3d run)")
 
 
-def _metadata_size(path, key):
-    """Bytes of the store's metadata documents (a store's chunks are not listed: there may be millions)."""
-    total = 0
-    for folder in {path, os.path.join(path, *[p for p in (key or "").split("/") if p])}:
+def _metadata_stats(path, key):
+    """``(file, stat)`` of the metadata documents of the store's root and of array ``key`` (a
+    store's chunks are never listed: there may be millions)."""
+    found = []
+    for folder in dict.fromkeys([path, os.path.join(path, *[p for p in (key or "").split("/") if p])]):
         for name in ("zarr.json", ".zarray", ".zattrs", ".zgroup"):
             try:
-                total += os.stat(os.path.join(folder, name)).st_size
+                found.append((os.path.join(folder, name), os.stat(os.path.join(folder, name))))
             except OSError:
                 pass
-    return total
+    return found
+
+
+def _metadata_size(path, key):
+    """Bytes of the metadata documents (:func:`_metadata_stats`)."""
+    return sum(info.st_size for _, info in _metadata_stats(path, key))
 
 
 def _tree_size(path):

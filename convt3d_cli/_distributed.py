@@ -13,6 +13,7 @@ is imported only from the functions here, never when the command line starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 
@@ -144,11 +145,13 @@ def _heap_for_blocks():
     mallopt(m_trim_threshold, 256 << 20)
 
 
-def _block_task(job, items):
+def _block_task(job, items, stop=None):
     """The Dask task of a block-wise run: compute and store a run of neighbouring blocks on a worker.
 
     A refusal (a damaged input chunk, a full disk) is returned as ``("error", message)``
-    rather than raised, so that Dask does not retry what would fail again.
+    rather than raised, so that Dask does not retry what would fail again. ``stop`` names
+    a Dask ``Event``: once the client sets it (another block failed), the task starts no
+    further block.
     """
     from .blockrun import compute_and_store
     from .errors import Convt3dError
@@ -156,11 +159,28 @@ def _block_task(job, items):
     _heap_for_blocks()
     with _COMPUTE:
         try:
-            return ("ok", compute_and_store(job, items))
+            return ("ok", compute_and_store(job, _until_stopped(items, stop)))
         except Convt3dError as exc:
             return ("error", type(exc).__name__, str(exc))
 
 
+def _until_stopped(items, stop):
+    """``items`` until the Dask ``Event`` named ``stop`` is set."""
+    if stop is None:
+        yield from items
+        return
+    import distributed
+
+    event = distributed.Event(stop)
+    for item in items:
+        if event.is_set():
+            return
+        yield item
+
+
+#: Seconds a failed run waits for the blocks still being computed on the cluster to end
+#: (each task stops after its current block) before it removes the partial store.
+STOP_WAIT = 600
 #: Times Dask runs a task again after its worker died or the task raised.
 BLOCK_RETRIES = 3
 #: Tasks per Dask thread of the cluster, about: a task computes a run of neighbouring blocks
@@ -205,7 +225,8 @@ def run_blocks_on_scheduler(address, job, todo, total, progress=None):
         threads = max(1, sum(client.nthreads().values()))
         size = max(1, -(-len(todo) // (TASKS_PER_THREAD * threads)))
         groups = [todo[start:start + size] for start in range(0, len(todo), size)]
-        futures = {client.submit(_block_task, remote_job, group, key=f"convt3d-block-{job.token}-{group[0][0]}",
+        stop = f"convt3d-stop-{job.token}-{uuid.uuid4().hex}"
+        futures = {client.submit(_block_task, remote_job, group, stop, key=f"convt3d-block-{job.token}-{group[0][0]}",
                                  pure=False, retries=BLOCK_RETRIES, priority=-number): group
                    for number, group in enumerate(groups)}
         try:
@@ -225,7 +246,14 @@ def run_blocks_on_scheduler(address, job, todo, total, progress=None):
                 done += len(futures[future])
                 if progress:
                     progress(done, total)
-        except BaseException:
+        except BaseException as failure:
+            # Cancelling does not stop a task already running: it would go on writing into
+            # the partial store that the caller removes. Tell every task to start no other
+            # block, and after an error (not Ctrl-C, which keeps the store) wait for them.
+            with contextlib.suppress(Exception):  # the cluster went away too: nothing to wait for
+                distributed.Event(stop, client=client).set()
+                if isinstance(failure, Exception):
+                    distributed.wait(list(futures), timeout=STOP_WAIT)
             client.cancel(list(futures))
             raise
     return clipped

@@ -25,6 +25,7 @@ from .errors import (
     ParameterError,
     SchedulerError,
 )
+from . import threads as compute_threads
 from .tasks import FileResult, Task, lost_result, make_task, run_task
 
 __all__ = ["run_batch", "FileResult", "Task", "make_task", "run_task", "lost_result", "CollisionError",
@@ -261,13 +262,7 @@ def check_layer(*, weights=None, bias=None, kernel=None, layer_options=None, wei
 
 def available_cores():
     """Cores this process may run on (CPU affinity, e.g. a SLURM allocation), at least 1."""
-    counter = getattr(os, "process_cpu_count", None)       # Python >= 3.13
-    if counter is not None:
-        return max(1, counter() or 1)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    return compute_threads.cores()
 
 
 _THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks, io
+from . import threads as compute_threads
 from .io.safety import human_bytes
 
 
@@ -82,14 +83,12 @@ def _in_channels(shape):
 def compute_and_store(job, items):
     """Compute blocks ``[(index, region), ...]`` of ``job`` in turn and store them (each marked
     complete when written); returns the values clipped."""
-    from .engine._numba_env import limited_threads
-
     clipped = []
 
     def store(index, region, block):
         clipped.append(job.layout.write(index, region, block))
 
-    with limited_threads(job.threads):
+    with compute_threads.limited(job.threads):
         layer, source = _prepared(job)
         blocks.compute_regions(layer, source, store, items)
     return sum(clipped)

@@ -137,7 +137,8 @@ def block_bytes(layer, shape, pad=0, out_itemsize=None):
     # Input as read and converted (and its edge copy), the computed block, its stored copy and
     # the store's chunk copies, the previous block still being stored (run_blocks overlaps
     # them), and the kernel's scratch for a layer of this window (bounded by the whole layer's).
-    return slabs.FIXED_BYTES + x * (3 if pad else 2) + 2 * out + 2 * stored + layer.scratch_bytes()
+    window = ((n_batch, layer.input_shape[1], *inputs), (n_batch, layer.out_channels, *computed))
+    return slabs.FIXED_BYTES + x * (3 if pad else 2) + 2 * out + 2 * stored + layer.scratch_bytes(window)
 
 
 def plan_blocks(layer, chunks, max_memory=None, pad=0, out_itemsize=None, available=None, min_blocks=1,

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import errors, geometry, io, layerplan, notices, report
 from . import sidecar as sidecars
+from . import threads as compute_threads
 from .io.dtypes import output_dtype as resolve_output_dtype
 
 
@@ -98,9 +99,7 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     echo = echo or _silent
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise errors.ParameterError("threads", f"threads must be a positive integer, got {threads!r}")
-    from .engine._numba_env import limited_threads
-
-    with notices.collected(echo) as warned, limited_threads(threads):
+    with notices.collected(echo) as warned, compute_threads.limited(threads):
         out = _run(input, output, weights, bias, no_bias, kernel, dict(layer_options or {}), dtype,
                    max_memory, overwrite, echo, progress, compress_level, weight_layout, output_dtype,
                    fourth_axis, sidecar, like, voxel_size, dict(store_options or {}), scheduler, resume, threads)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .. import geometry
+from .. import threads as _threads
 from ..errors import ParameterError, ShapeError
 from ._layer import PreparedLayer, compute_dtype
 
@@ -84,14 +85,12 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     if threads is not None:
         if not isinstance(threads, (int, np.integer)) or threads < 1:
             raise ParameterError("threads", f"threads must be a positive integer, got {threads!r}")
-        from ._numba_env import set_threads
-        previous = set_threads(threads)
+        previous = _threads.use(threads)
     try:
         layer.run_slab(x5, 0, 0, full_shape[2], result, report)
     finally:
         if previous is not None:
-            from ._numba_env import set_threads
-            set_threads(previous)
+            _threads.use(previous)
     if report:
         report.finish()
     return result if layer.batched else result[0]

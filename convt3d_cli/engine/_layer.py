@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import geometry
+from .. import geometry, threads
 from ..errors import ParameterError, ShapeError
-from . import _plan
+from . import _columns, _plan
 
 # Path selection (``choose_path`` tries paired rows, shuffle GEMM, sub-pixel, blocked, then
 # FIR). Each rule below says when a kernel is chosen and why; ``benchmarks/bench_paths.py``
@@ -62,6 +62,11 @@ SHUFFLE_CHUNK_BYTES = 512 * 1024
 SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
+# Columns (NumPy alone, no compiled kernel: ``_columns``) for layers of fewer multiply-adds
+# than this. Loading Numba and its cached kernels takes about 0.5-1 s, and compiling them
+# on a first run tens of seconds; below this size the columns path finishes the whole
+# layer sooner (the sweep of ``benchmarks/bench_startup.py``).
+COLUMNS_MAX_MACS = 5e7
 # What the planner may enumerate (see _check_plannable).
 MAX_AXIS_TERMS = 1 << 20
 MAX_PHASES = 1 << 21
@@ -78,8 +83,9 @@ REP_BYTES = 1024 * 1024
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 #: Every compute path. ``gemm`` is NumPy's BLAS on the layers the shuffle kernel serves
-#: (kernel == stride, no start crop): one matrix product per input plane.
-PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm")
+#: (kernel == stride, no start crop): one matrix product per input plane. ``columns`` is
+#: NumPy alone on any layer (``_columns``), chosen for small layers only.
+PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns")
 
 
 class FirTables(NamedTuple):
@@ -138,9 +144,9 @@ def compute_dtype(x_dtype, dtype):
     return np.dtype(_DTYPES[name])
 
 
-def choose_path(cin_g, cout_g, phases=None):
-    """``"blocked"``, ``"subpixel"``, ``"paired"``, ``"shuffle"`` or ``"fir"``: the fastest kernel
-    for this layer.
+def choose_path(cin_g, cout_g, phases=None, macs=None):
+    """``"columns"``, ``"blocked"``, ``"subpixel"``, ``"paired"``, ``"shuffle"`` or ``"fir"``:
+    the fastest path for this layer.
 
     Parameters
     ----------
@@ -149,7 +155,11 @@ def choose_path(cin_g, cout_g, phases=None):
     phases : list of 3 lists of AxisPhase, optional
         The layer's output phases per axis (``_plan.axis_phases``); without them the
         sub-pixel, paired-rows and shuffle-GEMM kernels are not considered.
+    macs : int, optional
+        Multiply-adds of the whole layer; without them the columns path is not considered.
     """
+    if macs is not None and macs < COLUMNS_MAX_MACS:
+        return "columns"
     product = cin_g * cout_g
     if phases is not None and _plan.paired_fits(phases[2]) and (
             cin_g == 1 or (cin_g <= PAIRED_MAX_IN_CHANNELS and product < BLOCKED_MIN_CHANNEL_PRODUCT)):
@@ -230,7 +240,10 @@ class PreparedLayer:
         pinned = path if path is not None else (os.environ.get("CONVT3D_PATH") or None)
         if pinned is not None and pinned not in PATHS:
             raise ParameterError("path", f"path must be one of {', '.join(PATHS)}, got {pinned!r}")
-        self.path = pinned if pinned is not None else choose_path(self.cin_g, self.cout_g, self._phases())
+        if pinned is not None:
+            self.path = pinned
+        else:
+            self.path = choose_path(self.cin_g, self.cout_g, self._phases(), _layer_macs(self))
         self.path_source = "pinned" if pinned is not None else "rule"
         # A forced path (or the rule's shuffle on a layer whose end crop cuts an input's
         # outputs) that cannot run the layer falls back to one that can.
@@ -238,7 +251,7 @@ class PreparedLayer:
             self.path = "fir"
         if self.path in ("shuffle", "gemm") and not self._fits(self.path):
             self.path = "blocked"
-        if pinned is None:
+        if pinned is None and self.path != "columns":
             self._tune()
 
     def candidate_paths(self):
@@ -270,7 +283,7 @@ class PreparedLayer:
         """Replace the rule's choice by the measured one on large layers (see :mod:`._tuner`)."""
         from . import _tuner
 
-        if not _tuner.enabled() or _tuner.layer_macs(self) < _tuner.TUNE_MIN_MACS:
+        if not _tuner.enabled() or _layer_macs(self) < _tuner.TUNE_MIN_MACS:
             return
         self.path = _tuner.tuned_path(self, self.candidate_paths(), _threads())
         self.path_source = "measured"
@@ -354,7 +367,10 @@ class PreparedLayer:
             # shuffle kernels multiply real taps only. The paired kernel counts non-finite
             # inputs as it copies them and hands its planes over itself.
             path = "blocked"
-        if path == "shuffle":
+        if path == "columns":
+            _columns.run(self._columns_plan(), x_slab, in_start, self.input_shape[2], self.bias, out_start,
+                         out_stop, out, progress)
+        elif path == "shuffle":
             self._run_shuffle(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "gemm":
             self._run_gemm(x_slab, in_start, out_start, out_stop, out, progress)
@@ -378,14 +394,25 @@ class PreparedLayer:
             kern.direct_fir(x_slab, self.weight, self.bias, out, *d_table, *static.h_table, static.w_fir,
                             s[2], p[2], in_start, self._direct_chunk(o1 - o0, n_batch), o1 - o0, o0 - out_start)
 
-    def scratch_bytes(self):
+    def scratch_bytes(self, window=None):
         """Upper bound of the memory one ``run_slab`` call allocates besides its output.
 
         The weight copies and, per thread, one job's buffers: on the FIR path its repeated
         input rows and coefficient rows, on the blocked paths one padded input block (plus
         the packed weights, once).
+
+        Parameters
+        ----------
+        window : tuple, optional
+            ``(input_shape, output_shape)`` of one block of this layer (:meth:`window`):
+            the ``columns`` path sizes its tiles by the output it computes. Default: the
+            whole layer, which bounds every slab and block.
         """
         weights = 3 * self.weight.nbytes
+        if self.path == "columns":
+            input_shape, output_shape = window or (self.input_shape, self.output_shape)
+            return weights + _columns.scratch_bytes(self._columns_plan(), input_shape, self.dtype.itemsize,
+                                                    output_shape)
         if self.path == "fir":
             return weights + _threads() * self._fir_job_bytes()
         if self.path == "paired":
@@ -404,6 +431,11 @@ class PreparedLayer:
         block = (self.cin_g * padded.n_dp * padded.n_hp * padded.n_wp + kern.WIDE_POSITION_BLOCK
                  + blocks) * self.dtype.itemsize
         return weights + prepared.w_packed.nbytes + prepared.plan.terms.nbytes + _threads() * block
+
+    def _columns_plan(self):
+        if "columns" not in self._plans:
+            self._plans["columns"] = _columns.plan(self.weight, self.params)
+        return self._plans["columns"]
 
     def _blocked_plan(self, path="blocked"):
         """The :class:`PreparedBlocked` of the plain or the sub-pixel blocked kernel, once."""
@@ -602,6 +634,12 @@ class PreparedLayer:
         return int(max(1, min(n_planes, by_memory, by_balance)))
 
 
+def _layer_macs(layer):
+    """Multiply-adds of the whole layer: every input voxel times every tap it feeds."""
+    return (layer.input_shape[0] * layer.groups * layer.cin_g * layer.cout_g
+            * int(np.prod(layer.input_shape[2:])) * int(np.prod(layer.params.kernel_size)))
+
+
 def _check_plannable(params):
     """Refuse strides and kernels whose phase tables could not be planned in reasonable time.
 
@@ -667,6 +705,5 @@ def _is_int_like(value):
 
 
 def _threads():
-    """Numba's current thread setting (honours NUMBA_NUM_THREADS and ``threads=``)."""
-    import numba
-    return max(1, numba.get_num_threads())
+    """The current thread setting (honours NUMBA_NUM_THREADS and ``threads=``)."""
+    return threads.current()

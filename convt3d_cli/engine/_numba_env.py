@@ -10,7 +10,8 @@ and nowhere at module level.
 import os
 import sys
 import threading
-from contextlib import contextmanager
+
+from .. import threads
 
 _kernels = None
 
@@ -47,6 +48,7 @@ def kernels():
         _install_listener()
         from . import _kernels as module
         _kernels = module
+        threads.apply_to_numba()
     else:
         _note_cli()
     return _kernels
@@ -94,40 +96,6 @@ def compiled_so_far():
     nested helpers included, in order."""
     with _compiles_lock:
         return list(_compiles)
-
-
-def set_threads(threads):
-    """Set Numba's thread count for the following kernel calls; return the previous one."""
-    import numba
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    return previous
-
-
-@contextmanager
-def limited_threads(threads):
-    """Run the block with ``threads`` Numba threads and at most that many BLAS/OpenMP threads.
-
-    ``None`` changes nothing. BLAS pools are limited through threadpoolctl when it is
-    installed (NumPy's OpenBLAS or MKL; convt3d's GEMM-shaped paths may call them).
-    """
-    if threads is None:
-        yield
-        return
-    previous = set_threads(threads)
-    try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - a declared dependency
-            yield
-        else:
-            import numba
-
-            # As many as Numba may use: a C int, whatever the option said (--threads 10**20).
-            with threadpool_limits(limits=max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))):
-                yield
-    finally:
-        set_threads(previous)
 
 
 def cache_folder():

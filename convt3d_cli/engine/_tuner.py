@@ -39,13 +39,6 @@ def enabled():
     return os.environ.get("CONVT3D_TUNE", "1").strip() not in ("0", "", "off", "no", "false")
 
 
-def layer_macs(layer):
-    """Multiply-adds of the whole layer: every input voxel times every tap it feeds."""
-    k = layer.params.kernel_size
-    return (layer.input_shape[0] * layer.groups * layer.cin_g * layer.cout_g * int(np.prod(layer.input_shape[2:]))
-            * int(np.prod(k)))
-
-
 def machine_key(threads):
     """CPU model, vector features, library versions and threads: what a stored choice is valid for."""
     import numba

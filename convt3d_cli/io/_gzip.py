@@ -33,6 +33,8 @@ import os
 import sys
 import zlib
 
+from .. import threads
+
 try:  # pragma: no branch - python-isal is a declared dependency, zlib is the safety net
     from isal import igzip as _igzip
     from isal import isal_zlib as _zlib_mod
@@ -90,31 +92,10 @@ def compress_member(data, level=DEFAULT_LEVEL):
     return zlib.compress(data, _ZLIB_LEVELS[level], 31)
 
 
-def usable_cores():
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def worker_count():
-    """Compression threads for a writer: as many as the computation may use (Numba's thread
+    """Compression threads for a writer: as many as the computation may use (the run's thread
     setting, so ``--threads`` and ``batch --jobs`` apply), at most :data:`MAX_WORKERS`."""
-    count = None
-    numba = sys.modules.get("numba")
-    if numba is not None:
-        try:
-            count = int(numba.get_num_threads())
-        except Exception:  # noqa: BLE001 - Numba half-imported or its threading layer unusable
-            count = None
-    if count is None:
-        try:
-            count = int(os.environ.get("NUMBA_NUM_THREADS", "")) or None
-        except ValueError:
-            count = None
-    if count is None:
-        count = usable_cores()
-    return max(1, min(MAX_WORKERS, count))
+    return max(1, min(MAX_WORKERS, threads.current()))
 
 
 def buffer_bytes(workers=None, member_bytes=None):

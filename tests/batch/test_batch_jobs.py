@@ -38,7 +38,7 @@ def test_worker_processes_split_the_cores():
                              initargs=(1,)) as pool:
         assert pool.submit(os.getenv, "NUMBA_NUM_THREADS").result() == "1"
         assert pool.submit(os.getenv, "OPENBLAS_NUM_THREADS").result() == "1"
-        from convt3d_cli.engine._numba_env import set_threads
+        from convt3d_cli.threads import use as set_threads
 
         assert pool.submit(set_threads, 1).result() == 1     # returns the thread count it found
 

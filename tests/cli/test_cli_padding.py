@@ -16,7 +16,7 @@ def test_six_value_padding_in_every_output_format_and_streamed(convt3d, data, af
 
     # A tiny budget streams these tiny volumes in many slabs.
     monkeypatch.setattr(slab_module, "FIXED_BYTES", 0)
-    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer, window=None: 0)
     w = np.load(data / "w11.npy")
     x = np.load(data / "vol.npy")
     expected = conv_transpose3d(x[None, None], w, stride=2, padding=(0, 1, 0, 1, 0, 1))[0, 0]

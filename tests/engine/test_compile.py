@@ -33,6 +33,42 @@ def quick_start(cache, out, *extra, **extra_env):
 
 
 @pytest.fixture(scope="module")
+def larger(tmp_path_factory):
+    """A 96^3 volume: the linear kernel on it has more multiply-adds than the columns path
+    takes (``_layer.COLUMNS_MAX_MACS``), so it runs a compiled kernel."""
+    from convt3d_cli.engine import _layer
+
+    n = 96
+    assert n ** 3 * 4 ** 3 >= _layer.COLUMNS_MAX_MACS
+    path = tmp_path_factory.mktemp("larger") / "larger.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((n, n, n)).astype(np.float32))
+    return path
+
+
+def linear_x2(cache, source, out, *extra, **extra_env):
+    return convt3d(cache, "run", str(source), str(out), "--kernel", "linear", "--stride", "2", "--overwrite",
+                   *extra, **extra_env)
+
+
+def test_the_quick_start_needs_no_compiled_kernel(tmp_path):
+    """On a fresh install the quick start's small layer runs on NumPy alone: Numba is never
+    imported, nothing is compiled or cached, no notice."""
+    cache = tmp_path / "numba"
+    argv = ["convt3d", "run", PHANTOM, str(tmp_path / "out.nii.gz"), "--kernel", "linear", "--stride", "2"]
+    code = ("import runpy, sys\n"
+            f"sys.argv = {argv!r}\n"
+            "try:\n    runpy.run_module('convt3d_cli', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('numba' in sys.modules)\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    assert COMPILE_NOTICE not in proc.stderr and "output:" in proc.stderr
+    assert not cache.exists() or not any(cache.rglob("*.nbi"))
+
+
+@pytest.fixture(scope="module")
 def filled_cache(tmp_path_factory):
     """A cache filled by ``convt3d compile --dtype float32``, and that command's report."""
     cache = tmp_path_factory.mktemp("numba-filled")
@@ -57,20 +93,20 @@ def test_compile_prints_what_it_compiled(filled_cache):
     assert COMPILE_NOTICE not in proc.stderr
 
 
-def test_after_compile_the_quick_start_compiles_nothing(filled_cache, tmp_path):
+def test_after_compile_a_run_compiles_nothing(filled_cache, larger, tmp_path):
     cache, _ = filled_cache
-    proc = quick_start(cache, tmp_path / "out.nii.gz", NUMBA_DEBUG_CACHE="1")
+    proc = linear_x2(cache, larger, tmp_path / "out.nii.gz", NUMBA_DEBUG_CACHE="1")
     assert "data saved" not in proc.stdout  # Numba's cache debug lines: nothing was compiled
     assert COMPILE_NOTICE not in proc.stderr
 
 
-def test_notice_on_a_cold_cache_only_and_never_with_quiet(tmp_path):
+def test_notice_on_a_cold_cache_only_and_never_with_quiet(larger, tmp_path):
     cache = tmp_path / "numba"
-    quiet = quick_start(cache, tmp_path / "a.nii.gz", "-q")             # cold, but -q: nothing on stderr
+    quiet = linear_x2(cache, larger, tmp_path / "a.npy", "-q")             # cold, but -q: nothing on stderr
     assert quiet.stderr == ""
-    cold = quick_start(cache, tmp_path / "b.nii.gz", "--dtype", "float64")   # float64 kernels: cold
+    cold = linear_x2(cache, larger, tmp_path / "b.npy", "--dtype", "float64")   # float64 kernels: cold
     assert cold.stderr.count(COMPILE_NOTICE) == 1
-    warm = quick_start(cache, tmp_path / "c.nii.gz", "--dtype", "float64")
+    warm = linear_x2(cache, larger, tmp_path / "c.npy", "--dtype", "float64")
     assert COMPILE_NOTICE not in warm.stderr
 
 

@@ -83,7 +83,7 @@ def shuffle_config(cfg, rng):
     return cfg
 
 
-@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm"])
+@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns"])
 def path(request, monkeypatch):
     """Run a test once through each compute path, whatever the channel counts (``paired``
     serves W stride 2 only: other layers then take the FIR kernel; ``shuffle`` serves
@@ -169,12 +169,13 @@ def test_kernels_on_their_own_layers(kind, seed, monkeypatch):
 
 @pytest.mark.parametrize("padding, output_padding, width, groups", [
     (1, 0, 7, 1), (1, 1, 7, 1), (3, 1, 9, 1), ((2, 1, 1), (1, 0, 1), 33, 2), ((1, 0, 3), 0, 40, 3)])
-def test_paired_shared_column_rows(padding, output_padding, width, groups):
+def test_paired_shared_column_rows(padding, output_padding, width, groups, monkeypatch):
     """k4 s2 with odd W padding (A reads columns c + 1 and c, B c + 2 and c + 1) at one
     input channel per group, where ``paired_rows`` loads each column once: odd output
     widths (A's extra last column), several groups and samples, against the reference and
     one plane at a time."""
     from convt3d_cli.engine import PreparedLayer
+    monkeypatch.setattr(_layer, "COLUMNS_MAX_MACS", 0)
     rng = np.random.default_rng(width)
     x = rng.standard_normal((2, groups, 4, 5, width))
     w = rng.standard_normal((groups, 1, 4, 4, 4))
@@ -410,11 +411,12 @@ def test_read_only_weights_and_builtins_share_the_kernels():
 
 @pytest.mark.parametrize("progress", [False, True])
 @pytest.mark.parametrize("kernel", [3, 4])
-def test_paired_rows_hand_non_finite_planes_to_the_blocked_kernel(kernel, progress):
+def test_paired_rows_hand_non_finite_planes_to_the_blocked_kernel(kernel, progress, monkeypatch):
     """The paired kernel counts non-finite inputs while copying them; the planes (or
     progress steps) that read one are computed again by the blocked kernel, so a NaN or
     inf reaches only the outputs that read it, as with finite input elsewhere."""
     from convt3d_cli.engine import PreparedLayer
+    monkeypatch.setattr(_layer, "COLUMNS_MAX_MACS", 0)  # a layer this small would run on NumPy alone
     rng = np.random.default_rng(21)
     x = rng.standard_normal((2, 2, 9, 5, 7))
     x[0, 1, 6, 2, 3] = np.nan

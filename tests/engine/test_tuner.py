@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convt3d_cli import conv_transpose3d
-from convt3d_cli.engine import PreparedLayer, _tuner
+from convt3d_cli.engine import PreparedLayer, _layer, _tuner
 from convt3d_cli.errors import ParameterError
 from reference import conv_transpose3d_ref
 
@@ -19,6 +19,7 @@ def store(tmp_path, monkeypatch):
     monkeypatch.delenv("CONVT3D_PATH", raising=False)
     monkeypatch.delenv("CONVT3D_TUNE", raising=False)
     monkeypatch.setattr(_tuner, "TUNE_MIN_MACS", 0)
+    monkeypatch.setattr(_layer, "COLUMNS_MAX_MACS", 0)
     return path
 
 

@@ -86,7 +86,7 @@ def test_streamed_volumes_are_bitwise_the_whole_run(run, tmp_path, nib_data, suf
     layer = ("--weights", "w.npy", "--stride", "2", "--fourth-axis", "volumes", "-q")
     run(*args, f"whole{suffix}", *layer)
     monkeypatch.setattr(slabs, "FIXED_BYTES", 0)
-    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer, window=None: 0)
     report = json.loads(run(*args, f"slabs{suffix}", *layer, "--max-memory", "3M", "--json").stdout)
     assert report["slabs"] > 1 and report["input_shape"] == [2, 1, 128, 96, 24]
     assert (tmp_path / f"whole{suffix}").read_bytes() == (tmp_path / f"slabs{suffix}").read_bytes()
@@ -124,7 +124,7 @@ def test_integer_outputs_round_half_to_even_clip_and_count(run, tmp_path, suffix
     assert got.dtype == np.int8
     np.testing.assert_array_equal(got.reshape(-1), expected.reshape(-1))
     monkeypatch.setattr(slabs, "FIXED_BYTES", 0)
-    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer, window=None: 0)
     streamed = json.loads(run("run", "x.npy", f"s{suffix}", "--weights", "w.npy", "--output-dtype", "int8",
                               "--max-memory", "2K", "--json", "-q").stdout)
     assert streamed["slabs"] > 1 and streamed["clipped_voxels"] == report["clipped_voxels"]

@@ -46,7 +46,7 @@ def small_members(monkeypatch):
 def tiny_budget(monkeypatch):
     """No fixed allowances: --max-memory of a few KiB then cuts these volumes into many slabs."""
     monkeypatch.setattr(slabs, "FIXED_BYTES", 0)
-    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer, window=None: 0)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ FIELDS = header_dtype.itemsize  # 90 bytes of header fields, then padding up to 
 def tiny_budget(monkeypatch):
     """No fixed allowances: --max-memory 3K then cuts these small volumes into many slabs."""
     monkeypatch.setattr(slabs, "FIXED_BYTES", 0)
-    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer, window=None: 0)
 
 
 def _tag(tag, data):

@@ -89,7 +89,7 @@ def _library_write(folder, case, cli_output, target, chunks=None):
 def tiny_budget(monkeypatch):
     """No fixed allowances: a few KiB of --max-memory then cut these small volumes into many slabs."""
     monkeypatch.setattr(slabs, "FIXED_BYTES", 0)
-    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer, window=None: 0)
 
 
 @pytest.mark.parametrize("suffix", list(output_choices().values()))

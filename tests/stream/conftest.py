@@ -27,7 +27,7 @@ AFFINE = np.array([[1.5, 0.0, 0.0, -10.0],
 @pytest.fixture
 def tiny_budget(monkeypatch):
     monkeypatch.setattr(slabs, "FIXED_BYTES", 0)
-    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer: 0)
+    monkeypatch.setattr(PreparedLayer, "scratch_bytes", lambda layer, window=None: 0)
 
 
 @pytest.fixture(scope="session")

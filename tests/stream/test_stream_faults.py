@@ -111,7 +111,7 @@ def test_permission_denied_creating_the_temporary(run, monkeypatch):
 # Tiny fixed allowances (many slabs) and 30 ms per slab, so that the signal surely lands
 # mid-stream however loaded the machine is.
 SCRIPT = ("import sys, time; from convt3d_cli import slabs; slabs.FIXED_BYTES = 0; "
-          "from convt3d_cli.engine import PreparedLayer; PreparedLayer.scratch_bytes = lambda layer: 0; "
+          "from convt3d_cli.engine import PreparedLayer; PreparedLayer.scratch_bytes = lambda layer, window=None: 0; "
           "from convt3d_cli.io import streaming; slow = streaming.StreamWriter.write_slab; "
           "streaming.StreamWriter.write_slab = lambda *a: (time.sleep(0.03), slow(*a)); "
           "from convt3d_cli.cli import main; sys.argv[0] = 'convt3d'; main()")

@@ -5,7 +5,12 @@ Every case is a fresh subprocess (``python -m convt3d_cli``); "first run" gets a
 a fresh install. Prints the CPU, then one table row per case: median and min wall time and
 the median CPU time (user + sys of the child) over the repeats.
 
-    python benchmarks/bench_startup.py [--repeats 5] [--cold-repeats 3]
+Small layers run on the ``columns`` path (NumPy alone) and never load Numba; the last
+table (``--sweep``, on by default) shows why the line is where it is: whole warm runs of
+the linear x2 kernel on growing volumes, forced onto ``columns`` and onto the compiled
+kernel the rules pick (``paired``), with the layer's multiply-adds beside them.
+
+    python benchmarks/bench_startup.py [--repeats 5] [--cold-repeats 3] [--no-sweep]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs per warm case")
     parser.add_argument("--cold-repeats", type=int, default=3, help="runs per first-run case (each compiles)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the columns-versus-kernel sweep")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="convt3d-startup-")
@@ -51,6 +57,10 @@ def main():
         import numpy as np
         tiny = os.path.join(work, "tiny.npy")
         np.save(tiny, np.random.default_rng(0).standard_normal((8, 8, 8)).astype(np.float32))
+        volumes = {}
+        for n in (48, 64, 96, 128, 160, 192):
+            volumes[n] = os.path.join(work, f"v{n}.npy")
+            np.save(volumes[n], np.random.default_rng(n).standard_normal((n, n, n)).astype(np.float32))
         out = os.path.join(work, "out.nii.gz")
         cli = [sys.executable, "-m", "convt3d_cli"]
         quick = cli + ["run", PHANTOM, out, "--kernel", "linear", "--stride", "2", "-q", "--overwrite"]
@@ -73,9 +83,14 @@ def main():
             timed(argv, warm_env)  # fills the cache (or warms the page cache)
             return [timed(argv, warm_env) for _ in range(args.repeats)]
 
+        def linear_x2(n):
+            return cli + ["run", volumes[n], os.path.join(work, "out.npy"), "--kernel", "linear", "--stride", "2",
+                          "-q", "--overwrite"]
+
         cases = [
             ("first run, quick start (`--kernel linear --stride 2`, empty cache)", cold(quick)),
             ("first run, `--weights sample_data/decoder.npz` (empty cache)", cold(decoder)),
+            ("first run, 96^3 .npy x2 (a layer that needs a compiled kernel, empty cache)", cold(linear_x2(96))),
             ("warm, quick start (48^3 -> 96^3 .nii.gz)", warm(quick)),
             ("warm, tiny run (8^3 .npy -> 16^3)", warm(tiny_run)),
             ("`convt3d --help`", warm(cli + ["--help"])),
@@ -92,6 +107,22 @@ def main():
             walls = [w for w, _ in runs]
             cpus = [c for _, c in runs]
             print(f"| {name} | {statistics.median(walls):.2f} | {min(walls):.2f} | {statistics.median(cpus):.2f} |")
+        if not args.no_sweep:
+            print()
+            print("Whole warm runs, linear x2 (k4 s2 p1, one channel) from .npy to .npy, median s:")
+            print()
+            print("| input | multiply-adds | columns (NumPy) | paired (Numba) | rule picks |")
+            print("|---|---:|---:|---:|---|")
+            from convt3d_cli.engine import _layer
+            for n, path in volumes.items():
+                macs = n ** 3 * 64
+                walls = {}
+                for forced in ("columns", "paired"):
+                    env = dict(warm_env, CONVT3D_PATH=forced)
+                    timed(linear_x2(n), env)
+                    walls[forced] = statistics.median(timed(linear_x2(n), env)[0] for _ in range(args.repeats))
+                rule = "columns" if macs < _layer.COLUMNS_MAX_MACS else "a kernel"
+                print(f"| {n}^3 | {macs:.1e} | {walls['columns']:.2f} | {walls['paired']:.2f} | {rule} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -131,10 +131,12 @@ def run_task(task):
     stop the worker, and the atomic writer has removed its temporary file.
     """
     from . import pipeline
+    from .engine import _layer
 
     failure = None
     try:
-        report = pipeline.run_file(task.input_path, task.output_path, **task.options)
+        with _layer.many_layers():
+            report = pipeline.run_file(task.input_path, task.output_path, **task.options)
     except Convt3dError as err:
         failure = (str(err), err.exit_code, None)
     except MemoryError:

@@ -10,6 +10,7 @@ gets bitwise-identical results.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,10 +64,26 @@ SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
 # Columns (NumPy alone, no compiled kernel: ``_columns``) for layers of fewer multiply-adds
-# than this. Loading Numba and its cached kernels takes about 0.5-1 s, and compiling them
-# on a first run tens of seconds; below this size the columns path finishes the whole
-# layer sooner (the sweep of ``benchmarks/bench_startup.py``).
-COLUMNS_MAX_MACS = 5e7
+# than this. Loading Numba and its cached kernels takes about 1 s in a process, and
+# compiling them on a first run tens of seconds; below this size the columns path finishes
+# the whole run sooner (the sweep of ``benchmarks/bench_startup.py``: equal near 4.5e8).
+COLUMNS_MAX_MACS = 3e8
+# A process that runs many layers (``convt3d batch``) loads the kernels once for all of
+# them: from this size on each layer computes sooner with them.
+COLUMNS_MAX_MACS_MANY = 5e7
+_many_layers = False
+
+
+@contextmanager
+def many_layers():
+    """Layers prepared inside this block are among many of one process (a batch worker): the
+    rules prefer the compiled kernels from :data:`COLUMNS_MAX_MACS_MANY` multiply-adds on."""
+    global _many_layers
+    previous, _many_layers = _many_layers, True
+    try:
+        yield
+    finally:
+        _many_layers = previous
 # What the planner may enumerate (see _check_plannable).
 MAX_AXIS_TERMS = 1 << 20
 MAX_PHASES = 1 << 21
@@ -158,7 +175,7 @@ def choose_path(cin_g, cout_g, phases=None, macs=None):
     macs : int, optional
         Multiply-adds of the whole layer; without them the columns path is not considered.
     """
-    if macs is not None and macs < COLUMNS_MAX_MACS:
+    if macs is not None and macs < (COLUMNS_MAX_MACS_MANY if _many_layers else COLUMNS_MAX_MACS):
         return "columns"
     product = cin_g * cout_g
     if phases is not None and _plan.paired_fits(phases[2]) and (

@@ -46,12 +46,33 @@ def kernels():
                 pass  # numba then falls back to its own user-wide locator
         _note_cli()
         _install_listener()
+        if _notice["cli"]:
+            _skip_scipy_blas()
         from . import _kernels as module
         _kernels = module
         threads.apply_to_numba()
     else:
         _note_cli()
     return _kernels
+
+
+def _skip_scipy_blas():
+    """Load Numba's NumPy support without its BLAS check, in a ``convt3d`` command only.
+
+    Loading a cached kernel imports ``numba.np.arraymath``, which imports SciPy's BLAS
+    (about 0.25 s, when SciPy is installed) only to know whether ``np.dot`` may be compiled.
+    No convt3d kernel calls BLAS from Numba, so the command lets that import fail. A
+    library caller's process is left alone: its own Numba code may need ``np.dot``.
+    """
+    name = "scipy.linalg.cython_blas"
+    if "numba.np.arraymath" in sys.modules or name in sys.modules:
+        return
+    sys.modules[name] = None  # "import scipy.linalg.cython_blas" raises ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401 - imported here, with the check failing fast
+    finally:
+        if sys.modules.get(name, 0) is None:
+            del sys.modules[name]
 
 
 def _note_cli():

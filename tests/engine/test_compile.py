@@ -32,22 +32,9 @@ def quick_start(cache, out, *extra, **extra_env):
                    **extra_env)
 
 
-@pytest.fixture(scope="module")
-def larger(tmp_path_factory):
-    """A 96^3 volume: the linear kernel on it has more multiply-adds than the columns path
-    takes (``_layer.COLUMNS_MAX_MACS``), so it runs a compiled kernel."""
-    from convt3d_cli.engine import _layer
-
-    n = 96
-    assert n ** 3 * 4 ** 3 >= _layer.COLUMNS_MAX_MACS
-    path = tmp_path_factory.mktemp("larger") / "larger.npy"
-    np.save(path, np.random.default_rng(0).standard_normal((n, n, n)).astype(np.float32))
-    return path
-
-
-def linear_x2(cache, source, out, *extra, **extra_env):
-    return convt3d(cache, "run", str(source), str(out), "--kernel", "linear", "--stride", "2", "--overwrite",
-                   *extra, **extra_env)
+def kernel_quick_start(cache, out, *extra, **extra_env):
+    """The quick start pinned to the compiled kernel its layer would take if it were large."""
+    return quick_start(cache, out, *extra, CONVT3D_PATH="paired", **extra_env)
 
 
 def test_the_quick_start_needs_no_compiled_kernel(tmp_path):
@@ -93,20 +80,20 @@ def test_compile_prints_what_it_compiled(filled_cache):
     assert COMPILE_NOTICE not in proc.stderr
 
 
-def test_after_compile_a_run_compiles_nothing(filled_cache, larger, tmp_path):
+def test_after_compile_a_run_compiles_nothing(filled_cache, tmp_path):
     cache, _ = filled_cache
-    proc = linear_x2(cache, larger, tmp_path / "out.nii.gz", NUMBA_DEBUG_CACHE="1")
+    proc = kernel_quick_start(cache, tmp_path / "out.nii.gz", NUMBA_DEBUG_CACHE="1")
     assert "data saved" not in proc.stdout  # Numba's cache debug lines: nothing was compiled
     assert COMPILE_NOTICE not in proc.stderr
 
 
-def test_notice_on_a_cold_cache_only_and_never_with_quiet(larger, tmp_path):
+def test_notice_on_a_cold_cache_only_and_never_with_quiet(tmp_path):
     cache = tmp_path / "numba"
-    quiet = linear_x2(cache, larger, tmp_path / "a.npy", "-q")             # cold, but -q: nothing on stderr
+    quiet = kernel_quick_start(cache, tmp_path / "a.nii.gz", "-q")        # cold, but -q: nothing on stderr
     assert quiet.stderr == ""
-    cold = linear_x2(cache, larger, tmp_path / "b.npy", "--dtype", "float64")   # float64 kernels: cold
+    cold = kernel_quick_start(cache, tmp_path / "b.nii.gz", "--dtype", "float64")   # float64 kernels: cold
     assert cold.stderr.count(COMPILE_NOTICE) == 1
-    warm = linear_x2(cache, larger, tmp_path / "c.npy", "--dtype", "float64")
+    warm = kernel_quick_start(cache, tmp_path / "c.nii.gz", "--dtype", "float64")
     assert COMPILE_NOTICE not in warm.stderr
 
 

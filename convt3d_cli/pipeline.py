@@ -99,7 +99,11 @@ def run_file(input, output, *, weights=None, bias=None, no_bias=False, kernel=No
     echo = echo or _silent
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise errors.ParameterError("threads", f"threads must be a positive integer, got {threads!r}")
-    with notices.collected(echo) as warned, compute_threads.limited(threads):
+    from .engine._layer import one_layer_process
+
+    # One file, one layer: the rules weigh loading Numba against this layer alone (a batch
+    # worker's many_layers() keeps its own line).
+    with notices.collected(echo) as warned, compute_threads.limited(threads), one_layer_process():
         out = _run(input, output, weights, bias, no_bias, kernel, dict(layer_options or {}), dtype,
                    max_memory, overwrite, echo, progress, compress_level, weight_layout, output_dtype,
                    fourth_axis, sidecar, like, voxel_size, dict(store_options or {}), scheduler, resume, threads)

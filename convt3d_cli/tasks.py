@@ -131,11 +131,11 @@ def run_task(task):
     stop the worker, and the atomic writer has removed its temporary file.
     """
     from . import pipeline
-    from .engine import _layer
+    from .engine._layer import many_layers
 
     failure = None
     try:
-        with _layer.many_layers():
+        with many_layers():
             report = pipeline.run_file(task.input_path, task.output_path, **task.options)
     except Convt3dError as err:
         failure = (str(err), err.exit_code, None)

@@ -64,26 +64,42 @@ SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
 # Columns (NumPy alone, no compiled kernel: ``_columns``) for layers of fewer multiply-adds
-# than this. Loading Numba and its cached kernels takes about 1 s in a process, and
-# compiling them on a first run tens of seconds; below this size the columns path finishes
-# the whole run sooner (the sweep of ``benchmarks/bench_startup.py``: equal near 4.5e8).
-COLUMNS_MAX_MACS = 3e8
-# A process that runs many layers (``convt3d batch``) loads the kernels once for all of
-# them: from this size on each layer computes sooner with them.
-COLUMNS_MAX_MACS_MANY = 5e7
-_many_layers = False
+# than this. A process that runs many layers (a library caller, a ``convt3d batch``
+# worker) loads Numba's kernels once for all of them, after which a kernel computes such
+# a layer in a millisecond or so and the columns path in up to about 20 ms; a tiny call
+# (a test, a sample) then never loads Numba at all.
+COLUMNS_MAX_MACS = 5e6
+# The same for the one layer of a ``convt3d run`` process. Loading Numba and its cached
+# kernels costs it about 1 s, and compiling them on a first run tens of seconds; below this
+# size the columns path finishes the whole run sooner (the sweep of
+# ``benchmarks/bench_startup.py``: equal near 4.5e8).
+COLUMNS_MAX_MACS_ONE_LAYER = 3e8
+_columns_limit = None  # set by the two blocks below; None: COLUMNS_MAX_MACS
 
 
 @contextmanager
-def many_layers():
-    """Layers prepared inside this block are among many of one process (a batch worker): the
-    rules prefer the compiled kernels from :data:`COLUMNS_MAX_MACS_MANY` multiply-adds on."""
-    global _many_layers
-    previous, _many_layers = _many_layers, True
+def _limit(value, unless_set=False):
+    global _columns_limit
+    previous = _columns_limit
+    if not (unless_set and previous is not None):
+        _columns_limit = value
     try:
         yield
     finally:
-        _many_layers = previous
+        _columns_limit = previous
+
+
+def one_layer_process():
+    """Layers prepared inside this block are the only work of their process (one file of
+    ``convt3d run``, ``pipeline.run_file``): the rules keep the columns path up to
+    :data:`COLUMNS_MAX_MACS_ONE_LAYER`, unless inside :func:`many_layers`."""
+    return _limit(COLUMNS_MAX_MACS_ONE_LAYER, unless_set=True)
+
+
+def many_layers():
+    """Layers prepared inside this block are among many of one process (a batch worker's
+    files): the rules keep the columns path below :data:`COLUMNS_MAX_MACS` only."""
+    return _limit(COLUMNS_MAX_MACS)
 # What the planner may enumerate (see _check_plannable).
 MAX_AXIS_TERMS = 1 << 20
 MAX_PHASES = 1 << 21
@@ -175,7 +191,7 @@ def choose_path(cin_g, cout_g, phases=None, macs=None):
     macs : int, optional
         Multiply-adds of the whole layer; without them the columns path is not considered.
     """
-    if macs is not None and macs < (COLUMNS_MAX_MACS_MANY if _many_layers else COLUMNS_MAX_MACS):
+    if macs is not None and macs < (COLUMNS_MAX_MACS if _columns_limit is None else _columns_limit):
         return "columns"
     product = cin_g * cout_g
     if phases is not None and _plan.paired_fits(phases[2]) and (

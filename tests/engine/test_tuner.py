@@ -121,15 +121,18 @@ def test_small_layers_keep_the_rules(tmp_path, monkeypatch):
     assert not (tmp_path / _tuner.FILE_NAME).exists()
 
 
-def test_small_layers_take_the_columns_path_and_batches_prefer_kernels_sooner():
-    from convt3d_cli.engine._layer import COLUMNS_MAX_MACS, COLUMNS_MAX_MACS_MANY, choose_path, many_layers
+def test_small_layers_take_the_columns_path_and_one_layer_runs_up_to_a_larger_size():
+    from convt3d_cli.engine._layer import (COLUMNS_MAX_MACS, COLUMNS_MAX_MACS_ONE_LAYER, choose_path,
+                                           many_layers, one_layer_process)
 
-    assert COLUMNS_MAX_MACS_MANY < COLUMNS_MAX_MACS
-    middle = (COLUMNS_MAX_MACS_MANY + COLUMNS_MAX_MACS) / 2
-    assert choose_path(1, 1, None, middle) == "columns"
-    assert choose_path(1, 1, None, COLUMNS_MAX_MACS) == "fir"
-    with many_layers():
+    assert COLUMNS_MAX_MACS < COLUMNS_MAX_MACS_ONE_LAYER
+    middle = (COLUMNS_MAX_MACS + COLUMNS_MAX_MACS_ONE_LAYER) / 2
+    assert choose_path(1, 1, None, COLUMNS_MAX_MACS / 2) == "columns"
+    assert choose_path(1, 1, None, middle) == "fir"
+    with one_layer_process():
+        assert choose_path(1, 1, None, middle) == "columns"
+        assert choose_path(1, 1, None, COLUMNS_MAX_MACS_ONE_LAYER) == "fir"
+    with many_layers(), one_layer_process():  # a batch worker's files keep the library's line
         assert choose_path(1, 1, None, middle) == "fir"
-        assert choose_path(1, 1, None, COLUMNS_MAX_MACS_MANY / 2) == "columns"
-    assert choose_path(1, 1, None, middle) == "columns"
+    assert choose_path(1, 1, None, middle) == "fir"
     assert choose_path(1, 1) == "fir"  # without the layer's size: the kernels' rules

@@ -1,9 +1,9 @@
 """The ``columns`` path: any layer with NumPy alone, for layers too small to pay for Numba.
 
-Each input plane becomes its "columns": what every tap of every input voxel adds to the
-output, ``(Cout_g * kD*kH*kW, H*W)`` per group, summed over the input channels (the col2im
-algorithm of PyTorch's ``slow_conv_transpose3d``). Each output phase then sums its taps'
-columns in a dense array and is stored into the output once.
+The inputs become their "columns": what every tap of every input voxel adds to the
+output, ``Cout_g * kD*kH*kW`` values per voxel and group, summed over the input channels
+(the col2im algorithm of PyTorch's ``slow_conv_transpose3d``). Each output phase then sums
+its taps' columns in a dense array and is stored into the output once.
 
 It needs no compiled kernel, so runs whose layer is small use it and never load Numba:
 loading Numba and its cached kernels costs more than such a run's arithmetic. The output
@@ -11,9 +11,9 @@ is computed in tiles of a few planes (and rows, when a plane's columns are large
 from the columns of the inputs it reads.
 
 Bits: every sum is elementwise NumPy in one fixed order (input channels in order, then
-each output voxel's taps in (kD, kH, kW) order after its bias), never
-a BLAS reduction whose order could follow the array shapes, so any block of the output,
-along any axis, gets the same bits as the whole run.
+each output voxel's taps in (kD, kH, kW) order after its bias), never a BLAS reduction
+whose order could follow the array shapes, so any block of the output, along any axis,
+gets the same bits as the whole run.
 """
 
 from __future__ import annotations
@@ -28,13 +28,6 @@ import numpy as np
 #: tile) is a small share of a tile's work.
 TILE_BYTES_MIN = 16 * 1024
 TILE_BYTES_MAX = 8 * 1024 * 1024
-
-
-class AxisTap(NamedTuple):
-    """Where one tap of one axis reaches: input ``i`` feeds output ``i * stride + offset``."""
-
-    tap: int
-    offset: int
 
 
 class ColumnsPlan(NamedTuple):

@@ -80,19 +80,19 @@ def _axis_phases(offsets, stride, out_lo, out_hi, in_lo, in_hi):
     return phases
 
 
-def _reach(offsets, stride):
-    """How many inputs beyond the first ``c`` outputs' own an axis' taps reach (``(k-1) * d``)."""
+def _reach(offsets):
+    """How far an axis' taps reach beyond an output's own position (``(k-1) * dilation``)."""
     return offsets[-1] - offsets[0]
 
 
 def _inputs_for(count, offsets, stride):
     """Most inputs ``count`` consecutive outputs read along one axis."""
-    return (count - 1 + _reach(offsets, stride)) // stride + 1
+    return (count - 1 + _reach(offsets)) // stride + 1
 
 
 def _outputs_for(inputs, offsets, stride, n_out):
     """Most consecutive outputs (at least 1, at most ``n_out``) that read at most ``inputs``."""
-    return int(max(1, min(n_out, (inputs - 1) * stride - _reach(offsets, stride) + 1)))
+    return int(max(1, min(n_out, (inputs - 1) * stride - _reach(offsets) + 1)))
 
 
 def tile_shape(plan_, input_shape, itemsize, output_shape):

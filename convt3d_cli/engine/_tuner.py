@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from .. import geometry
+from . import _cpu
 
 #: Layers with fewer multiply-adds than this keep the rules: a wrong choice costs less
 #: than timing the candidates (and compiling their kernels) would.
@@ -31,7 +32,7 @@ PROBE_PLANES = 4
 #: Timed runs per candidate after one untimed run (compiling, warming caches); the best counts.
 PROBE_REPEATS = 3
 FILE_NAME = "tuning.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def enabled():
@@ -43,19 +44,7 @@ def machine_key(threads):
     """CPU model, vector features, library versions and threads: what a stored choice is valid for."""
     import numba
 
-    model, flags = "unknown CPU", []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif name == "flags" and not flags:
-                    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-                    flags = [f for f in value.split() if f in wanted]
-    except OSError:
-        pass
+    model, flags = _cpu.model_and_features()
     return f"{model} [{' '.join(sorted(flags))}] numba {numba.__version__} numpy {np.__version__} threads {threads}"
 
 

@@ -176,22 +176,20 @@ def _repeat_row_twice(src, dst, off):
 
 # Register block of ``blocked_phases``: CHANNEL_BLOCK output channels x POSITION_BLOCK
 # consecutive outputs of one phase row. 8 x 16 float32 accumulators are 8 AVX-512 (16 AVX2)
-# registers; each term then costs one vector load of inputs and 8 broadcast FMAs.
+# registers; each term then costs one vector load of inputs and 8 broadcast FMAs. The
+# sub-pixel and shuffle kernels use the same channel block.
 CHANNEL_BLOCK = 8
 POSITION_BLOCK = 16
-_ACC = CHANNEL_BLOCK * POSITION_BLOCK
 
-
-@intrinsic
-def _stack_block(typingctx, dtype):
-    """A pointer to ``_ACC`` uninitialised elements on the stack.
-
-    Unlike a NumPy array (heap memory that LLVM must assume the inputs may
-    alias) a stack block indexed only by constants is promoted to registers.
-    """
-    def codegen(context, builder, sig, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=_ACC)
-    return types.CPointer(dtype.dtype)(dtype), codegen
+#: The blocked kernel's register blocks, ``name: (channels, positions)``. ``8x16`` needs 16
+#: vector registers for its accumulators: AVX-512 has 32, AVX2 alone 16, so there LLVM
+#: spills them; ``5x16`` and ``3x32`` hold 10 and 12 and leave registers for the loads.
+#: Which one is fastest depends on the CPU and on the layer (the tuner measures those that
+#: fit this CPU's registers; ``_layer`` has the rule).
+REGISTER_BLOCKS = {"8x16": (8, 16), "5x16": (5, 16), "3x32": (3, 32), "8x32": (8, 32), "12x16": (12, 16)}
+#: Blocks compiled for 512-bit vectors where the CPU has them (``_prefer_512_bit``): 16 and
+#: 12 accumulators of 16 floats, enough independent FMAs for two 512-bit FMA ports.
+WIDE_VECTOR_BLOCKS = ("8x32", "12x16")
 
 
 @njit(**_JIT)
@@ -272,111 +270,147 @@ def _fill_block(x, xp, n, g, cin_g, d0, n_dp, h0, n_hp, w0, n_wp, in_start, n_id
                 xp[row + c_hi:row + n_wp] = 0
 
 
-@njit(parallel=True, **_JIT)
-def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first_h, count_h, first_w, count_w,
-                   stride_d, stride_h, stride_w, d_chunk, h_tile, rows_per_block, shift_d_min, n_dp,
-                   shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, n_od, plane0):
-    """Many-channel path: register-blocked gather, one output phase at a time.
+def blocked_kernel(channel_block, position_block, unsigned_index=True, wide_vectors=False):
+    """``blocked_phases`` compiled for one register block (see ``REGISTER_BLOCKS``).
 
-    x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout): output planes
-        ``out_start .. out_start + n_od - 1`` (global) go to its planes ``plane0 ..``
-    w_packed : (G, n_cob, Pd, Ph, Pw, T * CHANNEL_BLOCK) weights of each phase's terms
-        (ci, jd, jh, jw) for blocks of output channels (zero past Cout/G);
-    terms : (Pd, Ph, Pw, T + 1) offset of each term's input row segment in the job's padded
-        input block, ``-1`` after the last term (an uncountable loop: LLVM then vectorises
-        the register block instead of the term loop, which would need gathers);
-    first_*, count_* : per-phase first output and output count along each axis.
-    rows_per_block : > 1 only for rows shorter than a position block that need no W halo
-        (``n_wp`` = row length): one block then covers that many whole rows.
-
-    Phase ``r`` of an axis owns outputs ``first[r] + q * stride``. One job covers ``d_chunk``
-    values of ``q`` along D (all D phases) and ``h_tile`` along H, for one sample and group.
-    It copies the input it reads into a zero-padded block of ``n_dp`` planes x ``n_hp`` rows
-    x ``n_wp`` columns per input channel, starting at input plane ``q0 + shift_d_min``, row
-    ``qh0 + shift_h_min`` and column ``shift_w_min`` (so the inner loop has no bounds checks),
-    then for every block of CHANNEL_BLOCK channels x POSITION_BLOCK outputs accumulates all
-    terms in registers and writes each output once.
+    The block's sizes are closure constants, so that LLVM unrolls the block and keeps it in
+    registers; Numba caches each block's kernel under its own key. ``unsigned_index``: see
+    ``_accumulate_terms``. ``wide_vectors`` asks LLVM for 512-bit vectors (``_prefer_512_bit``).
     """
-    n_batch, c_out = out.shape[:2]
-    groups = w_packed.shape[0]
-    n_cob = w_packed.shape[1]
-    cout_g = c_out // groups
-    n_qh = 0
-    n_qw = 0
-    q_lo, q_hi = _slab_positions(first_d, count_d, stride_d, out_start, n_od, n_id)
-    for r in range(stride_h):
-        n_qh = max(n_qh, count_h[r])
-    for r in range(stride_w):
-        n_qw = max(n_qw, count_w[r])
-    if q_hi <= q_lo or n_qh == 0 or n_qw == 0:
-        return
-    n_chunks = (q_hi - q_lo + d_chunk - 1) // d_chunk
-    n_tiles = (n_qh + h_tile - 1) // h_tile
-    row_len = POSITION_BLOCK if rows_per_block == 1 else n_qw
-    block_w = POSITION_BLOCK if rows_per_block == 1 else n_qw
-    for job in prange(n_batch * groups * n_chunks * n_tiles):
-        n, g, q0, q1, qh0, qh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk,
-                                                n_qh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
-                                                n_wp, POSITION_BLOCK, in_start, n_id)
-        acc = numba.carray(_stack_block(out.dtype), _ACC)
-        # One block per W phase, padded so a full position block can be read at any row offset.
-        blocks = np.zeros((stride_w, _ACC + POSITION_BLOCK), dtype=out.dtype)
-        # Channel blocks outermost: consecutive blocks then write the same few output planes
-        # row after row (few TLB pages in use) while the input block stays in cache.
-        for cob in range(n_cob):
-            n_co = min(CHANNEL_BLOCK, cout_g - cob * CHANNEL_BLOCK)
-            for qd in range(q0, q1):
-                for rd in range(stride_d):
-                    od = first_d[rd] + qd * stride_d
-                    if qd >= count_d[rd] or od < out_start or od >= out_start + n_od:
-                        continue
-                    for qh in range(qh0, qh1, rows_per_block):
-                        for rh in range(stride_h):
-                            if qh >= count_h[rh]:
-                                continue
-                            for qw0 in range(0, n_qw, block_w):
-                                xbase = ((qd - q0) * n_hp + qh - qh0) * n_wp + qw0
-                                for rw in range(stride_w):
-                                    if count_w[rw] <= qw0:
-                                        continue
-                                    _accumulate_terms(acc, bias_blocks[g, cob], xp, xbase, terms[rd, rh, rw],
-                                                      w_packed[g, cob, rd, rh, rw], POSITION_BLOCK)
-                                    blk = blocks[rw]
-                                    for i in range(_ACC):
-                                        blk[i] = acc[i]
-                                for r in range(rows_per_block):
-                                    qh_r = qh + r
-                                    if qh_r >= qh1 or qh_r >= count_h[rh]:
-                                        break
-                                    oh = first_h[rh] + qh_r * stride_h
-                                    _store_rows(out, blocks, n, g * cout_g + cob * CHANNEL_BLOCK,
-                                                n_co, plane0 + od - out_start, oh, r * row_len, qw0, row_len, first_w,
-                                                count_w, stride_w)
+    acc_size = channel_block * position_block
+
+    @njit(parallel=True, **_JIT)
+    def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first_h, count_h, first_w, count_w,
+                       stride_d, stride_h, stride_w, d_chunk, h_tile, rows_per_block, shift_d_min, n_dp,
+                       shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, n_od, plane0):
+        """Many-channel path: register-blocked gather, one output phase at a time.
+
+        x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout): output planes
+            ``out_start .. out_start + n_od - 1`` (global) go to its planes ``plane0 ..``
+        w_packed : (G, n_cob, Pd, Ph, Pw, T * channel_block) weights of each phase's terms
+            (ci, jd, jh, jw) for blocks of output channels (zero past Cout/G);
+        terms : (Pd, Ph, Pw, T + 1) offset of each term's input row segment in the job's padded
+            input block, ``-1`` after the last term (an uncountable loop: LLVM then vectorises
+            the register block instead of the term loop, which would need gathers);
+        first_*, count_* : per-phase first output and output count along each axis.
+        rows_per_block : > 1 only for rows shorter than a position block that need no W halo
+            (``n_wp`` = row length): one block then covers that many whole rows.
+
+        Phase ``r`` of an axis owns outputs ``first[r] + q * stride``. One job covers ``d_chunk``
+        values of ``q`` along D (all D phases) and ``h_tile`` along H, for one sample and group.
+        It copies the input it reads into a zero-padded block of ``n_dp`` planes x ``n_hp`` rows
+        x ``n_wp`` columns per input channel, starting at input plane ``q0 + shift_d_min``, row
+        ``qh0 + shift_h_min`` and column ``shift_w_min`` (so the inner loop has no bounds checks),
+        then for every block of ``channel_block`` channels x ``position_block`` outputs accumulates all
+        terms in registers and writes each output once.
+        """
+        n_batch, c_out = out.shape[:2]
+        groups = w_packed.shape[0]
+        n_cob = w_packed.shape[1]
+        cout_g = c_out // groups
+        n_qh = 0
+        n_qw = 0
+        q_lo, q_hi = _slab_positions(first_d, count_d, stride_d, out_start, n_od, n_id)
+        for r in range(stride_h):
+            n_qh = max(n_qh, count_h[r])
+        for r in range(stride_w):
+            n_qw = max(n_qw, count_w[r])
+        if q_hi <= q_lo or n_qh == 0 or n_qw == 0:
+            return
+        n_chunks = (q_hi - q_lo + d_chunk - 1) // d_chunk
+        n_tiles = (n_qh + h_tile - 1) // h_tile
+        row_len = position_block if rows_per_block == 1 else n_qw
+        block_w = position_block if rows_per_block == 1 else n_qw
+        for job in prange(n_batch * groups * n_chunks * n_tiles):
+            n, g, q0, q1, qh0, qh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk,
+                                                    n_qh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
+                                                    n_wp, position_block, in_start, n_id)
+            if wide_vectors:
+                _prefer_512_bit()
+            acc = numba.carray(_stack_block(out.dtype, acc_size), acc_size)
+            # One block per W phase, padded so a full position block can be read at any row offset.
+            blocks = np.zeros((stride_w, acc_size + position_block), dtype=out.dtype)
+            # Channel blocks outermost: consecutive blocks then write the same few output planes
+            # row after row (few TLB pages in use) while the input block stays in cache.
+            for cob in range(n_cob):
+                n_co = min(channel_block, cout_g - cob * channel_block)
+                for qd in range(q0, q1):
+                    for rd in range(stride_d):
+                        od = first_d[rd] + qd * stride_d
+                        if qd >= count_d[rd] or od < out_start or od >= out_start + n_od:
+                            continue
+                        for qh in range(qh0, qh1, rows_per_block):
+                            for rh in range(stride_h):
+                                if qh >= count_h[rh]:
+                                    continue
+                                for qw0 in range(0, n_qw, block_w):
+                                    xbase = ((qd - q0) * n_hp + qh - qh0) * n_wp + qw0
+                                    for rw in range(stride_w):
+                                        if count_w[rw] <= qw0:
+                                            continue
+                                        _accumulate_terms(acc, bias_blocks[g, cob], xp, xbase, terms[rd, rh, rw],
+                                                          w_packed[g, cob, rd, rh, rw], position_block, channel_block,
+                                                          unsigned_index)
+                                        blk = blocks[rw]
+                                        for i in range(acc_size):
+                                            blk[i] = acc[i]
+                                    for r in range(rows_per_block):
+                                        qh_r = qh + r
+                                        if qh_r >= qh1 or qh_r >= count_h[rh]:
+                                            break
+                                        oh = first_h[rh] + qh_r * stride_h
+                                        _store_rows(out, blocks, n, g * cout_g + cob * channel_block,
+                                                    n_co, plane0 + od - out_start, oh, r * row_len, qw0, row_len, first_w,
+                                                    count_w, stride_w, position_block)
+
+    return blocked_phases
+
+
+#: The 8 x 16 block as first tuned (on AVX-512): sliced inputs and weights.
+blocked_phases = blocked_kernel(CHANNEL_BLOCK, POSITION_BLOCK, unsigned_index=False)
+
+#: The blocked kernel of each register block.
+BLOCKED_KERNELS = {name: blocked_phases if size == (CHANNEL_BLOCK, POSITION_BLOCK)
+                   else blocked_kernel(*size, wide_vectors=name in WIDE_VECTOR_BLOCKS)
+                   for name, size in REGISTER_BLOCKS.items()}
 
 
 @njit(inline="always", **_JIT)
-def _accumulate_terms(acc, start, xp, xbase, term_rows, w_terms, width):
-    """One register block of the blocked kernels: ``acc`` (CHANNEL_BLOCK x ``width``) = ``start``
-    plus every term's inputs ``xp[xbase + term_rows[j]:][:width]`` times its CHANNEL_BLOCK weights.
+def _accumulate_terms(acc, start, xp, xbase, term_rows, w_terms, width, channel_block=CHANNEL_BLOCK,
+                      unsigned_index=False):
+    """One register block of the blocked kernels: ``acc`` (``channel_block`` x ``width``) =
+    ``start`` plus every term's inputs ``xp[xbase + term_rows[j]:][:width]`` times its
+    ``channel_block`` weights.
 
     Inlined by Numba, so ``acc`` stays the caller's stack block and ``width`` a constant: LLVM
     then keeps the accumulators in registers (a call, or a run-time width, would spill them).
     ``term_rows`` ends with -1 (an uncountable loop: LLVM vectorises the block instead of
-    the term loop, which would need gathers).
+    the term loop, which would need gathers). With ``unsigned_index`` (a constant) the terms
+    are read at unsigned offsets: Numba then emits neither the wraparound of a negative
+    index nor a slice's clamping, and the term loop is the loads, the FMAs and three integer
+    operations. The 8-channel kernels keep the slices their code was tuned with.
     """
-    for i in range(CHANNEL_BLOCK * width):
+    for i in range(channel_block * width):
         acc[i] = start[i]
     j = 0
     while True:
         rel = term_rows[j]
         if rel < 0:
             break
-        xs = xp[xbase + rel:xbase + rel + width]
-        ws = w_terms[j * CHANNEL_BLOCK:(j + 1) * CHANNEL_BLOCK]
-        for t in range(width):
-            xv = xs[t]
-            for cb in range(CHANNEL_BLOCK):
-                acc[cb * width + t] += xv * ws[cb]
+        if unsigned_index:
+            xo = np.uint64(xbase + rel)
+            wo = np.uint64(j * channel_block)
+            for t in range(width):
+                xv = xp[xo + np.uint64(t)]
+                for cb in range(channel_block):
+                    acc[cb * width + t] += xv * w_terms[wo + np.uint64(cb)]
+        else:
+            xs = xp[xbase + rel:xbase + rel + width]
+            ws = w_terms[j * channel_block:(j + 1) * channel_block]
+            for t in range(width):
+                xv = xs[t]
+                for cb in range(channel_block):
+                    acc[cb * width + t] += xv * ws[cb]
         j += 1
 
 
@@ -385,6 +419,38 @@ def _accumulate_terms(acc, start, xp, xbase, term_rows, w_terms, width):
 # 32 that LLVM stores with full-width permutes (runs of 16 end up as scalar stores).
 WIDE_POSITION_BLOCK = 32
 _ACC_WIDE = CHANNEL_BLOCK * WIDE_POSITION_BLOCK
+
+
+@intrinsic
+def _prefer_512_bit(typingctx):
+    """Mark the function being compiled ``"prefer-vector-width"="512"``.
+
+    LLVM's tuning for most AVX-512 CPUs (Intel's among them) prefers 256-bit vectors, so
+    a loop compiles to ymm registers and runs at half the rate of two 512-bit FMA ports.
+    This function attribute lifts that preference for the one kernel that asks; on a CPU
+    without AVX-512 it changes nothing. (llvmlite's attribute set knows no string
+    attributes, hence ``set.add``.)
+    """
+    def codegen(context, builder, sig, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@intrinsic
+def _stack_block(typingctx, dtype, size):
+    """A pointer to ``size`` (a compile-time constant) uninitialised elements on the stack.
+
+    Unlike a NumPy array (heap memory that LLVM must assume the inputs may
+    alias) a stack block indexed only by constants is promoted to registers.
+    """
+    if not isinstance(size, types.IntegerLiteral):
+        return None  # Numba retries with the literal value
+    n = size.literal_value
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=n)
+    return types.CPointer(dtype.dtype)(dtype, size), codegen
 
 
 @intrinsic
@@ -725,13 +791,13 @@ def _store_shuffled(out, seg_buf, n, co_base, v0, n_v, p, n_pos, plane_len, n_iw
 
 
 @njit(parallel=True, **_JIT)
-def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, kernel_w):
-    """Each phase's weights in term order for ``blocked_phases``.
+def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, kernel_w, channel_block):
+    """Each phase's weights in term order for ``blocked_phases`` (and its other register blocks).
 
-    weight : (G, Cin_g, Cout_g, kD, kH, kW); w_packed : (G, n_cob, Pd, Ph, Pw, T * CHANNEL_BLOCK),
+    weight : (G, Cin_g, Cout_g, kD, kH, kW); w_packed : (G, n_cob, Pd, Ph, Pw, T * channel_block),
     any content (every element is written); ``kernel_*[r, j]`` is the kernel index of tap ``j``
     of phase ``r`` (``taps_*[r]`` taps). Term ``(ci, jd, jh, jw)`` holds the weights of
-    CHANNEL_BLOCK consecutive output channels, zero past Cout_g and past the phase's terms.
+    ``channel_block`` consecutive output channels, zero past Cout_g and past the phase's terms.
     """
     groups, cin_g, cout_g = weight.shape[0], weight.shape[1], weight.shape[2]
     n_cob = w_packed.shape[1]
@@ -739,7 +805,7 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
     for job in prange(groups * n_cob):
         g = job // n_cob
         cob = job % n_cob
-        n_co = min(CHANNEL_BLOCK, cout_g - cob * CHANNEL_BLOCK)
+        n_co = min(channel_block, cout_g - cob * channel_block)
         for rd in range(p_d):
             for rh in range(p_h):
                 for rw in range(p_w):
@@ -753,11 +819,11 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
                                     kh = kernel_h[rh, jh]
                                     kw = kernel_w[rw, jw]
                                     for cb in range(n_co):
-                                        dst[j * CHANNEL_BLOCK + cb] = weight[g, ci, cob * CHANNEL_BLOCK + cb, kd, kh, kw]
-                                    for cb in range(n_co, CHANNEL_BLOCK):
-                                        dst[j * CHANNEL_BLOCK + cb] = 0
+                                        dst[j * channel_block + cb] = weight[g, ci, cob * channel_block + cb, kd, kh, kw]
+                                    for cb in range(n_co, channel_block):
+                                        dst[j * channel_block + cb] = 0
                                     j += 1
-                    dst[j * CHANNEL_BLOCK:] = 0
+                    dst[j * channel_block:] = 0
 
 
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)
@@ -776,7 +842,7 @@ def count_nonfinite(bits, exponent):
 
 @njit(**_JIT)
 def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, first_w,
-                count_w, stride_w):
+                count_w, stride_w, position_block):
     """Copy one row's share of the W-phase blocks (bias included) to the output row ``oh``."""
     if stride_w == 2:
         # The two W phases fill one contiguous output run. The pair loop has a run-time trip
@@ -787,8 +853,8 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
         n_even = max(0, min(row_len, count_w[even] - qw0))
         n_odd = max(0, min(row_len, count_w[odd] - qw0))
         for cb in range(n_co):
-            src_even = blocks[even, cb * POSITION_BLOCK + pos0:]
-            src_odd = blocks[odd, cb * POSITION_BLOCK + pos0:]
+            src_even = blocks[even, cb * position_block + pos0:]
+            src_odd = blocks[odd, cb * position_block + pos0:]
             seg = out[n, co0 + cb, od_local, oh, 2 * qw0:2 * qw0 + n_even + n_odd]
             for t in range(n_odd):
                 seg[2 * t] = src_even[t]
@@ -802,7 +868,7 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
             n_pos = min(row_len, count_w[rw] - qw0)
             if n_pos <= 0:
                 continue
-            src = blocks[rw, cb * POSITION_BLOCK + pos0:]
+            src = blocks[rw, cb * position_block + pos0:]
             seg = row[first_w[rw] + qw0 * stride_w:]
             if stride_w == 1:
                 for t in range(n_pos):

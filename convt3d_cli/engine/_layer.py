@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import geometry, threads
 from ..errors import ParameterError, ShapeError
-from . import _columns, _plan
+from . import _columns, _cpu, _plan
 
 # Path selection (``choose_path`` tries paired rows, shuffle GEMM, sub-pixel, blocked, then
 # FIR). Each rule below says when a kernel is chosen and why; ``benchmarks/bench_paths.py``
@@ -115,10 +115,57 @@ REP_BYTES = 1024 * 1024
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
+#: The blocked kernel with one register block each (``_kernels.REGISTER_BLOCKS``:
+#: output channels x positions). ``blocked`` runs this CPU's default block
+#: (:func:`default_register_block`); these pin one, and the tuner measures them all.
+BLOCKED_VARIANTS = ("blocked-8x16", "blocked-5x16", "blocked-3x32", "blocked-8x32", "blocked-12x16")
+#: The blocks compiled for 512-bit vectors (``_kernels.WIDE_VECTOR_BLOCKS``).
+WIDE_VECTOR_VARIANTS = ("blocked-8x32", "blocked-12x16")
+
 #: Every compute path. ``gemm`` is NumPy's BLAS on the layers the shuffle kernel serves
 #: (kernel == stride, no start crop): one matrix product per input plane. ``columns`` is
 #: NumPy alone on any layer (``_columns``), chosen for small layers only.
-PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns")
+PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns") + BLOCKED_VARIANTS
+
+
+def default_register_block():
+    """The register block of the ``blocked`` path on this CPU (``_kernels.REGISTER_BLOCKS``).
+
+    ``5x16`` on x86 CPUs with AVX2 but not AVX-512: their 16 vector registers cannot hold
+    the 16 accumulators of ``8x16`` plus its loads, and ``5x16`` (10 accumulators) was
+    the fastest block over the channel-heavy layers of ``benchmarks/bench_paths.py`` on
+    AMD Zen 3. ``8x16`` elsewhere: 8 of AVX-512's 32 registers, the block the kernel was
+    tuned with on AVX-512 CPUs. Large layers measure every block (``_tuner``).
+    """
+    _, features = _cpu.model_and_features()
+    return "5x16" if "avx2" in features and "avx512f" not in features else "8x16"
+
+
+def register_block(path):
+    """The register block a blocked-kernel path runs with (``"blocked"``: the default)."""
+    return path.partition("-")[2] or default_register_block()
+
+
+def measured_blocked_paths():
+    """The blocked paths the tuner measures on this CPU: ``blocked`` (the default block)
+    and every other block whose accumulators fit in the vector registers with three to
+    spare for the loads (32 registers with AVX-512, of 16 floats for the blocks compiled
+    for 512-bit vectors; else 16 of 8 floats). A block that spills never wins and costs
+    its compilation."""
+    _, features = _cpu.model_and_features()
+    registers = 32 if "avx512f" in features else 16
+    others = []
+    for name in BLOCKED_VARIANTS:
+        channels, positions = (int(v) for v in register_block(name).split("x"))
+        width = 16 if "avx512f" in features and name in WIDE_VECTOR_VARIANTS else 8
+        if register_block(name) != default_register_block() and channels * -(-positions // width) + 3 <= registers:
+            others.append(name)
+    return ("blocked",) + tuple(others)
+
+
+def is_blocked(path):
+    """Whether ``path`` is the blocked kernel with some register block."""
+    return path == "blocked" or path in BLOCKED_VARIANTS
 
 
 class FirTables(NamedTuple):
@@ -291,7 +338,8 @@ class PreparedLayer:
         """The paths that can run this layer, the rule's choice first."""
         phases = self._phases()
         found = [self.path]
-        for path in ("blocked", "subpixel", "fir", "paired", "shuffle", "gemm"):
+        blocked = measured_blocked_paths()
+        for path in blocked[:1] + ("subpixel", "fir", "paired", "shuffle", "gemm") + blocked[1:]:
             if path == "paired" and not _plan.paired_fits(phases[2]):
                 continue
             if path in ("shuffle", "gemm") and not self._fits(path):
@@ -320,8 +368,8 @@ class PreparedLayer:
             return
         self.path = _tuner.tuned_path(self, self.candidate_paths(), _threads())
         self.path_source = "measured"
-        self._plans = {name: plan for name, plan in self._plans.items()
-                       if name == self.path or (self.path == "paired" and name == "blocked")}
+        keep = (self._plan_name(self.path), self._plan_name("blocked"))  # paired falls back to blocked
+        self._plans = {name: plan for name, plan in self._plans.items() if name in keep}
 
     @property
     def block_axes(self):
@@ -407,8 +455,8 @@ class PreparedLayer:
             self._run_shuffle(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "gemm":
             self._run_gemm(x_slab, in_start, out_start, out_stop, out, progress)
-        elif path == "blocked":
-            self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress)
+        elif is_blocked(path):
+            self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress, path=path)
         elif path == "subpixel":
             self._run_subpixel(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "paired":
@@ -457,10 +505,10 @@ class PreparedLayer:
         prepared = self._blocked_plan(self.path)
         padded = prepared.plan.blocking.padded
         kern = _kernels()
+        cb, pb = self._block_sizes(self.path)
         # The padded input block plus the kernel's result blocks (a row of them for the
         # sub-pixel kernel), per thread.
-        blocks = (padded.n_wp + kern.WIDE_POSITION_BLOCK) * kern.CHANNEL_BLOCK + (
-            self.params.stride[2] * (kern.CHANNEL_BLOCK + 1) * kern.POSITION_BLOCK)
+        blocks = (padded.n_wp + kern.WIDE_POSITION_BLOCK) * cb + self.params.stride[2] * (cb + 1) * pb
         block = (self.cin_g * padded.n_dp * padded.n_hp * padded.n_wp + kern.WIDE_POSITION_BLOCK
                  + blocks) * self.dtype.itemsize
         return weights + prepared.w_packed.nbytes + prepared.plan.terms.nbytes + _threads() * block
@@ -470,39 +518,50 @@ class PreparedLayer:
             self._plans["columns"] = _columns.plan(self.weight, self.params)
         return self._plans["columns"]
 
+    def _plan_name(self, path):
+        """The key of ``path``'s plan in ``_plans``: a blocked path's names its register block."""
+        return "blocked-" + register_block(path) if is_blocked(path) else path
+
+    def _block_sizes(self, path):
+        """``(channels, positions)`` of the register block ``path`` runs with."""
+        kern = _kernels()
+        if is_blocked(path):
+            return kern.REGISTER_BLOCKS[register_block(path)]
+        return kern.CHANNEL_BLOCK, kern.WIDE_POSITION_BLOCK
+
     def _blocked_plan(self, path="blocked"):
-        """The :class:`PreparedBlocked` of the plain or the sub-pixel blocked kernel, once."""
-        if path not in self._plans:
+        """The :class:`PreparedBlocked` of a blocked path or of the sub-pixel kernel, once."""
+        name = self._plan_name(path)
+        if name not in self._plans:
             kern = _kernels()
             phases = self._phases()
             weight = self.weight
             shuffle = sub = None
-            position_block = kern.POSITION_BLOCK
+            channel_block, position_block = self._block_sizes(path)
             if path == "subpixel":
                 subpixel = [_plan.subpixel_phases(axis) for axis in phases]
                 sub = tuple(axis.table for axis in subpixel)
                 weight, shuffle = _plan.subpixel_weight(
                     weight, *phases, list(sub), [axis.tap_index for axis in subpixel])
                 phases = [axis.virtual for axis in subpixel]
-                position_block = kern.WIDE_POSITION_BLOCK
             # Shared with every layer of the same shapes: the layer's own arrays go beside it.
             plan = _plan.cached_blocked_plan(
                 weight.shape, *(tuple(axis) for axis in phases),
-                self.input_shape[3], self.input_shape[4], self.dtype.itemsize, kern.CHANNEL_BLOCK,
+                self.input_shape[3], self.input_shape[4], self.dtype.itemsize, channel_block,
                 position_block, self._block_bytes(), n_jobs_wanted=4 * _threads(),
-                n_outer=self.input_shape[0] * self.groups, row_blocks=path == "blocked",
+                n_outer=self.input_shape[0] * self.groups, row_blocks=path != "subpixel",
                 whole_planes=path == "subpixel")
             w_packed = np.empty(plan.w_shape, dtype=self.dtype)
-            kern.pack_weights(weight, w_packed, *plan.kernel_tables)
+            kern.pack_weights(weight, w_packed, *plan.kernel_tables, channel_block)
             n_cob = w_packed.shape[1]
             channel_bias = self.bias.reshape(self.groups, self.cout_g)
             if path == "subpixel":
                 channel_bias = channel_bias[:, shuffle[:, 0]]
-            bias_blocks = np.zeros((self.groups, n_cob * kern.CHANNEL_BLOCK), dtype=self.dtype)
+            bias_blocks = np.zeros((self.groups, n_cob * channel_block), dtype=self.dtype)
             bias_blocks[:, :channel_bias.shape[1]] = channel_bias
             bias_blocks = np.repeat(bias_blocks, position_block, axis=1).reshape(self.groups, n_cob, -1)
-            self._plans[path] = PreparedBlocked(plan, w_packed, bias_blocks, shuffle, sub)
-        return self._plans[path]
+            self._plans[name] = PreparedBlocked(plan, w_packed, bias_blocks, shuffle, sub)
+        return self._plans[name]
 
     def _block_bytes(self):
         return max(min(BLOCK_BYTES, BLOCK_BYTES_MIN), min(BLOCK_BYTES, self._copy_bytes()))
@@ -549,17 +608,18 @@ class PreparedLayer:
                 # Non-finite inputs: these planes again with real taps only (see run_slab).
                 self._run_blocked(x_slab, in_start, out_start, out_stop, out, None, (o0, o1))
 
-    def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress, planes=None):
-        """The blocked kernel on output planes ``planes`` (global ``(o0, o1)``, default the
-        whole slab ``[out_start, out_stop)`` in progress steps)."""
+    def _run_blocked(self, x_slab, in_start, out_start, out_stop, out, progress, planes=None, path="blocked"):
+        """The blocked kernel of ``path`` on output planes ``planes`` (global ``(o0, o1)``,
+        default the whole slab ``[out_start, out_stop)`` in progress steps)."""
         kern = _kernels()
-        prepared = self._blocked_plan()
+        prepared = self._blocked_plan(path)
+        kernel = kern.BLOCKED_KERNELS[register_block(path)]
         plan = prepared.plan
         blocking = plan.blocking
         s = self.params.stride
         steps = [planes] if planes else _plane_steps(out_start, out_stop, x_slab.shape[0], progress)
         for o0, o1 in steps:
-            kern.blocked_phases(x_slab, prepared.w_packed, plan.terms, prepared.bias_blocks, out, *plan.tables,
+            kernel(x_slab, prepared.w_packed, plan.terms, prepared.bias_blocks, out, *plan.tables,
                                 s[0], s[1], s[2], blocking.d_chunk, blocking.h_tile, blocking.rows_per_block,
                                 *blocking.padded, in_start, self.input_shape[2], o0, o1 - o0, o0 - out_start)
 

@@ -136,3 +136,59 @@ def test_small_layers_take_the_columns_path_and_one_layer_runs_up_to_a_larger_si
         assert choose_path(1, 1, None, middle) == "fir"
     assert choose_path(1, 1, None, middle) == "fir"
     assert choose_path(1, 1) == "fir"  # without the layer's size: the kernels' rules
+
+
+def test_every_register_block_has_a_path_and_a_kernel():
+    from convt3d_cli.engine import _numba_env
+    kern = _numba_env.kernels()
+    assert {_layer.register_block(name) for name in _layer.BLOCKED_VARIANTS} == set(kern.REGISTER_BLOCKS)
+    assert set(kern.BLOCKED_KERNELS) == set(kern.REGISTER_BLOCKS)
+    assert {_layer.register_block(name) for name in _layer.WIDE_VECTOR_VARIANTS} == set(kern.WIDE_VECTOR_BLOCKS)
+    assert _layer.register_block("blocked") in kern.REGISTER_BLOCKS
+
+
+@pytest.mark.parametrize("features, block", [
+    (("avx2", "fma"), "5x16"),                       # AVX2 alone: 16 registers
+    (("avx2", "avx512f", "fma"), "8x16"),            # AVX-512: 32 registers
+    ((), "8x16"),                                    # not x86, or not known
+])
+def test_the_default_register_block_follows_the_vector_registers(monkeypatch, features, block):
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", features))
+    assert _layer.default_register_block() == block
+    assert _layer.register_block("blocked") == block
+    assert _layer.register_block("blocked-3x32") == "3x32"
+
+
+def test_the_tuner_measures_every_register_block(store):
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, **kwargs)
+    candidates = layer.candidate_paths()
+    blocks = {_layer.register_block(p) for p in candidates if _layer.is_blocked(p)}
+    assert blocks == {_layer.register_block(p) for p in _layer.measured_blocked_paths()}
+    # the default block is measured once, as "blocked"
+    assert "blocked" in candidates and "blocked-" + _layer.default_register_block() not in candidates
+
+
+def test_only_blocks_that_fit_the_registers_are_measured(monkeypatch):
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
+    # 16 registers of 8 floats: 5x16 (the default, 10 accumulators) and 3x32 (12)
+    assert _layer.measured_blocked_paths() == ("blocked", "blocked-3x32")
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
+    # 32 registers: every block (8x16 is the default), 8x32 and 12x16 as 16 and 12 zmm
+    assert _layer.measured_blocked_paths() == ("blocked", "blocked-5x16", "blocked-3x32", "blocked-8x32",
+                                               "blocked-12x16")
+
+
+@pytest.mark.parametrize("path", _layer.BLOCKED_VARIANTS)
+def test_each_register_block_matches_the_reference_on_ragged_channels(path, monkeypatch):
+    # 13 output channels: a partial last channel block for every register block; 37 columns:
+    # a partial last position block; groups and a start crop on top.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 4, 5, 37)).astype(np.float32)
+    w = rng.standard_normal((6, 13, 3, 3, 4)).astype(np.float32)
+    b = rng.standard_normal(26).astype(np.float32)
+    kwargs = dict(stride=(1, 2, 2), padding=(1, 0, 1), groups=2)
+    assert PreparedLayer(x.shape, w, b, path=path, **kwargs).path == path
+    monkeypatch.setenv("CONVT3D_PATH", path)
+    out = conv_transpose3d(x, w, b, **kwargs)
+    np.testing.assert_allclose(out, conv_transpose3d_ref(x, w, b, **kwargs), rtol=1e-4, atol=1e-4)

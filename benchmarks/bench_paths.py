@@ -5,8 +5,9 @@ Usage::
 
     python benchmarks/bench_paths.py [--threads 2] [--repeat 7] [--only NAME]
 
-Per layer it prints the median time of each kernel (``fir``, ``blocked``,
-``subpixel``, ``paired``, ``shuffle``, ``gemm`` = NumPy's BLAS; ``paired`` serves W
+Per layer it prints the median time of each kernel (``fir``, the blocked kernel with
+each register block ``blocked-CxP`` = C output channels x P positions, ``subpixel``,
+``paired``, ``shuffle``, ``gemm`` = NumPy's BLAS; ``paired`` serves W
 stride 2 only, otherwise the layer runs FIR, and ``shuffle``/``gemm`` kernel == stride
 without padding only, otherwise they show ``-``), the one ``choose_path`` picks, the one
 the tuner measures (``engine/_tuner.py``, on a probe slab, stored in a scratch file), and
@@ -25,7 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm")
+# The blocked kernel once per register block (channels x positions); "blocked" is one of them.
+PATHS = ("fir", "blocked-8x16", "blocked-5x16", "blocked-3x32", "blocked-12x8", "subpixel", "paired", "shuffle",
+         "gemm")
+W = 12  # column width
 # name, Cin, Cout, groups, spatial, kernel, padding, output_padding (stride 2)
 CASES = [
     ("1ch 128^3 k3", 1, 1, 1, 128, 3, 1, 1), ("1ch 128^3 k4", 1, 1, 1, 128, 4, 1, 0),
@@ -61,14 +65,15 @@ def main():
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     threadpool_limits(args.threads)
     from bench_engine import cpu_description, sgemm_gflops
-    from convt3d_cli.engine import PreparedLayer, _plan, _tuner
+    from convt3d_cli.engine import PreparedLayer, _layer, _plan, _tuner
 
     scratch = tempfile.mkdtemp()
     _tuner._path = lambda: os.path.join(scratch, _tuner.FILE_NAME)   # measure afresh, keep the user's file
     print(f"# {cpu_description()}; sgemm {sgemm_gflops(args.threads):.0f} GFLOP/s")
-    print(f"# threads={args.threads}, medians of {args.repeat} (ms)")
-    header = (f"{'layer':16s} " + " ".join(f"{p:>9s}" for p in PATHS)
-              + f" {'chosen':>9s} {'tuned':>9s} {'fastest':>9s}")
+    print(f"# threads={args.threads}, medians of {args.repeat} (ms); "
+          f"the rule's blocked path runs blocked-{_layer.default_register_block()} on this CPU")
+    header = (f"{'layer':16s} " + " ".join(f"{p:>{W}s}" for p in PATHS)
+              + f" {'chosen':>{W}s} {'tuned':>{W}s} {'fastest':>{W}s}")
     print(header)
     print("-" * len(header))
     for name, cin, cout, groups, n, k, p, op in CASES:
@@ -87,10 +92,10 @@ def main():
             layer.path = path if path != "paired" or _plan.paired_fits(layer._phases()[2]) else "fir"
             layers[path] = layer
         os.environ["CONVT3D_TUNE"] = "0"
-        chosen = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path
+        chosen = named(PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path)
         os.environ["CONVT3D_TUNE"] = "1"
         saved, _tuner.TUNE_MIN_MACS = _tuner.TUNE_MIN_MACS, 0
-        tuned = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path
+        tuned = named(PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path)
         _tuner.TUNE_MIN_MACS = saved
         out = np.empty(layer.output_shape, np.float32)
         reference = None
@@ -106,8 +111,14 @@ def main():
                     elif np.abs(out - reference).max() > 1e-4 * np.abs(reference).max():
                         raise SystemExit(f"{name}: the {path} kernel disagrees with fir")
         med = {path: float(np.median(v[1:])) * 1e3 for path, v in times.items()}
-        print(f"{name:16s} " + " ".join(f"{med[path]:9.2f}" if path in med else f"{'-':>9s}" for path in PATHS)
-              + f" {chosen:>9s} {tuned:>9s} {min(med, key=med.get):>9s}")
+        print(f"{name:16s} " + " ".join(f"{med[path]:{W}.2f}" if path in med else f"{'-':>{W}s}" for path in PATHS)
+              + f" {chosen:>{W}s} {tuned:>{W}s} {min(med, key=med.get):>{W}s}")
+
+
+def named(path):
+    """A path as the table's columns name it: ``blocked`` with its register block."""
+    from convt3d_cli.engine import _layer
+    return "blocked-" + _layer.register_block(path) if path == "blocked" else path
 
 
 if __name__ == "__main__":

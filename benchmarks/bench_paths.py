@@ -26,11 +26,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-# The blocked kernel once per register block (channels x positions); "blocked" is one of them.
-PATHS = ("fir", "blocked-8x16", "blocked-5x16", "blocked-3x32", "blocked-12x8", "subpixel", "paired", "shuffle",
-         "gemm")
 W = 12  # column width
-# name, Cin, Cout, groups, spatial, kernel, padding, output_padding (stride 2)
+
+
+def paths():
+    """Every path, the blocked kernel once per register block the tuner measures on this CPU
+    (``blocked`` is one of them) and 8x16, the block it was first tuned with."""
+    from convt3d_cli.engine import _layer
+    blocked = {"blocked-8x16"} | {named(p) for p in _layer.measured_blocked_paths()}
+    ordered = tuple(p for p in _layer.BLOCKED_VARIANTS if p in blocked)
+    return ("fir",) + ordered + ("subpixel", "paired", "shuffle", "gemm")
+# name, Cin, Cout, groups, spatial, kernel, padding, output_padding[, stride, batch] (default 2, 1)
 CASES = [
     ("1ch 128^3 k3", 1, 1, 1, 128, 3, 1, 1), ("1ch 128^3 k4", 1, 1, 1, 128, 4, 1, 0),
     ("1ch 192^3 k2", 1, 1, 1, 192, 2, 0, 0), ("dw32 64^3 k3", 32, 32, 32, 64, 3, 1, 1),
@@ -48,6 +54,8 @@ CASES = [
     ("320->256 8^3 k2", 320, 256, 1, 8, 2, 0, 0), ("128->64 32^3 k2", 128, 64, 1, 32, 2, 0, 0),
     # channel-heavy, overlapping taps
     ("64->32 16^3 k4", 64, 32, 1, 16, 4, 1, 0), ("32->32 64^3 k3", 32, 32, 1, 64, 3, 1, 1),
+    # bench_engine's oneDNN cases: batches of 4 and 2, and stride 1
+    ("N4 64->32 k4", 64, 32, 1, 16, 4, 1, 0, 2, 4), ("N2 16->16 s1 k3", 16, 16, 1, 32, 3, 1, 0, 1, 2),
 ]
 
 
@@ -70,32 +78,34 @@ def main():
     scratch = tempfile.mkdtemp()
     _tuner._path = lambda: os.path.join(scratch, _tuner.FILE_NAME)   # measure afresh, keep the user's file
     print(f"# {cpu_description()}; sgemm {sgemm_gflops(args.threads):.0f} GFLOP/s")
+    PATHS = paths()
     print(f"# threads={args.threads}, medians of {args.repeat} (ms); "
           f"the rule's blocked path runs blocked-{_layer.default_register_block()} on this CPU")
     header = (f"{'layer':16s} " + " ".join(f"{p:>{W}s}" for p in PATHS)
               + f" {'chosen':>{W}s} {'tuned':>{W}s} {'fastest':>{W}s}")
     print(header)
     print("-" * len(header))
-    for name, cin, cout, groups, n, k, p, op in CASES:
+    for name, cin, cout, groups, n, k, p, op, *rest in CASES:
+        s, batch = rest or (2, 1)
         if args.only and args.only not in name:
             continue
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((1, cin, n, n, n)).astype(np.float32)
+        x = rng.standard_normal((batch, cin, n, n, n)).astype(np.float32)
         w = rng.standard_normal((cin, cout // groups, k, k, k)).astype(np.float32)
         b = rng.standard_normal(cout).astype(np.float32)
         layers = {}
         for path in PATHS:
-            layer = PreparedLayer(x.shape, w, b, 2, p, op, 1, groups, path="fir")
+            layer = PreparedLayer(x.shape, w, b, s, p, op, 1, groups, path="fir")
             layer.path = path
             if path in ("shuffle", "gemm") and not _plan.shuffle_fits(layer._phases()):
                 continue
             layer.path = path if path != "paired" or _plan.paired_fits(layer._phases()[2]) else "fir"
             layers[path] = layer
         os.environ["CONVT3D_TUNE"] = "0"
-        chosen = named(PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path)
+        chosen = named(PreparedLayer(x.shape, w, b, s, p, op, 1, groups).path)
         os.environ["CONVT3D_TUNE"] = "1"
         saved, _tuner.TUNE_MIN_MACS = _tuner.TUNE_MIN_MACS, 0
-        tuned = named(PreparedLayer(x.shape, w, b, 2, p, op, 1, groups).path)
+        tuned = named(PreparedLayer(x.shape, w, b, s, p, op, 1, groups).path)
         _tuner.TUNE_MIN_MACS = saved
         out = np.empty(layer.output_shape, np.float32)
         reference = None

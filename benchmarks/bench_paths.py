@@ -33,7 +33,7 @@ def paths():
     """Every path, the blocked kernel once per register block the tuner measures on this CPU
     (``blocked`` is one of them) and 8x16, the block it was first tuned with."""
     from convt3d_cli.engine import _layer
-    blocked = {"blocked-8x16"} | {named(p) for p in _layer.measured_blocked_paths()}
+    blocked = {"blocked-8x16"} | {"blocked-" + block for block in _layer.fitting_blocks()}
     ordered = tuple(p for p in _layer.BLOCKED_VARIANTS if p in blocked)
     return ("fir",) + ordered + ("subpixel", "paired", "shuffle", "gemm")
 # name, Cin, Cout, groups, spatial, kernel, padding, output_padding[, stride, batch] (default 2, 1)
@@ -73,14 +73,14 @@ def main():
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     threadpool_limits(args.threads)
     from bench_engine import cpu_description, sgemm_gflops
-    from convt3d_cli.engine import PreparedLayer, _layer, _plan, _tuner
+    from convt3d_cli.engine import PreparedLayer, _plan, _tuner
 
     scratch = tempfile.mkdtemp()
     _tuner._path = lambda: os.path.join(scratch, _tuner.FILE_NAME)   # measure afresh, keep the user's file
     print(f"# {cpu_description()}; sgemm {sgemm_gflops(args.threads):.0f} GFLOP/s")
     PATHS = paths()
     print(f"# threads={args.threads}, medians of {args.repeat} (ms); "
-          f"the rule's blocked path runs blocked-{_layer.default_register_block()} on this CPU")
+          f"the rule's blocked path picks a register block per layer (chosen, tuned)")
     header = (f"{'layer':16s} " + " ".join(f"{p:>{W}s}" for p in PATHS)
               + f" {'chosen':>{W}s} {'tuned':>{W}s} {'fastest':>{W}s}")
     print(header)
@@ -102,10 +102,10 @@ def main():
             layer.path = path if path != "paired" or _plan.paired_fits(layer._phases()[2]) else "fir"
             layers[path] = layer
         os.environ["CONVT3D_TUNE"] = "0"
-        chosen = named(PreparedLayer(x.shape, w, b, s, p, op, 1, groups).path)
+        chosen = named(PreparedLayer(x.shape, w, b, s, p, op, 1, groups))
         os.environ["CONVT3D_TUNE"] = "1"
         saved, _tuner.TUNE_MIN_MACS = _tuner.TUNE_MIN_MACS, 0
-        tuned = named(PreparedLayer(x.shape, w, b, s, p, op, 1, groups).path)
+        tuned = named(PreparedLayer(x.shape, w, b, s, p, op, 1, groups))
         _tuner.TUNE_MIN_MACS = saved
         out = np.empty(layer.output_shape, np.float32)
         reference = None
@@ -125,10 +125,9 @@ def main():
               + f" {chosen:>{W}s} {tuned:>{W}s} {min(med, key=med.get):>{W}s}")
 
 
-def named(path):
-    """A path as the table's columns name it: ``blocked`` with its register block."""
-    from convt3d_cli.engine import _layer
-    return "blocked-" + _layer.register_block(path) if path == "blocked" else path
+def named(layer):
+    """A layer's path as the table's columns name it: ``blocked`` with its register block."""
+    return "blocked-" + layer.block if layer.path == "blocked" else layer.path
 
 
 if __name__ == "__main__":

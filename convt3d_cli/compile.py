@@ -17,7 +17,7 @@ DTYPES = ("float32", "float64")
 
 #: One tiny layer per compute path (``(Cin, Cout, kernel, stride, padding)``) that the
 #: path can run; ``blocked``'s runs once per register block the tuner measures on this CPU
-#: (``_layer.measured_blocked_paths``). ``fir`` and ``subpixel`` also count non-finite
+#: (``_layer.fitting_blocks``). ``fir`` and ``subpixel`` also count non-finite
 #: inputs (``count_nonfinite``) and the blocked paths pack weights (``pack_weights``).
 LAYERS = {
     "fir": (1, 1, 3, 2, 1),
@@ -55,7 +55,7 @@ def compile_kernels(dtypes=DTYPES, echo=None):
     t_start = time.perf_counter()
     layers = dict(LAYERS)
     blocked = layers.pop("blocked")
-    layers.update((path, blocked) for path in _layer.measured_blocked_paths())
+    layers.update(("blocked-" + block, blocked) for block in _layer.fitting_blocks())
     for dtype in dtypes:
         for path, (cin, cout, k, s, p) in layers.items():
             before = len(_numba_env.compiled_so_far())

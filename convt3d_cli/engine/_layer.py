@@ -142,25 +142,69 @@ def default_register_block():
 
 
 def register_block(path):
-    """The register block a blocked-kernel path runs with (``"blocked"``: the default)."""
+    """The register block a blocked-kernel path runs with (``"blocked"``: this CPU's
+    default; a layer may pick another, ``PreparedLayer.block``)."""
     return path.partition("-")[2] or default_register_block()
 
 
-def measured_blocked_paths():
-    """The blocked paths the tuner measures on this CPU: ``blocked`` (the default block)
-    and every other block whose accumulators fit in the vector registers with three to
-    spare for the loads (32 registers with AVX-512, of 16 floats for the blocks compiled
-    for 512-bit vectors; else 16 of 8 floats). A block that spills never wins and costs
-    its compilation."""
+def _block_size(block):
+    channels, positions = (int(v) for v in block.split("x"))
+    return channels, positions
+
+
+def fitting_blocks():
+    """The register blocks whose accumulators fit this CPU's vector registers with three to
+    spare for the loads (32 registers with AVX-512, of 16 floats for the blocks compiled for
+    512-bit vectors; else 16 of 8 floats): the ones worth measuring. A block that spills
+    never wins and costs its compilation."""
     _, features = _cpu.model_and_features()
     registers = 32 if "avx512f" in features else 16
-    others = []
+    found = []
     for name in BLOCKED_VARIANTS:
-        channels, positions = (int(v) for v in register_block(name).split("x"))
+        channels, positions = _block_size(register_block(name))
         width = 16 if "avx512f" in features and name in WIDE_VECTOR_VARIANTS else 8
-        if register_block(name) != default_register_block() and channels * -(-positions // width) + 3 <= registers:
-            others.append(name)
-    return ("blocked",) + tuple(others)
+        if channels * -(-positions // width) + 3 <= registers:
+            found.append(register_block(name))
+    return tuple(found)
+
+
+def measured_blocked_paths(default=None):
+    """The blocked paths the tuner measures on this CPU: ``blocked`` (a layer's block,
+    ``default``, else this CPU's) and every other block of :func:`fitting_blocks`."""
+    default = default or default_register_block()
+    return ("blocked",) + tuple("blocked-" + block for block in fitting_blocks() if block != default)
+
+
+def lane_share(cout_g, phases_w, block):
+    """The share of a register block's lanes that hold real outputs of a layer: its output
+    channels over the channel blocks' (``cout_g`` of a multiple of the block's channels)
+    times the phase rows' outputs over the position blocks' (``_plan.blocked_plan`` packs
+    several short rows into one block where the rows need no W halo)."""
+    channels, positions = _block_size(block)
+    n_qw = max(phase.count for phase in phases_w)
+    lo, hi = _plan.shift_span(phases_w)
+    if n_qw == 0:
+        rows = 1.0
+    elif n_qw < positions and lo == hi:
+        rows = (positions // n_qw) * n_qw / positions
+    else:
+        rows = n_qw / (-(-n_qw // positions) * positions)
+    return cout_g / (-(-cout_g // channels) * channels) * rows
+
+
+def layer_register_block(cout_g, phases_w):
+    """The register block of a layer's ``blocked`` path.
+
+    On AVX2 alone, of ``5x16`` and ``3x32`` the one that wastes fewer lanes
+    (:func:`lane_share`; ``5x16`` on a tie). In the sweep of ``benchmarks/bench_paths.py``
+    on Zen 3 this picked the faster of the two wherever they differed by more than the
+    noise: ``3x32`` for few output channels or 32-output phase rows, ``5x16`` for N4's
+    16-output rows. Elsewhere :func:`default_register_block`.
+    """
+    default = default_register_block()
+    if default != "5x16":
+        return default
+    return max(("5x16", "3x32"), key=lambda block: lane_share(cout_g, phases_w, block))
 
 
 def is_blocked(path):
@@ -316,6 +360,8 @@ class PreparedLayer:
             self.bias = _writeable(np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype))
         self._axis_phases = None
         self._plans = {}
+        #: The register block of the ``blocked`` path (:func:`layer_register_block`).
+        self.block = layer_register_block(self.cout_g, self._phases()[2])
         self._static = None
         pinned = path if path is not None else (os.environ.get("CONVT3D_PATH") or None)
         if pinned is not None and pinned not in PATHS:
@@ -338,7 +384,7 @@ class PreparedLayer:
         """The paths that can run this layer, the rule's choice first."""
         phases = self._phases()
         found = [self.path]
-        blocked = measured_blocked_paths()
+        blocked = measured_blocked_paths(self.block)
         for path in blocked[:1] + ("subpixel", "fir", "paired", "shuffle", "gemm") + blocked[1:]:
             if path == "paired" and not _plan.paired_fits(phases[2]):
                 continue
@@ -518,15 +564,19 @@ class PreparedLayer:
             self._plans["columns"] = _columns.plan(self.weight, self.params)
         return self._plans["columns"]
 
+    def block_of(self, path):
+        """The register block a blocked-kernel path runs with on this layer."""
+        return self.block if path == "blocked" else register_block(path)
+
     def _plan_name(self, path):
         """The key of ``path``'s plan in ``_plans``: a blocked path's names its register block."""
-        return "blocked-" + register_block(path) if is_blocked(path) else path
+        return "blocked-" + self.block_of(path) if is_blocked(path) else path
 
     def _block_sizes(self, path):
         """``(channels, positions)`` of the register block ``path`` runs with."""
         kern = _kernels()
         if is_blocked(path):
-            return kern.REGISTER_BLOCKS[register_block(path)]
+            return kern.REGISTER_BLOCKS[self.block_of(path)]
         return kern.CHANNEL_BLOCK, kern.WIDE_POSITION_BLOCK
 
     def _blocked_plan(self, path="blocked"):
@@ -613,7 +663,7 @@ class PreparedLayer:
         default the whole slab ``[out_start, out_stop)`` in progress steps)."""
         kern = _kernels()
         prepared = self._blocked_plan(path)
-        kernel = kern.BLOCKED_KERNELS[register_block(path)]
+        kernel = kern.BLOCKED_KERNELS[self.block_of(path)]
         plan = prepared.plan
         blocking = plan.blocking
         s = self.params.stride

@@ -274,7 +274,8 @@ def _phase_arrays(phases):
     return PhaseArrays(first, count, taps, kernel, shift)
 
 
-def _shift_span(phases):
+def shift_span(phases):
+    """``(min, max)`` of the input shifts of one axis's taps (``(0, 0)`` without taps)."""
     shifts = [c for ph in phases for c in ph.shift]
     return (min(shifts), max(shifts)) if shifts else (0, 0)
 
@@ -387,9 +388,9 @@ def blocked_plan(weight_shape, phases_d, phases_h, phases_w, n_ih, n_iw, itemsiz
     """
     groups, cin_g, cout_g = weight_shape[:3]
     arrays_d, arrays_h, arrays_w = (_phase_arrays(phases) for phases in (phases_d, phases_h, phases_w))
-    sd_lo, sd_hi = _shift_span(phases_d)
-    sh_lo, sh_hi = _shift_span(phases_h)
-    sw_lo, sw_hi = _shift_span(phases_w)
+    sd_lo, sd_hi = shift_span(phases_d)
+    sh_lo, sh_hi = shift_span(phases_h)
+    sw_lo, sw_hi = shift_span(phases_w)
     n_qd = int(arrays_d.count.max())
     n_qh = int(arrays_h.count.max())
     n_qw = int(arrays_w.count.max())
@@ -522,7 +523,7 @@ def paired_plan(phases_d, phases_h, phases_w, cin_g, kernel_dh, itemsize, block_
     PairedPlan
     """
     phase_a, phase_b = sorted(phases_w, key=lambda ph: ph.first)
-    sw_lo, sw_hi = _shift_span(phases_w)
+    sw_lo, sw_hi = shift_span(phases_w)
     w_kern = np.full((2, 2), -1, dtype=np.int64)
     w_off = np.zeros((2, 2), dtype=np.int64)
     for r, ph in enumerate((phase_a, phase_b)):
@@ -533,8 +534,8 @@ def paired_plan(phases_d, phases_h, phases_w, cin_g, kernel_dh, itemsize, block_
             w_off[r, 1] = w_off[r, 0]  # the missing tap: a zero weight on a column that exists
     n_a, n_pair = phase_a.count, phase_b.count
     n_wp = max(1, n_a + sw_hi - sw_lo)
-    sd_lo, sd_hi = _shift_span(phases_d)
-    sh_lo, sh_hi = _shift_span(phases_h)
+    sd_lo, sd_hi = shift_span(phases_d)
+    sh_lo, sh_hi = shift_span(phases_h)
     d_arrays, h_arrays = _phase_arrays(phases_d), _phase_arrays(phases_h)
     n_qd = max(1, int(d_arrays.count.max()))
     n_hp = int(h_arrays.count.max()) + sh_hi - sh_lo

@@ -163,16 +163,17 @@ def test_the_tuner_measures_every_register_block(store):
     x, w, b, kwargs = layer_data()
     layer = PreparedLayer(x.shape, w, b, **kwargs)
     candidates = layer.candidate_paths()
-    blocks = {_layer.register_block(p) for p in candidates if _layer.is_blocked(p)}
-    assert blocks == {_layer.register_block(p) for p in _layer.measured_blocked_paths()}
-    # the default block is measured once, as "blocked"
-    assert "blocked" in candidates and "blocked-" + _layer.default_register_block() not in candidates
+    assert {layer.block_of(p) for p in candidates if _layer.is_blocked(p)} == set(_layer.fitting_blocks())
+    # the layer's own block is measured once, as "blocked"
+    assert "blocked" in candidates and "blocked-" + layer.block not in candidates
 
 
 def test_only_blocks_that_fit_the_registers_are_measured(monkeypatch):
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
     # 16 registers of 8 floats: 5x16 (the default, 10 accumulators) and 3x32 (12)
+    assert _layer.fitting_blocks() == ("5x16", "3x32")
     assert _layer.measured_blocked_paths() == ("blocked", "blocked-3x32")
+    assert _layer.measured_blocked_paths("3x32") == ("blocked", "blocked-5x16")
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
     # 32 registers: every block (8x16 is the default), 8x32 and 12x16 as 16 and 12 zmm
     assert _layer.measured_blocked_paths() == ("blocked", "blocked-5x16", "blocked-3x32", "blocked-8x32",
@@ -192,3 +193,19 @@ def test_each_register_block_matches_the_reference_on_ragged_channels(path, monk
     monkeypatch.setenv("CONVT3D_PATH", path)
     out = conv_transpose3d(x, w, b, **kwargs)
     np.testing.assert_allclose(out, conv_transpose3d_ref(x, w, b, **kwargs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, cin, cout, n, k, s, p, block", [
+    (4, 64, 32, 16, 4, 2, 1, "5x16"),     # N4: 16 outputs per phase row fill half of 3x32's 32
+    (2, 16, 16, 32, 3, 1, 1, "3x32"),     # N2: rows of 32; 16 channels pad to 18, not 20
+    (1, 32, 2, 20, 3, 2, 1, "3x32"),      # two output channels: 2 of 3 lanes, not 2 of 5
+    (1, 64, 35, 20, 3, 2, 1, "5x16"),     # 35 channels: 7 full blocks of 5
+    (1, 320, 256, 8, 2, 2, 0, "3x32"),    # rows of 8 packed 4 to a 32-wide block, 256 of 258
+])
+def test_on_avx2_a_layer_runs_the_block_that_wastes_fewer_lanes(monkeypatch, batch, cin, cout, n, k, s, p, block):
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
+    layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
+    assert layer.block == block and layer.block_of("blocked") == block
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
+    layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
+    assert layer.block == "8x16"                                   # AVX-512: the block tuned there

@@ -116,8 +116,9 @@ REP_BYTES = 1024 * 1024
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 #: The blocked kernel with one register block each (``_kernels.REGISTER_BLOCKS``:
-#: output channels x positions). ``blocked`` runs this CPU's default block
-#: (:func:`default_register_block`); these pin one, and the tuner measures them all.
+#: output channels x positions). ``blocked`` runs the layer's block
+#: (:func:`layer_register_block`); these pin one, and the tuner measures those that fit
+#: this CPU's registers (:func:`fitting_blocks`).
 BLOCKED_VARIANTS = ("blocked-8x16", "blocked-5x16", "blocked-3x32", "blocked-8x32", "blocked-12x16")
 #: The blocks compiled for 512-bit vectors (``_kernels.WIDE_VECTOR_BLOCKS``).
 WIDE_VECTOR_VARIANTS = ("blocked-8x32", "blocked-12x16")
@@ -129,13 +130,14 @@ PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns") +
 
 
 def default_register_block():
-    """The register block of the ``blocked`` path on this CPU (``_kernels.REGISTER_BLOCKS``).
+    """This CPU's register block for the ``blocked`` path (``_kernels.REGISTER_BLOCKS``),
+    before a layer's own choice (:func:`layer_register_block`).
 
     ``5x16`` on x86 CPUs with AVX2 but not AVX-512: their 16 vector registers cannot hold
     the 16 accumulators of ``8x16`` plus its loads, and ``5x16`` (10 accumulators) was
-    the fastest block over the channel-heavy layers of ``benchmarks/bench_paths.py`` on
-    AMD Zen 3. ``8x16`` elsewhere: 8 of AVX-512's 32 registers, the block the kernel was
-    tuned with on AVX-512 CPUs. Large layers measure every block (``_tuner``).
+    the fastest block on N4-like layers of ``benchmarks/bench_paths.py`` on AMD Zen 3.
+    ``8x16`` elsewhere: 8 of AVX-512's 32 registers, the block the kernel was tuned with
+    on AVX-512 CPUs. Large layers measure every block that fits (``_tuner``).
     """
     _, features = _cpu.model_and_features()
     return "5x16" if "avx2" in features and "avx512f" not in features else "8x16"

@@ -15,6 +15,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._plan import REGISTER_BLOCKS, WIDE_VECTOR_BLOCKS
+
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 
 
@@ -181,15 +183,6 @@ def _repeat_row_twice(src, dst, off):
 CHANNEL_BLOCK = 8
 POSITION_BLOCK = 16
 
-#: The blocked kernel's register blocks, ``name: (channels, positions)``. ``8x16`` needs 16
-#: vector registers for its accumulators: AVX-512 has 32, AVX2 alone 16, so there LLVM
-#: spills them; ``5x16`` and ``3x32`` hold 10 and 12 and leave registers for the loads.
-#: Which one is fastest depends on the CPU and on the layer (the tuner measures those that
-#: fit this CPU's registers; ``_layer`` has the rule).
-REGISTER_BLOCKS = {"8x16": (8, 16), "5x16": (5, 16), "3x32": (3, 32), "8x32": (8, 32), "12x16": (12, 16)}
-#: Blocks compiled for 512-bit vectors where the CPU has them (``_prefer_512_bit``): 16 and
-#: 12 accumulators of 16 floats, enough independent FMAs for two 512-bit FMA ports.
-WIDE_VECTOR_BLOCKS = ("8x32", "12x16")
 
 
 @njit(**_JIT)

@@ -115,13 +115,13 @@ REP_BYTES = 1024 * 1024
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
-#: The blocked kernel with one register block each (``_kernels.REGISTER_BLOCKS``:
+#: The blocked kernel with one register block each (``_plan.REGISTER_BLOCKS``:
 #: output channels x positions). ``blocked`` runs the layer's block
 #: (:func:`layer_register_block`); these pin one, and the tuner measures those that fit
 #: this CPU's registers (:func:`fitting_blocks`).
-BLOCKED_VARIANTS = ("blocked-8x16", "blocked-5x16", "blocked-3x32", "blocked-8x32", "blocked-12x16")
-#: The blocks compiled for 512-bit vectors (``_kernels.WIDE_VECTOR_BLOCKS``).
-WIDE_VECTOR_VARIANTS = ("blocked-8x32", "blocked-12x16")
+BLOCKED_VARIANTS = tuple("blocked-" + block for block in _plan.REGISTER_BLOCKS)
+#: The blocks compiled for 512-bit vectors (``_plan.WIDE_VECTOR_BLOCKS``).
+WIDE_VECTOR_VARIANTS = tuple("blocked-" + block for block in _plan.WIDE_VECTOR_BLOCKS)
 
 #: Every compute path. ``gemm`` is NumPy's BLAS on the layers the shuffle kernel serves
 #: (kernel == stride, no start crop): one matrix product per input plane. ``columns`` is
@@ -130,7 +130,7 @@ PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns") +
 
 
 def default_register_block():
-    """This CPU's register block for the ``blocked`` path (``_kernels.REGISTER_BLOCKS``),
+    """This CPU's register block for the ``blocked`` path (``_plan.REGISTER_BLOCKS``),
     before a layer's own choice (:func:`layer_register_block`).
 
     ``5x16`` on x86 CPUs with AVX2 but not AVX-512: their 16 vector registers cannot hold
@@ -149,11 +149,6 @@ def register_block(path):
     return path.partition("-")[2] or default_register_block()
 
 
-def _block_size(block):
-    channels, positions = (int(v) for v in block.split("x"))
-    return channels, positions
-
-
 def fitting_blocks():
     """The register blocks whose accumulators fit this CPU's vector registers with three to
     spare for the loads (32 registers with AVX-512, of 16 floats for the blocks compiled for
@@ -162,11 +157,10 @@ def fitting_blocks():
     _, features = _cpu.model_and_features()
     registers = 32 if "avx512f" in features else 16
     found = []
-    for name in BLOCKED_VARIANTS:
-        channels, positions = _block_size(register_block(name))
-        width = 16 if "avx512f" in features and name in WIDE_VECTOR_VARIANTS else 8
+    for block, (channels, positions) in _plan.REGISTER_BLOCKS.items():
+        width = 16 if "avx512f" in features and block in _plan.WIDE_VECTOR_BLOCKS else 8
         if channels * -(-positions // width) + 3 <= registers:
-            found.append(register_block(name))
+            found.append(block)
     return tuple(found)
 
 
@@ -182,7 +176,7 @@ def lane_share(cout_g, phases_w, block):
     channels over the channel blocks' (``cout_g`` of a multiple of the block's channels)
     times the phase rows' outputs over the position blocks' (``_plan.blocked_plan`` packs
     several short rows into one block where the rows need no W halo)."""
-    channels, positions = _block_size(block)
+    channels, positions = _plan.REGISTER_BLOCKS[block]
     n_qw = max(phase.count for phase in phases_w)
     lo, hi = _plan.shift_span(phases_w)
     if n_qw == 0:
@@ -578,7 +572,7 @@ class PreparedLayer:
         """``(channels, positions)`` of the register block ``path`` runs with."""
         kern = _kernels()
         if is_blocked(path):
-            return kern.REGISTER_BLOCKS[self.block_of(path)]
+            return _plan.REGISTER_BLOCKS[self.block_of(path)]
         return kern.CHANNEL_BLOCK, kern.WIDE_POSITION_BLOCK
 
     def _blocked_plan(self, path="blocked"):

@@ -43,6 +43,17 @@ def gather_table(o_start, o_stop, n_in, k, s, p, d):
     return count, taps, inputs
 
 
+#: The blocked kernel's register blocks, ``name: (channels, positions)``. ``8x16`` needs 16
+#: vector registers for its accumulators: AVX-512 has 32, AVX2 alone 16, so there LLVM
+#: spills them; ``5x16`` and ``3x32`` hold 10 and 12 and leave registers for the loads.
+#: Which one is fastest depends on the CPU and on the layer (the tuner measures those that
+#: fit this CPU's registers; ``_layer`` has the rule).
+REGISTER_BLOCKS = {"8x16": (8, 16), "5x16": (5, 16), "3x32": (3, 32), "8x32": (8, 32), "12x16": (12, 16)}
+#: Blocks compiled for 512-bit vectors where the CPU has them (``_kernels._prefer_512_bit``): 16 and
+#: 12 accumulators of 16 floats, enough independent FMAs for two 512-bit FMA ports.
+WIDE_VECTOR_BLOCKS = ("8x32", "12x16")
+
+
 @dataclass(frozen=True)
 class AxisPhase:
     """Outputs ``o = first + q * s`` (``q`` in ``[0, count)``) and their taps.

@@ -111,7 +111,7 @@ def compute_block(layer, read, region):
         out[...] = layer.bias.reshape(1, -1, 1, 1, 1)
         return out
     x = np.ascontiguousarray(read(tuple(w.in_start for w in windows), tuple(w.in_stop for w in windows)))
-    sub = layer.window(x.shape, geometry.block_params(layer.params, windows))
+    sub = layer.window(x.shape, geometry.block_params(layer.params, windows), origin=windows[0].in_start)
     out = np.empty(sub.output_shape, dtype=layer.dtype)
     sub.run_slab(x, 0, 0, sub.output_shape[2], out)
     del x

@@ -20,7 +20,7 @@ __all__ = ["conv_transpose3d", "ConvTranspose3d", "PreparedLayer", "ProgressAdap
 
 
 def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
-                     *, dtype=None, out=None, threads=None, progress=None):
+                     *, dtype=None, out=None, threads=None, progress=None, path=None):
     """Transposed 3-D convolution, equal to ``torch.nn.functional.conv_transpose3d``.
 
     Parameters
@@ -46,6 +46,11 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         Numba threads for this call (default: ``NUMBA_NUM_THREADS`` or all cores).
     progress : callable, optional
         ``progress(done, total)`` is called as output planes are finished.
+    path : str, optional
+        Compute path to use instead of the engine's choice (one of
+        ``PreparedLayer``'s ``PATHS``, e.g. ``"gemm"`` or ``"blocked-5x16"``); like the
+        ``CONVT3D_PATH`` environment variable, for comparing or pinning kernels. A path
+        that cannot run the layer falls back to one that can.
 
     Returns
     -------
@@ -72,7 +77,8 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     if x.dtype.kind not in "biuf":
         raise ShapeError(f"input must be numeric, got dtype {x.dtype}")
     ctype = compute_dtype(x.dtype, dtype)
-    layer = PreparedLayer(x.shape, weight, bias, stride, padding, output_padding, dilation, groups, ctype)
+    layer = PreparedLayer(x.shape, weight, bias, stride, padding, output_padding, dilation, groups, ctype,
+                          path=path)
     x5 = np.ascontiguousarray(x.reshape(layer.input_shape), dtype=ctype)
     full_shape = layer.output_shape
     if out is None:
@@ -211,11 +217,12 @@ class ConvTranspose3d:
         return geometry.output_shape(input_shape, self.out_channels, p.kernel_size, p.stride, p.padding_spec,
                                      p.output_padding, p.dilation, p.groups)
 
-    def forward(self, x, *, out=None, threads=None, progress=None):
+    def forward(self, x, *, out=None, threads=None, progress=None, path=None):
         """Apply the layer to ``x``; see :func:`conv_transpose3d`."""
         p = self.params
         return conv_transpose3d(x, self.weight, self.bias, p.stride, p.padding_spec, p.output_padding, p.dilation,
-                                p.groups, dtype=self.dtype.name, out=out, threads=threads, progress=progress)
+                                p.groups, dtype=self.dtype.name, out=out, threads=threads, progress=progress,
+                                path=path)
 
     __call__ = forward
 

@@ -783,6 +783,55 @@ def _store_shuffled(out, seg_buf, n, co_base, v0, n_v, p, n_pos, plane_len, n_iw
         t += run
 
 
+@njit(**_JIT)
+def gemm_scatter(prod, bias, out, n, co_base, stride_d, stride_h, stride_w, chunk_start, dl_lo, dl_hi, n_ih, n_iw,
+                 out_start):
+    """Pixel-shuffle one BLAS product of the ``gemm`` path to the output, adding the bias.
+
+    ``prod`` is ``(n_co * sD * sH * sW, kp * n_ih * n_iw)``: row ``(co, kd, kh, kw)``,
+    column ``(dl, ih, iw)`` is the output of channel ``co_base + co`` at
+    ``((chunk_start + dl) * sD + kd, ih * sH + kh, iw * sW + kw)``. Input planes
+    ``dl_lo <= dl < dl_hi`` are stored where their outputs fall in ``out``, whose first plane
+    is output plane ``out_start``; outputs past the H and W extent are dropped, and the rows
+    and columns of ``out`` past the inputs' reach get the bias. One thread: the ``gemm``
+    path runs its products in parallel.
+    """
+    n_od, n_oh, n_ow = out.shape[2], out.shape[3], out.shape[4]
+    n_phase = stride_d * stride_h * stride_w
+    plane = n_ih * n_iw
+    h_n = min(n_oh, n_ih * stride_h)
+    w_n = min(n_ow, n_iw * stride_w)
+    for co in range(prod.shape[0] // n_phase):
+        value = bias[co_base + co]
+        for dl in range(dl_lo, dl_hi):
+            for kd in range(stride_d):
+                od = (chunk_start + dl) * stride_d + kd - out_start
+                if od < 0 or od >= n_od:
+                    continue
+                dst = out[n, co_base + co, od]
+                for oh in range(h_n):
+                    ih = oh // stride_h
+                    row = dst[oh]
+                    base = dl * plane + ih * n_iw
+                    r0 = ((co * stride_d + kd) * stride_h + oh - ih * stride_h) * stride_w
+                    if stride_w == 2:
+                        src_a = prod[r0, base:base + n_iw]
+                        src_b = prod[r0 + 1, base:base + n_iw]
+                        half = w_n // 2
+                        for iw in range(half):
+                            row[2 * iw] = src_a[iw] + value
+                            row[2 * iw + 1] = src_b[iw] + value
+                        if w_n > 2 * half:
+                            row[2 * half] = src_a[half] + value
+                    else:
+                        for kw in range(stride_w):
+                            src = prod[r0 + kw, base:base + n_iw]
+                            for iw in range((w_n - kw + stride_w - 1) // stride_w):
+                                row[iw * stride_w + kw] = src[iw] + value
+                    row[w_n:] = value
+                dst[h_n:, :] = value
+
+
 @njit(parallel=True, **_JIT)
 def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, kernel_w, channel_block):
     """Each phase's weights in term order for ``blocked_phases`` (and its other register blocks).

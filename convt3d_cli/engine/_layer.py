@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import geometry, threads
 from ..errors import ParameterError, ShapeError
-from . import _columns, _cpu, _plan
+from . import _columns, _cpu, _gemm, _plan
 
 # Path selection (``choose_path`` tries paired rows, shuffle GEMM, sub-pixel, blocked, then
 # FIR). Each rule below says when a kernel is chosen and why; ``benchmarks/bench_paths.py``
@@ -45,6 +45,10 @@ PAIRED_MAX_IN_CHANNELS = 2
 # memory (that one packs the whole layer's weights per call). Not for W stride 3, where it
 # would scatter one value at a time.
 SHUFFLE_MIN_IN_CHANNELS = 2
+# It accumulates 8 channels x 32 positions: only on CPUs whose registers hold that block
+# (AVX-512). With AVX2 alone it spills, and on Zen 3 the blocked kernel's 5x16 or 3x32
+# block was faster on every kernel == stride layer from 8 channels on (bench_paths).
+SHUFFLE_BLOCK = "8x32"
 # Input bytes one shuffle-GEMM job reads: they stay in L2 (1 MiB here) while the job runs
 # through all its channel blocks.
 SHUFFLE_CHUNK_BYTES = 512 * 1024
@@ -124,7 +128,7 @@ BLOCKED_VARIANTS = tuple("blocked-" + block for block in _plan.REGISTER_BLOCKS)
 WIDE_VECTOR_VARIANTS = tuple("blocked-" + block for block in _plan.WIDE_VECTOR_BLOCKS)
 
 #: Every compute path. ``gemm`` is NumPy's BLAS on the layers the shuffle kernel serves
-#: (kernel == stride, no start crop): one matrix product per input plane. ``columns`` is
+#: (kernel == stride, no start crop): one matrix product per chunk of input planes. ``columns`` is
 #: NumPy alone on any layer (``_columns``), chosen for small layers only.
 PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns") + BLOCKED_VARIANTS
 
@@ -285,7 +289,7 @@ def choose_path(cin_g, cout_g, phases=None, macs=None):
             cin_g == 1 or (cin_g <= PAIRED_MAX_IN_CHANNELS and product < BLOCKED_MIN_CHANNEL_PRODUCT)):
         return "paired"
     if (phases is not None and cin_g >= SHUFFLE_MIN_IN_CHANNELS and len(phases[2]) <= 2
-            and _plan.shuffle_fits(phases)):
+            and _plan.shuffle_fits(phases) and SHUFFLE_BLOCK in fitting_blocks()):
         return "shuffle"
     if phases is not None and _subpixel_pays(cin_g, cout_g, phases):
         return "subpixel"
@@ -356,6 +360,7 @@ class PreparedLayer:
             self.bias = _writeable(np.ascontiguousarray(bias.reshape(-1), dtype=self.dtype))
         self._axis_phases = None
         self._plans = {}
+        self._gemm_plan = None
         #: The register block of the ``blocked`` path (:func:`layer_register_block`).
         self.block = layer_register_block(self.cout_g, self._phases()[2])
         self._static = None
@@ -426,7 +431,7 @@ class PreparedLayer:
         """
         return {"gemm": (0,), "fir": (0, 1), "paired": (0, 1)}.get(self.path, (0, 1, 2))
 
-    def window(self, input_shape, params):
+    def window(self, input_shape, params, origin=0):
         """The same weights and path on an input window: the layer of one output block.
 
         Parameters
@@ -435,6 +440,9 @@ class PreparedLayer:
             ``(N, Cin, d, h, w)`` of the window (``geometry.block_window`` per axis).
         params : geometry.LayerParams
             The block's crops (``geometry.block_params``).
+        origin : int
+            The window's first input plane (along D) in this layer: the ``gemm`` path keeps
+            this layer's chunks of planes (:meth:`gemm_plan`).
 
         Returns
         -------
@@ -445,6 +453,8 @@ class PreparedLayer:
                             params.output_padding, params.dilation, params.groups, self.dtype, path=self.path)
         if sub.path != self.path:  # block_window keeps whole phases; a fallback would change the bits
             raise RuntimeError(f"a block of this layer cannot run the {self.path} kernel")
+        whole = self.gemm_plan()
+        sub._gemm_plan = whole._replace(origin=whole.origin + int(origin))
         return sub
 
     @property
@@ -543,7 +553,8 @@ class PreparedLayer:
         if self.path == "shuffle":
             return weights + _threads() * self._shuffle_job_bytes()
         if self.path == "gemm":
-            return weights + self._gemm_job_bytes()
+            return weights + _gemm.scratch_bytes(self.gemm_plan(), self.cin_g, self.params.stride,
+                                                 self.input_shape[2:], self.dtype.itemsize, _threads())
         prepared = self._blocked_plan(self.path)
         padded = prepared.plan.blocking.padded
         kern = _kernels()
@@ -692,41 +703,17 @@ class PreparedLayer:
                               self.input_shape[2], o0, o1 - o0, o0 - out_start)
 
     def _run_gemm(self, x_slab, in_start, out_start, out_stop, out, progress):
-        """Kernel == stride without a start crop: each input plane is one BLAS product
-        ``(N*H*W, Cin_g) @ (Cin_g, Cout_g * sD * sH * sW)`` whose columns are the output
-        voxels it feeds. The product's shape does not depend on the slab, so any split
-        gives the same bits; output planes past the inputs' reach hold the bias."""
-        s0, s1, s2 = self.params.stride
-        n = x_slab.shape[0]
-        n_id, n_ih, n_iw = self.input_shape[2:]
-        n_oh, n_ow = self.out_spatial[1:]
-        h_n, w_n = min(n_oh, n_ih * s1), min(n_ow, n_iw * s2)
-        weight = self.weight.reshape(self.groups, self.cin_g, -1)
-        bias = self.bias.reshape(1, self.out_channels, 1, 1)
-        q_done, columns = None, None
-        for o in range(out_start, out_stop):
-            target = out[:, :, o - out_start]
-            q, r = divmod(o, s0)
-            target[...] = bias
-            if q < n_id:
-                if q != q_done:
-                    plane = x_slab[:, :, q - in_start]
-                    columns = [np.matmul(
-                        plane[:, g * self.cin_g:(g + 1) * self.cin_g].transpose(0, 2, 3, 1).reshape(-1, self.cin_g),
-                        weight[g]).reshape(n, n_ih, n_iw, self.cout_g, s0, s1, s2) for g in range(self.groups)]
-                    q_done = q
-                for g in range(self.groups):
-                    part = columns[g][:, :, :, :, r].transpose(0, 3, 1, 4, 2, 5).reshape(
-                        n, self.cout_g, n_ih * s1, n_iw * s2)
-                    target[:, g * self.cout_g:(g + 1) * self.cout_g, :h_n, :w_n] += part[:, :, :h_n, :w_n]
-            if progress:
-                progress(n)
+        """BLAS products over chunks of whole input planes (:mod:`._gemm`)."""
+        _gemm.run(self.gemm_plan(), self.weight, self.bias, x_slab, in_start, self.input_shape[2], out_start,
+                  out_stop, out, _threads(), _kernels().gemm_scatter, progress)
 
-    def _gemm_job_bytes(self):
-        """One input plane's product per group and its transposed output plane."""
-        n, _, _, n_ih, n_iw = self.input_shape
-        product = n * n_ih * n_iw * self.out_channels * int(np.prod(self.params.stride))
-        return (2 * product + n * n_ih * n_iw * self.cin_g) * self.dtype.itemsize
+    def gemm_plan(self):
+        """How the ``gemm`` path cuts this layer into jobs (``_gemm.plan``); a :meth:`window`
+        keeps the chunks of the layer it is cut from."""
+        if self._gemm_plan is None:
+            self._gemm_plan = _gemm.plan(self.cout_g, self.params.stride, self.input_shape[2:],
+                                         self.dtype.itemsize)
+        return self._gemm_plan
 
     def _shuffle_job_bytes(self):
         """What one ``shuffle_gemm`` job allocates: a copy of its inputs when it makes one, a

@@ -14,6 +14,7 @@ whole runs; ``CONVT3D_PATH`` or ``PreparedLayer(path=...)`` pins a path and
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -33,6 +34,7 @@ PROBE_PLANES = 4
 PROBE_REPEATS = 3
 FILE_NAME = "tuning.json"
 FORMAT_VERSION = 2
+_loaded = [None, None]  # (path, mtime, size, inode) of the file last parsed, and its content
 
 
 def enabled():
@@ -63,16 +65,25 @@ def _path():
 
 
 def load(path=None):
-    """The stored choices, or an empty store when the file is missing, corrupt or of another version."""
+    """The stored choices, or an empty store when the file is missing, corrupt or of another version.
+
+    The parsed file is kept while it stays the same file of the same size and modification
+    time (a process that prepares many layers reads it once), so the store returned is
+    shared: copy it before changing it."""
     path = path or _path()
     try:
+        stat = os.stat(path)
+        stamp = (path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if _loaded[0] == stamp:
+            return _loaded[1]
         with open(path, encoding="utf-8") as handle:
             store = json.load(handle)
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {"version": FORMAT_VERSION, "machines": {}}
     if (not isinstance(store, dict) or store.get("version") != FORMAT_VERSION
             or not isinstance(store.get("machines"), dict)):
-        return {"version": FORMAT_VERSION, "machines": {}}
+        store = {"version": FORMAT_VERSION, "machines": {}}
+    _loaded[:] = [stamp, store]
     return store
 
 
@@ -95,9 +106,17 @@ def save(store, path=None):
 def measure(layer, candidates):
     """Seconds per probe slab for each candidate path (best of :data:`PROBE_REPEATS`)."""
     n_out = layer.out_spatial[0]
-    planes = min(n_out, max(PROBE_PLANES, 2 * layer.params.stride[0]))
-    o0 = max(0, (n_out - planes) // 2)
-    o1 = o0 + planes
+    planes = max(PROBE_PLANES, 2 * layer.params.stride[0])
+    quantum = 1
+    if "gemm" in candidates:
+        # The gemm path multiplies whole chunks of input planes: a probe of part of one
+        # would charge it for the rest, so the probe is whole chunks.
+        quantum = layer.gemm_plan().planes * layer.params.stride[0]
+        planes = -(-planes // quantum) * quantum
+    planes = min(n_out, planes)
+    o0 = max(0, (n_out - planes) // 2) // quantum * quantum
+    o1 = min(n_out, o0 + planes)
+    planes = o1 - o0
     i0, i1 = geometry.input_window(o0, o1, layer.input_shape[2], 0, layer.params)
     i1 = max(i1, i0 + 1)
     rng = np.random.default_rng(0)
@@ -124,14 +143,17 @@ def tuned_path(layer, candidates, threads):
     """The stored or newly measured fastest of ``candidates`` for ``layer`` on this machine."""
     if len(candidates) < 2:
         return candidates[0]
-    store = load()
-    machine = store["machines"].setdefault(machine_key(threads), {})
-    key = layer_key(layer)
-    entry = machine.get(key)
+    machine_name, key = machine_key(threads), layer_key(layer)
+    machine = load()["machines"].get(machine_name)
+    entry = machine.get(key) if isinstance(machine, dict) else None
     if isinstance(entry, dict) and entry.get("path") in candidates:
         return entry["path"]
     times = measure(layer, candidates)
     best = min(times, key=times.get)
+    store = copy.deepcopy(load())  # as it is now on disk: another process may have added to it
+    machine = store["machines"].get(machine_name)
+    if not isinstance(machine, dict):
+        machine = store["machines"][machine_name] = {}
     machine[key] = {"path": best, "seconds": {name: round(value, 6) for name, value in times.items()}}
     save(store)
     return best

@@ -209,3 +209,35 @@ def test_on_avx2_a_layer_runs_the_block_that_wastes_fewer_lanes(monkeypatch, bat
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
     layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
     assert layer.block == "8x16"                                   # AVX-512: the block tuned there
+
+
+def test_the_gemm_path_is_probed_on_whole_chunks(store, monkeypatch):
+    from convt3d_cli.engine import _gemm
+
+    monkeypatch.setattr(_gemm, "MIN_COLUMNS", 60)    # 2 planes of 6 x 7 per chunk
+    x = np.random.default_rng(3).standard_normal((1, 4, 9, 6, 7)).astype(np.float32)
+    w = np.ones((4, 3, 2, 2, 2), np.float32)
+    layer = PreparedLayer(x.shape, w, None, 2, path="gemm")
+    quantum = layer.gemm_plan().planes * 2
+    assert quantum == 4
+    probes = []
+    original = PreparedLayer.run_slab
+
+    def recording(self, x_slab, in_start, out_start, out_stop, out, progress=None):
+        if self.path == "gemm":
+            probes.append((out_start, out_stop))
+        return original(self, x_slab, in_start, out_start, out_stop, out, progress)
+
+    monkeypatch.setattr(PreparedLayer, "run_slab", recording)
+    times = _tuner.measure(layer, ["gemm", "blocked"])
+    assert set(times) == {"gemm", "blocked"}
+    assert probes and all(o0 % quantum == 0 and (o1 - o0) % quantum == 0 for o0, o1 in set(probes))
+
+
+def test_the_store_is_read_again_when_the_file_changes(store):
+    _tuner.save({"version": _tuner.FORMAT_VERSION, "machines": {"a": {"k": {"path": "fir"}}}})
+    assert _tuner.load()["machines"]["a"]["k"]["path"] == "fir"
+    _tuner.save({"version": _tuner.FORMAT_VERSION, "machines": {"a": {"k": {"path": "gemm"}}}})
+    assert _tuner.load()["machines"]["a"]["k"]["path"] == "gemm"
+    store.write_text("{broken")
+    assert _tuner.load()["machines"] == {}

@@ -1,0 +1,175 @@
+"""The ``gemm`` path: NumPy's BLAS on layers whose kernel equals the stride.
+
+With kernel == stride and no start crop every input voxel feeds its own
+``sD x sH x sW`` box of outputs, so a layer is one matrix product per group,
+``(Cout_g * sD * sH * sW, Cin_g) @ (Cin_g, positions)``, whose rows are pixel-shuffled to
+the output. The product is cut into *jobs*: a chunk of ``kp`` whole input planes (its
+columns) times a block of ``n_co`` output channels (its rows). Each job runs BLAS on one
+thread and scatters its product, still in cache, with the bias added
+(``_kernels.gemm_scatter``); the jobs run on the run's threads side by side.
+
+One thread per product, rather than BLAS's own pool followed by a parallel scatter:
+Numba's OpenMP workers keep spinning for a while after each parallel kernel, and a BLAS
+call made meanwhile runs at a fraction of its rate on a machine with few cores.
+
+Bits. Every job's product has the same shape, set by the layer alone, and each input
+column keeps its place in its chunk: a slab (or a block's window) that holds part of a
+chunk multiplies the whole chunk, with zeros for the planes it lacks. Whatever BLAS
+does inside one product, a column's result cannot then depend on how the volume is cut,
+so streamed and blocked runs equal whole runs bit for bit.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+#: One job's product (``n_co * sD * sH * sW`` rows by ``kp * H * W`` columns) stays near
+#: this size, so it is scattered from cache. Single-threaded sgemm runs within a few per
+#: cent of its best rate on such products (benchmarks/README.md, "BLAS for kernel == stride").
+PRODUCT_BYTES = 1 << 20
+#: Columns of one product, at least (whole planes; fewer when the volume has fewer).
+MIN_COLUMNS = 512
+
+_controller = None
+_pools = {}
+_pool_lock = threading.Lock()
+
+
+class GemmPlan(NamedTuple):
+    """How the ``gemm`` path cuts a layer's products into jobs.
+
+    Attributes
+    ----------
+    planes : int
+        Input planes per chunk (``kp``).
+    origin : int
+        Chunk ``c`` holds input planes ``[c * kp - origin, (c + 1) * kp - origin)``: 0 for a
+        whole layer, the window's first plane in its layer for a block's window.
+    channels : int
+        Output channels per job (the last block of a group may hold fewer).
+    """
+
+    planes: int
+    origin: int
+    channels: int
+
+
+def plan(cout_g, stride, input_spatial, itemsize, origin=0):
+    """The :class:`GemmPlan` of a layer: ``input_spatial`` is its whole input's ``(D, H, W)``."""
+    n_id, n_ih, n_iw = input_spatial
+    plane = n_ih * n_iw
+    n_phase = int(np.prod(stride))
+    planes = max(1, min(n_id, -(-MIN_COLUMNS // plane)))
+    channels = max(1, min(cout_g, PRODUCT_BYTES // (n_phase * planes * plane * itemsize)))
+    return GemmPlan(planes, int(origin), channels)
+
+
+def scratch_bytes(gemm_plan, cin_g, stride, input_spatial, itemsize, threads):
+    """What a run allocates besides its output: per thread, one job's product and one
+    zero-padded chunk of inputs (BLAS keeps its own buffers)."""
+    columns = gemm_plan.planes * input_spatial[1] * input_spatial[2]
+    rows = gemm_plan.channels * int(np.prod(stride))
+    return threads * (rows + cin_g) * columns * itemsize
+
+
+def _blas_limits():
+    """threadpoolctl's view of the loaded BLAS, made once (it scans the loaded libraries)."""
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller
+
+
+def _workers(threads):
+    """A pool of ``threads`` workers, kept for later runs (starting threads costs about
+    0.3 ms, a few per cent of a small layer's run)."""
+    with _pool_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="convt3d-gemm")
+        return _pools[threads]
+
+
+def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, out, threads, scatter,
+        progress=None):
+    """Compute output planes ``[out_start, out_stop)`` of a kernel == stride layer into ``out``.
+
+    Parameters
+    ----------
+    gemm_plan : GemmPlan
+    weight : ndarray, (G, Cin_g, Cout_g, sD, sH, sW)
+    bias : ndarray, (G * Cout_g,)
+    x_slab : ndarray, (N, G * Cin_g, d, H, W)
+        Input planes ``[in_start, in_start + d)`` of the ``n_id`` of the layer.
+    out : ndarray, (N, G * Cout_g, out_stop - out_start, H', W')
+    threads : int
+    scatter : callable
+        ``_kernels.gemm_scatter``.
+    progress : callable(int), optional
+        Called with the number of output planes (N * D) finished since the last call.
+    """
+    groups, cin_g, cout_g = weight.shape[:3]
+    stride = weight.shape[3:]
+    s0 = stride[0]
+    n_phase = int(np.prod(stride))
+    n_batch, _, _, n_ih, n_iw = x_slab.shape
+    plane = n_ih * n_iw
+    kp, origin, n_co = gemm_plan
+    weight_t = weight.reshape(groups, cin_g, -1).transpose(0, 2, 1)  # a view: BLAS transposes it
+    for o in range(max(out_start, n_id * s0), out_stop):                  # past the inputs' reach
+        out[:, :, o - out_start] = bias.reshape(-1, 1, 1)
+    q_lo, q_hi = out_start // s0, min(n_id, (out_stop - 1) // s0 + 1)
+
+    def job(c_lo, p_lo, p_hi, n, g, co0):
+        x_g = x_slab[n, g * cin_g:(g + 1) * cin_g, p_lo - in_start:p_hi - in_start]
+        if p_hi - p_lo == kp:
+            columns = x_g.reshape(cin_g, kp * plane)
+        else:
+            columns = np.zeros((cin_g, kp * plane), dtype=x_slab.dtype)
+            columns[:, (p_lo - c_lo) * plane:(p_hi - c_lo) * plane] = x_g.reshape(cin_g, -1)
+        co1 = min(cout_g, co0 + n_co)
+        product = np.matmul(weight_t[g, co0 * n_phase:co1 * n_phase], columns)
+        scatter(product, bias, out, n, g * cout_g + co0, *stride, c_lo, p_lo - c_lo, p_hi - c_lo, n_ih, n_iw,
+                out_start)
+
+    chunks = []
+    for c in range((q_lo + origin) // kp, (q_hi - 1 + origin) // kp + 1 if q_hi > q_lo else 0):
+        c_lo = c * kp - origin
+        chunks.append((c_lo, max(c_lo, q_lo), min(c_lo + kp, q_hi)))
+    jobs = [[(chunk + (n, g, co0)) for n in range(n_batch) for g in range(groups) for co0 in range(0, cout_g, n_co)]
+            for chunk in chunks]
+    done = out_start
+
+    def report(p_hi):
+        nonlocal done
+        reached = max(done, min(out_stop, p_hi * s0))
+        if progress and reached > done:
+            progress(n_batch * (reached - done))
+        done = reached
+
+    if threads <= 1 or sum(map(len, jobs)) < 2:
+        for chunk, chunk_jobs in zip(chunks, jobs):
+            for args in chunk_jobs:
+                job(*args)
+            report(chunk[2])
+    else:
+        pool = _workers(threads)
+        with _blas_limits().limit(limits=1, user_api="blas"):
+            futures = [[pool.submit(job, *args) for args in chunk_jobs] for chunk_jobs in jobs]
+            try:
+                for chunk, chunk_futures in zip(chunks, futures):
+                    for future in chunk_futures:
+                        future.result()
+                    report(chunk[2])
+            except BaseException:
+                for chunk_futures in futures:
+                    for future in chunk_futures:
+                        future.cancel()
+                raise
+    if progress and done < out_stop:
+        progress(n_batch * (out_stop - done))

@@ -21,6 +21,7 @@ so streamed and blocked runs equal whole runs bit for bit.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -37,6 +38,17 @@ MIN_COLUMNS = 512
 _controller = None
 _pools = {}
 _pool_lock = threading.Lock()
+
+
+def _forget_pools():
+    """A forked child has none of its parent's threads: its pools start afresh."""
+    global _pool_lock
+    _pools.clear()
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 class GemmPlan(NamedTuple):
@@ -145,27 +157,29 @@ def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, ou
             for chunk in chunks]
     done = out_start
 
-    def report(p_hi):
+    def report(chunk, n_jobs, last):
+        """One of the chunk's ``n_jobs`` jobs is finished: that share of its output planes."""
         nonlocal done
-        reached = max(done, min(out_stop, p_hi * s0))
+        reached = max(done, min(out_stop, chunk[2] * s0))
         if progress and reached > done:
-            progress(n_batch * (reached - done))
-        done = reached
+            progress(n_batch * (reached - done) / n_jobs)
+        if last:
+            done = reached
 
     if threads <= 1 or sum(map(len, jobs)) < 2:
         for chunk, chunk_jobs in zip(chunks, jobs):
-            for args in chunk_jobs:
+            for i, args in enumerate(chunk_jobs):
                 job(*args)
-            report(chunk[2])
+                report(chunk, len(chunk_jobs), i == len(chunk_jobs) - 1)
     else:
         pool = _workers(threads)
         with _blas_limits().limit(limits=1, user_api="blas"):
             futures = [[pool.submit(job, *args) for args in chunk_jobs] for chunk_jobs in jobs]
             try:
                 for chunk, chunk_futures in zip(chunks, futures):
-                    for future in chunk_futures:
+                    for i, future in enumerate(chunk_futures):
                         future.result()
-                    report(chunk[2])
+                        report(chunk, len(chunk_futures), i == len(chunk_futures) - 1)
             except BaseException:
                 for chunk_futures in futures:
                     for future in chunk_futures:

@@ -312,8 +312,11 @@ def test_nan_and_inf_reach_only_the_outputs_that_read_them(seed, path):
         np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-5 * scale)
 
 
-def test_path_choice():
+def test_path_choice(monkeypatch):
     from convt3d_cli.engine import _plan
+
+    # The rules of an AVX-512 CPU (the shuffle kernel's 8x32 block fits its registers).
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
 
     def phases(k, s, p, op=0, n=64):
         n_out = (n - 1) * s - 2 * p + k + op
@@ -348,6 +351,11 @@ def test_path_choice():
     assert _layer.choose_path(2, 16, phases(2, 2, 0)) == "paired"
     assert _layer.choose_path(8, 8, phases(3, 3, 0)) == "blocked"          # W stride 3: scattered stores
     assert _layer.choose_path(64, 32, phases(2, 2, 1)) == "blocked"         # padded: taps move
+    # With AVX2 alone the shuffle kernel's accumulators spill: the blocked kernel instead.
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
+    for cin, cout in ((2, 32), (8, 8), (320, 256), (3, 64)):
+        assert _layer.choose_path(cin, cout, phases(2, 2, 0)) == "blocked"
+    assert _layer.choose_path(2, 16, phases(2, 2, 0)) == "paired"
 
 
 def test_out_buffer_and_progress():
@@ -366,10 +374,14 @@ def test_out_buffer_and_progress():
         conv_transpose3d(x, w, stride=2, out=np.empty((2, 1, 8, 8, 8), dtype=np.float64))
 
 
-def test_progress_steps_match_one_call_without_strided_kernels(path):
+def test_progress_steps_match_one_call_without_strided_kernels(path, monkeypatch):
     """With progress the kernels run about 50 plane ranges of a multi-channel output. They
     get the whole output and the range, so the result is bitwise that of one call and no
-    kernel is ever compiled for a strided (non C-contiguous) array, which runs twice as slow."""
+    kernel is ever compiled for a strided (non C-contiguous) array, which runs twice as slow.
+    The gemm path reports its products as they finish (here one plane each)."""
+    from convt3d_cli.engine import _gemm
+
+    monkeypatch.setattr(_gemm, "MIN_COLUMNS", 1)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 3, 9, 5, 6))
     w = rng.standard_normal((3, 2, 2, 2, 2))  # k2 s2: every kernel can run it
@@ -389,7 +401,7 @@ def assert_one_kernel_variant_per_dtype():
 
     from convt3d_cli.engine import _numba_env
     kern = _numba_env.kernels()
-    for name in ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm"):
+    for name in ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter"):
         for signature in getattr(kern, name).signatures:
             arrays = [t for t in signature if isinstance(t, types.Array)]
             assert all(t.layout == "C" and t.mutable for t in arrays), (name, signature)

@@ -7,6 +7,9 @@ volume has several, and check the results against the NumPy reference and the bi
 slabs, blocks and thread counts against the whole run.
 """
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -65,7 +68,7 @@ def test_every_slab_split_has_the_bits_of_the_whole_run(small_chunks):
             steps = []
             layer.run_slab(np.ascontiguousarray(x[:, :, i0:i1]), i0, o0, o1, out, steps.append)
             assert np.array_equal(out, whole[:, :, o0:o1]), (o0, o1)
-            assert sum(steps) == x.shape[0] * (o1 - o0)
+            assert sum(steps) == pytest.approx(x.shape[0] * (o1 - o0))
 
 
 def test_blocks_keep_the_whole_layers_chunks(small_chunks):
@@ -119,3 +122,23 @@ def test_a_failing_product_is_raised_not_swallowed(small_chunks):
     with pytest.raises(MemoryError):
         _gemm.run(layer.gemm_plan(), layer.weight, layer.bias, x, 0, x.shape[2], 0, layer.output_shape[2], out, 2,
                   broken)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_runs_the_path_with_fresh_workers(small_chunks):
+    # The parent's worker threads do not exist in a forked child; the child must not wait
+    # for them.
+    rng = np.random.default_rng(11)
+    layer, x, w, b = _layer(rng)
+    whole = conv_transpose3d(x, w, b, 2, groups=2, threads=2, path="gemm")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 2
+        try:
+            signal.alarm(60)
+            same = np.array_equal(conv_transpose3d(x, w, b, 2, groups=2, threads=2, path="gemm"), whole)
+            code = 0 if same else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

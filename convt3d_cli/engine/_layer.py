@@ -425,8 +425,9 @@ class PreparedLayer:
 
         Every path computes each output from the same taps in the same order whatever
         the D and H extent. Along W, the FIR kernel sums a row's windows and the paired
-        kernel a row pair's terms in an order set by the row's length, and BLAS blocks
-        the ``gemm`` path's product by its row count (N x H x W), so those stay whole
+        kernel a row pair's terms in an order set by the row's length, so those stay
+        whole; the ``gemm`` path's products hold chunks of whole input planes, whose
+        shape BLAS's sums depend on (:mod:`._gemm`), so it is cut along D only
         (``tests/engine/test_blocks.py`` checks every path).
         """
         return {"gemm": (0,), "fir": (0, 1), "paired": (0, 1)}.get(self.path, (0, 1, 2))

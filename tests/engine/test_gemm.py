@@ -142,3 +142,19 @@ def test_a_forked_child_runs_the_path_with_fresh_workers(small_chunks):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_default_chunks_keep_the_bits_on_blas_sized_products():
+    # Products large enough for BLAS's sums to depend on their shape and thread count
+    # (OpenBLAS's do): slabs with partial chunks, one thread and two give the same bits.
+    rng = np.random.default_rng(12)
+    layer, x, w, b = _layer(rng, n=1, cin=64, cout=32, groups=1, spatial=(6, 16, 16))
+    plan = layer.gemm_plan()
+    assert plan.planes == 2 and plan.planes < x.shape[2]
+    whole = conv_transpose3d(x, w, b, 2, threads=2, path="gemm")
+    assert np.array_equal(whole, conv_transpose3d(x, w, b, 2, threads=1, path="gemm"))
+    for o0, o1 in ((0, 3), (3, 12), (5, 6), (1, 11)):
+        i0, i1 = o0 // 2, (o1 - 1) // 2 + 1
+        out = np.empty(layer.output_shape[:2] + (o1 - o0,) + layer.output_shape[3:], np.float32)
+        layer.run_slab(np.ascontiguousarray(x[:, :, i0:i1]), i0, o0, o1, out)
+        assert np.array_equal(out, whole[:, :, o0:o1]), (o0, o1)

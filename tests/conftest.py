@@ -10,3 +10,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # so that they do not depend on timings. tests/engine/test_tuner.py turns it back on.
 os.environ.setdefault("CONVT3D_TUNE", "0")
 
+
+
+def pytest_assertrepr_compare(op, left, right):
+    """Say where two large byte strings differ instead of letting pytest diff them: its
+    line diff of a multi-megabyte file takes many minutes."""
+    if (op == "==" and isinstance(left, (bytes, bytearray)) and isinstance(right, (bytes, bytearray))
+            and max(len(left), len(right)) > 4096):
+        first = next((i for i, (a, b) in enumerate(zip(left, right)) if a != b), min(len(left), len(right)))
+        return [f"{len(left)} bytes == {len(right)} bytes",
+                f"first difference at byte {first}: {bytes(left[first:first + 16]).hex()} "
+                f"!= {bytes(right[first:first + 16]).hex()}"]
+    return None

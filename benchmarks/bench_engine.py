@@ -27,6 +27,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# Seconds of rest before each timed call of either library. Both keep worker threads
+# spinning for a while after a parallel call (OpenMP's wait policy); a call started
+# meanwhile shares the cores with them. On the 2-core Zen 3 VM PyTorch's spinning threads
+# made the engine's next call of U-Net 320->256 take 10 ms instead of 6.
+IDLE_PAUSE = 0.02
+
 # name, N, Cin, Cout, spatial, kernel, stride, padding, output_padding, dilation, groups, dtype
 CASES = [
     ("1ch 128^3 k3 s2 p1 op1", 1, 1, 1, (128,) * 3, 3, 2, 1, 1, 1, 1, "float32"),
@@ -159,11 +165,13 @@ def main():
         def run_torch():
             if torch is not None:
                 with torch.no_grad():
+                    time.sleep(IDLE_PAUSE)
                     t = time.perf_counter()
                     torch.nn.functional.conv_transpose3d(tx, tw, tb, **kwargs)
                     torch_times.append(time.perf_counter() - t)
 
         def run_engine():
+            time.sleep(IDLE_PAUSE)
             t = time.perf_counter()
             y = conv_transpose3d(x, w, b, **kwargs)
             eng_times.append(time.perf_counter() - t)

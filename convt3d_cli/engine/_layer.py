@@ -463,6 +463,24 @@ class PreparedLayer:
         """Full output shape, ``(N, Cout, D, H, W)``."""
         return (self.input_shape[0], self.out_channels) + self.out_spatial
 
+    def prepare(self, path=None, again=False):
+        """Build what ``path`` (default :attr:`path`) computes from: packed weights and
+        tables, which :meth:`run_slab` otherwise builds on its first call. With ``again``,
+        build it anew (the tuner times it: a whole run pays it once)."""
+        path = path or self.path
+        if again:
+            self._plans.pop(self._plan_name(path), None)
+            if path == "fir":
+                self._static = None
+        if is_blocked(path) or path == "subpixel":
+            self._blocked_plan(path)
+        elif path == "paired":
+            self._paired_plan()
+        elif path == "columns":
+            self._columns_plan()
+        elif path == "fir":
+            self._static_tables()
+
     def _static_tables(self):
         """The FIR kernel's H and W tables; they do not depend on the slab, so once per layer."""
         if self._static is None:

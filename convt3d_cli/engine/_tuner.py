@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from .. import geometry
+from ..threads import current as current_threads
 from . import _cpu
 
 #: Layers with fewer multiply-adds than this keep the rules: a wrong choice costs less
@@ -104,15 +105,18 @@ def save(store, path=None):
 
 
 def measure(layer, candidates):
-    """Seconds per probe slab for each candidate path (best of :data:`PROBE_REPEATS`)."""
+    """Estimated seconds of the whole layer for each candidate path: its preparation (packed
+    weights, tables: once per layer) plus the best of :data:`PROBE_REPEATS` runs of the
+    probe slab, scaled to all output planes."""
     n_out = layer.out_spatial[0]
     planes = max(PROBE_PLANES, 2 * layer.params.stride[0])
     quantum = 1
     if "gemm" in candidates:
         # The gemm path multiplies whole chunks of input planes: a probe of part of one
-        # would charge it for the rest, so the probe is whole chunks.
+        # would charge it for the rest, so the probe is whole chunks, two per thread (its
+        # threads overlap one chunk's scatter with another's product).
         quantum = layer.gemm_plan().planes * layer.params.stride[0]
-        planes = -(-planes // quantum) * quantum
+        planes = max(-(-planes // quantum), 2 * current_threads()) * quantum
     planes = min(n_out, planes)
     o0 = max(0, (n_out - planes) // 2) // quantum * quantum
     o1 = min(n_out, o0 + planes)
@@ -128,12 +132,15 @@ def measure(layer, candidates):
         for path in candidates:
             layer.path = path
             layer.run_slab(x, i0, o0, o1, out)           # compiles, warms the caches
+            start = time.perf_counter()
+            layer.prepare(path, again=True)
+            prepare = time.perf_counter() - start
             best = np.inf
             for _ in range(PROBE_REPEATS):
                 start = time.perf_counter()
                 layer.run_slab(x, i0, o0, o1, out)
                 best = min(best, time.perf_counter() - start)
-            times[path] = best
+            times[path] = prepare + best * n_out / planes
     finally:
         layer.path = chosen
     return times

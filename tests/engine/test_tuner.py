@@ -1,6 +1,7 @@
 """The measured path choice: stored per machine, reused, pinned, ignored when corrupt."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -241,3 +242,33 @@ def test_the_store_is_read_again_when_the_file_changes(store):
     assert _tuner.load()["machines"]["a"]["k"]["path"] == "gemm"
     store.write_text("{broken")
     assert _tuner.load()["machines"] == {}
+
+
+def test_what_a_path_prepares_once_counts_in_its_estimate(store, monkeypatch):
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, path="blocked", **kwargs)
+    original = PreparedLayer.prepare
+    prepared = []
+
+    def slow_prepare(self, path=None, again=False):
+        if again and path == "blocked":
+            prepared.append(path)
+            time.sleep(0.05)
+        return original(self, path, again)
+
+    monkeypatch.setattr(PreparedLayer, "prepare", slow_prepare)
+    times = _tuner.measure(layer, ["blocked", "gemm"])
+    assert prepared == ["blocked"] and times["blocked"] >= 0.05
+
+
+def test_prepare_builds_what_a_run_would():
+    x, w, b, kwargs = layer_data(k=3)
+    for path in ("blocked", "subpixel", "paired", "fir", "columns"):
+        layer = PreparedLayer(x.shape, w, b, path=path, **kwargs)
+        layer.prepare()
+        built = dict(layer._plans), layer._static
+        layer.prepare(again=True)
+        assert set(layer._plans) == set(built[0]) and (layer._static is None) == (built[1] is None)
+        out = np.empty(layer.output_shape, np.float32)
+        layer.run_slab(x, 0, 0, out.shape[2], out)
+        np.testing.assert_allclose(out, conv_transpose3d_ref(x, w, b, **kwargs), rtol=0, atol=1e-4)

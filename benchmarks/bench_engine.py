@@ -29,8 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # Seconds of rest before each timed call of either library. Both keep worker threads
 # spinning for a while after a parallel call (OpenMP's wait policy); a call started
-# meanwhile shares the cores with them. On the 2-core Zen 3 VM PyTorch's spinning threads
-# made the engine's next call of U-Net 320->256 take 10 ms instead of 6.
+# meanwhile shares the cores with them (benchmarks/README.md, "BLAS for kernel == stride").
 IDLE_PAUSE = 0.02
 
 # name, N, Cin, Cout, spatial, kernel, stride, padding, output_padding, dilation, groups, dtype

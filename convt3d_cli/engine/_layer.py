@@ -366,7 +366,7 @@ class PreparedLayer:
         self._static = None
         pinned = path if path is not None else (os.environ.get("CONVT3D_PATH") or None)
         if pinned is not None and pinned not in PATHS:
-            raise ParameterError("path", f"path must be one of {', '.join(PATHS)}, got {pinned!r}")
+            raise ParameterError("path", f"path must be one of {', '.join(PATHS)}, got {pinned!r:.80}")
         if pinned is not None:
             self.path = pinned
         else:

@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from stat import S_ISREG
 
 import numpy as np
 
@@ -35,6 +36,9 @@ PROBE_PLANES = 4
 PROBE_REPEATS = 3
 FILE_NAME = "tuning.json"
 FORMAT_VERSION = 2
+#: A larger file is ignored (and replaced on the next measurement): thousands of layers
+#: take a few MB.
+MAX_FILE_BYTES = 64 << 20
 _loaded = [None, None]  # (path, mtime, size, inode) of the file last parsed, and its content
 
 
@@ -74,6 +78,9 @@ def load(path=None):
     path = path or _path()
     try:
         stat = os.stat(path)
+        if not S_ISREG(stat.st_mode) or stat.st_size > MAX_FILE_BYTES:
+            # A FIFO would block the open, a device or a huge file would be read whole.
+            return {"version": FORMAT_VERSION, "machines": {}}
         stamp = (path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if _loaded[0] == stamp:
             return _loaded[1]

@@ -1,6 +1,7 @@
 """The measured path choice: stored per machine, reused, pinned, ignored when corrupt."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -272,3 +273,15 @@ def test_prepare_builds_what_a_run_would():
         out = np.empty(layer.output_shape, np.float32)
         layer.run_slab(x, 0, 0, out.shape[2], out)
         np.testing.assert_allclose(out, conv_transpose3d_ref(x, w, b, **kwargs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_oversized_tuning_file_is_ignored_not_waited_on(store, monkeypatch):
+    os.mkfifo(store)
+    assert _tuner.load()["machines"] == {}          # would block in open() on a FIFO
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, **kwargs)
+    assert layer.path_source == "measured"
+    assert json.loads(store.read_text())["version"] == _tuner.FORMAT_VERSION   # replaced by a file
+    monkeypatch.setattr(_tuner, "MAX_FILE_BYTES", 10)
+    assert _tuner.load()["machines"] == {}

@@ -32,8 +32,22 @@ from . import _cpu
 TUNE_MIN_MACS = 2e8
 #: Output planes of the probe slab, at least (a stride's worth more when needed).
 PROBE_PLANES = 4
-#: Timed runs per candidate after one untimed run (compiling, warming caches); the best counts.
-PROBE_REPEATS = 3
+#: Rounds of timed runs after one untimed run per candidate (compiling, warming caches).
+#: A round times every candidate :data:`PROBE_RUNS` times in a row, in an order that
+#: rotates from round to round, and a candidate's best run counts. On a shared machine
+#: the host's load comes in bursts that can slow a run down by half; rounds spread a
+#: burst over all candidates instead of charging it to the one being timed then. Runs in
+#: a row: the first may share the cores with the previous candidate's workers, which
+#: keep spinning for a while (OpenMP's and BLAS's wait policies).
+PROBE_ROUNDS = 3
+PROBE_RUNS = 2
+#: More rounds, up to :data:`PROBE_MAX_ROUNDS`, while the two fastest estimates are within
+#: this share of each other.
+PROBE_CLOSE = 0.1
+PROBE_MAX_ROUNDS = 6
+#: A candidate this many times slower than the fastest after a round is not timed again:
+#: the bursts seen on shared VMs slowed runs down by up to about 2x.
+PROBE_DROP = 3.0
 FILE_NAME = "tuning.json"
 FORMAT_VERSION = 2
 #: A larger file is ignored (and replaced on the next measurement): thousands of layers
@@ -113,8 +127,8 @@ def save(store, path=None):
 
 def measure(layer, candidates):
     """Estimated seconds of the whole layer for each candidate path: its preparation (packed
-    weights, tables: once per layer) plus the best of :data:`PROBE_REPEATS` runs of the
-    probe slab, scaled to all output planes."""
+    weights, tables: once per layer) plus its best run of the probe slab (see
+    :data:`PROBE_ROUNDS`), scaled to all output planes."""
     n_out = layer.out_spatial[0]
     planes = max(PROBE_PLANES, 2 * layer.params.stride[0])
     quantum = 1
@@ -134,20 +148,30 @@ def measure(layer, candidates):
     x = rng.standard_normal(layer.input_shape[:2] + (i1 - i0,) + layer.input_shape[3:]).astype(layer.dtype)
     out = np.empty(layer.output_shape[:2] + (planes,) + layer.output_shape[3:], dtype=layer.dtype)
     chosen = layer.path
-    times = {}
+    candidates = list(candidates)
+    prepare, best = {}, {path: np.inf for path in candidates}
     try:
         for path in candidates:
             layer.path = path
             layer.run_slab(x, i0, o0, o1, out)           # compiles, warms the caches
             start = time.perf_counter()
             layer.prepare(path, again=True)
-            prepare = time.perf_counter() - start
-            best = np.inf
-            for _ in range(PROBE_REPEATS):
-                start = time.perf_counter()
-                layer.run_slab(x, i0, o0, o1, out)
-                best = min(best, time.perf_counter() - start)
-            times[path] = prepare + best * n_out / planes
+            prepare[path] = time.perf_counter() - start
+        timed = list(candidates)
+        for round_ in range(PROBE_MAX_ROUNDS):
+            turn = round_ % len(timed)
+            for path in timed[turn:] + timed[:turn]:
+                layer.path = path
+                for _ in range(PROBE_RUNS):
+                    start = time.perf_counter()
+                    layer.run_slab(x, i0, o0, o1, out)
+                    best[path] = min(best[path], time.perf_counter() - start)
+            times = {path: prepare[path] + best[path] * n_out / planes for path in candidates}
+            fastest = min(times.values())
+            timed = [path for path in timed if times[path] <= fastest * PROBE_DROP]
+            close = sorted(times[path] for path in timed)
+            if round_ + 1 >= PROBE_ROUNDS and (len(close) < 2 or close[1] > close[0] * (1 + PROBE_CLOSE)):
+                break
     finally:
         layer.path = chosen
     return times

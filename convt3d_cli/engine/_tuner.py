@@ -49,7 +49,8 @@ PROBE_MAX_ROUNDS = 6
 #: the bursts seen on shared VMs slowed runs down by up to about 2x.
 PROBE_DROP = 3.0
 FILE_NAME = "tuning.json"
-FORMAT_VERSION = 2
+#: 3 since the rounds: choices stored from a single series per candidate are measured again.
+FORMAT_VERSION = 3
 #: A larger file is ignored (and replaced on the next measurement): thousands of layers
 #: take a few MB.
 MAX_FILE_BYTES = 64 << 20

@@ -26,11 +26,12 @@ LAYERS = {
     "paired": (1, 1, 4, 2, 1),
     "shuffle": (2, 3, 2, 2, 0),
     "gemm": (2, 3, 2, 2, 0),
+    "col2im": (2, 3, 3, 2, 1),
 }
 
 #: The kernels a caller runs (``engine._kernels``); the others are helpers they inline.
 KERNELS = ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter",
-           "pack_weights", "count_nonfinite")
+           "col2im_sum", "pack_weights", "count_nonfinite")
 
 
 def compile_kernels(dtypes=DTYPES, echo=None):

@@ -832,6 +832,76 @@ def gemm_scatter(prod, bias, out, n, co_base, stride_d, stride_h, stride_w, chun
                 dst[h_n:, :] = value
 
 
+@njit(**_JIT)
+def col2im_sum(ring, ring_len, guard, bias, out, n, co_base, n_co, od_local, d_count, d_taps, d_inputs,
+               h_first, h_count, h_taps, h_kernel, h_shift, h_lo, h_hi,
+               w_first, w_count, w_taps, w_kernel, w_shift, w_lo, w_hi, k_d, k_h, k_w, cols, pitch, sums):
+    """One output plane of the ``col2im`` path for ``n_co`` output channels: each output is
+    its bias plus the product entries of its taps, in (kD, kH, kW) order.
+
+    ``ring[i % ring_len]`` holds input plane ``i``'s product: ``guard`` zeros, then one row
+    of ``cols`` (input rows of ``pitch`` columns, zeros past W) per (channel, kd, kh, kw),
+    then ``guard`` zeros. ``d_*``: the plane's D taps and their input planes; ``h_*`` and
+    ``w_*``: the H and W phase tables (``_col2im._phase_tables``). The sums of one
+    (H phase, W phase) run over whole padded rows at once, so every tap adds one flat run
+    of its product (``sums[rh, rw]``, ``pitch`` per row; the columns past a phase's outputs
+    are never stored); a W input past either end of its row reads the padding zeros. One
+    thread: the ``col2im`` path runs its jobs in parallel.
+    """
+    s_h = h_first.shape[0]
+    s_w = w_first.shape[0]
+    for co in range(n_co):
+        value = bias[co_base + co]
+        for rh in range(s_h):
+            for rw in range(s_w):
+                acc = sums[rh, rw]
+                for i in range(h_count[rh] * pitch):
+                    acc[i] = value
+        for t in range(d_count):
+            src = ring[d_inputs[t] % ring_len]
+            kd = d_taps[t]
+            for rh in range(s_h):
+                for jh in range(h_taps[rh]):
+                    q0 = h_lo[rh, jh]
+                    q1 = h_hi[rh, jh]
+                    if q1 <= q0:
+                        continue
+                    row0 = ((co * k_d + kd) * k_h + h_kernel[rh, jh]) * k_w
+                    start = guard + (q0 + h_shift[rh, jh]) * pitch
+                    for rw in range(s_w):
+                        acc = sums[rh, rw, q0 * pitch:q1 * pitch]
+                        for jw in range(w_taps[rw]):
+                            off = start + (row0 + w_kernel[rw, jw]) * cols + w_shift[rw, jw]
+                            y = src[off:off + acc.shape[0]]
+                            for i in range(acc.shape[0]):
+                                acc[i] += y[i]
+        dst = out[n, co_base + co, od_local]
+        for rh in range(s_h):
+            for qh in range(h_count[rh]):
+                row = dst[h_first[rh] + qh * s_h]
+                if s_w == 1:
+                    acc = sums[rh, 0, qh * pitch:]
+                    for q in range(w_count[0]):
+                        row[q] = acc[q]
+                elif s_w == 2:
+                    # Both W phases in one pass (unit-stride loads, interleaved stores).
+                    even = 0 if w_first[0] == 0 else 1
+                    acc = sums[rh, even, qh * pitch:]
+                    odd = sums[rh, 1 - even, qh * pitch:]
+                    pairs = w_count[1 - even]
+                    for q in range(pairs):
+                        row[2 * q] = acc[q]
+                        row[2 * q + 1] = odd[q]
+                    if w_count[even] > pairs:
+                        row[2 * pairs] = acc[pairs]
+                else:
+                    for rw in range(s_w):
+                        acc = sums[rh, rw, qh * pitch:]
+                        first = w_first[rw]
+                        for q in range(w_count[rw]):
+                            row[first + q * s_w] = acc[q]
+
+
 @njit(parallel=True, **_JIT)
 def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, kernel_w, channel_block):
     """Each phase's weights in term order for ``blocked_phases`` (and its other register blocks).

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import geometry, threads
 from ..errors import ParameterError, ShapeError
-from . import _columns, _cpu, _gemm, _plan
+from . import _col2im, _columns, _cpu, _gemm, _plan
 
 # Path selection (``choose_path`` tries paired rows, shuffle GEMM, sub-pixel, blocked, then
 # FIR). Each rule below says when a kernel is chosen and why; ``benchmarks/bench_paths.py``
@@ -128,9 +128,12 @@ BLOCKED_VARIANTS = tuple("blocked-" + block for block in _plan.REGISTER_BLOCKS)
 WIDE_VECTOR_VARIANTS = tuple("blocked-" + block for block in _plan.WIDE_VECTOR_BLOCKS)
 
 #: Every compute path. ``gemm`` is NumPy's BLAS on the layers the shuffle kernel serves
-#: (kernel == stride, no start crop): one matrix product per chunk of input planes. ``columns`` is
-#: NumPy alone on any layer (``_columns``), chosen for small layers only.
-PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns") + BLOCKED_VARIANTS
+#: (kernel == stride, no start crop): one matrix product per chunk of input planes.
+#: ``col2im`` is NumPy's BLAS on any layer with finite weights, one product per input plane
+#: whose taps a compiled kernel sums (``_col2im``); the tuner measures it on layers of
+#: ``_col2im.MIN_IN_CHANNELS`` input channels per group or more. ``columns`` is NumPy alone
+#: on any layer (``_columns``), chosen for small layers only.
+PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "col2im", "columns") + BLOCKED_VARIANTS
 
 
 def default_register_block():
@@ -361,6 +364,8 @@ class PreparedLayer:
         self._axis_phases = None
         self._plans = {}
         self._gemm_plan = None
+        self._col2im_plan = None
+        self._finite_weights = None
         #: The register block of the ``blocked`` path (:func:`layer_register_block`).
         self.block = layer_register_block(self.cout_g, self._phases()[2])
         self._static = None
@@ -376,7 +381,7 @@ class PreparedLayer:
         # outputs) that cannot run the layer falls back to one that can.
         if self.path == "paired" and not _plan.paired_fits(self._phases()[2]):
             self.path = "fir"
-        if self.path in ("shuffle", "gemm") and not self._fits(self.path):
+        if self.path in ("shuffle", "gemm", "col2im") and not self._fits(self.path):
             self.path = "blocked"
         if pinned is None and self.path != "columns":
             self._tune()
@@ -386,19 +391,26 @@ class PreparedLayer:
         phases = self._phases()
         found = [self.path]
         blocked = measured_blocked_paths(self.block)
-        for path in blocked[:1] + ("subpixel", "fir", "paired", "shuffle", "gemm") + blocked[1:]:
+        for path in blocked[:1] + ("subpixel", "fir", "paired", "shuffle", "gemm", "col2im") + blocked[1:]:
             if path == "paired" and not _plan.paired_fits(phases[2]):
                 continue
-            if path in ("shuffle", "gemm") and not self._fits(path):
+            if path in ("shuffle", "gemm", "col2im") and not self._fits(path):
                 continue
+            if path == "col2im" and (self.cin_g < _col2im.MIN_IN_CHANNELS or self._fits("gemm")):
+                continue  # too few channels for BLAS's rate; the gemm path is its one-tap case
             if path not in found:
                 found.append(path)
         return found
 
     def _fits(self, path):
-        """Whether the shuffle-GEMM or BLAS kernel can run this layer: kernel == stride
-        without a start crop, and for ``shuffle`` every input's outputs inside the H and W
-        extent (it stores whole phases there; ``gemm`` crops them)."""
+        """Whether the shuffle-GEMM or a BLAS path can run this layer: for ``col2im`` finite
+        weights; else kernel == stride without a start crop, and for ``shuffle`` every
+        input's outputs inside the H and W extent (it stores whole phases there; ``gemm``
+        crops them)."""
+        if path == "col2im":
+            if self._finite_weights is None:
+                self._finite_weights = _col2im.fits(self.weight)
+            return self._finite_weights
         if not _plan.shuffle_fits(self._phases()):
             return False
         if path == "shuffle":
@@ -430,7 +442,7 @@ class PreparedLayer:
         shape BLAS's sums depend on (:mod:`._gemm`), so it is cut along D only
         (``tests/engine/test_blocks.py`` checks every path).
         """
-        return {"gemm": (0,), "fir": (0, 1), "paired": (0, 1)}.get(self.path, (0, 1, 2))
+        return {"gemm": (0,), "col2im": (0,), "fir": (0, 1), "paired": (0, 1)}.get(self.path, (0, 1, 2))
 
     def window(self, input_shape, params, origin=0):
         """The same weights and path on an input window: the layer of one output block.
@@ -456,6 +468,8 @@ class PreparedLayer:
             raise RuntimeError(f"a block of this layer cannot run the {self.path} kernel")
         whole = self.gemm_plan()
         sub._gemm_plan = whole._replace(origin=whole.origin + int(origin))
+        if self.path == "col2im":
+            sub._col2im_plan = self.col2im_plan()
         return sub
 
     @property
@@ -480,6 +494,10 @@ class PreparedLayer:
             self._columns_plan()
         elif path == "fir":
             self._static_tables()
+        elif path == "col2im":
+            if again:
+                self._col2im_plan = None
+            self.col2im_plan()
 
     def _static_tables(self):
         """The FIR kernel's H and W tables; they do not depend on the slab, so once per layer."""
@@ -526,6 +544,9 @@ class PreparedLayer:
             self._run_shuffle(x_slab, in_start, out_start, out_stop, out, progress)
         elif path == "gemm":
             self._run_gemm(x_slab, in_start, out_start, out_stop, out, progress)
+        elif path == "col2im":
+            _col2im.run(self.col2im_plan(), self.weight, self.bias, self.params, x_slab, in_start,
+                        self.input_shape[2], out_start, out_stop, out, _threads(), _kernels().col2im_sum, progress)
         elif is_blocked(path):
             self._run_blocked(x_slab, in_start, out_start, out_stop, out, progress, path=path)
         elif path == "subpixel":
@@ -574,6 +595,9 @@ class PreparedLayer:
         if self.path == "gemm":
             return weights + _gemm.scratch_bytes(self.gemm_plan(), self.cin_g, self.params.stride,
                                                  self.input_shape[2:], self.dtype.itemsize, _threads())
+        if self.path == "col2im":
+            return weights + _col2im.scratch_bytes(self.col2im_plan(), self.cin_g, self.params.kernel_size,
+                                                   self.input_shape[2:], self.dtype.itemsize, _threads())
         prepared = self._blocked_plan(self.path)
         padded = prepared.plan.blocking.padded
         kern = _kernels()
@@ -733,6 +757,14 @@ class PreparedLayer:
             self._gemm_plan = _gemm.plan(self.cout_g, self.params.stride, self.input_shape[2:],
                                          self.dtype.itemsize)
         return self._gemm_plan
+
+    def col2im_plan(self):
+        """The ``col2im`` path's tables and product shape (``_col2im.plan``); a :meth:`window`
+        keeps its layer's."""
+        if self._col2im_plan is None:
+            self._col2im_plan = _col2im.plan(self.weight.shape, self.params, self.input_shape[2:],
+                                             self.out_spatial, self.dtype.itemsize)
+        return self._col2im_plan
 
     def _shuffle_job_bytes(self):
         """What one ``shuffle_gemm`` job allocates: a copy of its inputs when it makes one, a

@@ -139,6 +139,10 @@ def measure(layer, candidates):
         # threads overlap one chunk's scatter with another's product).
         quantum = layer.gemm_plan().planes * layer.params.stride[0]
         planes = max(-(-planes // quantum), 2 * current_threads()) * quantum
+    if "col2im" in candidates:
+        # The col2im path computes the products of an output's h input planes before its
+        # own once per job: a short probe would charge it that many times over.
+        planes = max(planes, 4 * (layer.col2im_plan().halo + 1) * layer.params.stride[0])
     planes = min(n_out, planes)
     o0 = max(0, (n_out - planes) // 2) // quantum * quantum
     o1 = min(n_out, o0 + planes)

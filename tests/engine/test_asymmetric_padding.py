@@ -42,7 +42,7 @@ def random_asymmetric(rng):
         return x, w, b, dict(stride=s, padding=padding, output_padding=op, dilation=d, groups=groups)
 
 
-@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns"])
+@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "col2im", "columns"])
 def path(request, monkeypatch):
     monkeypatch.setattr(_layer, "choose_path", lambda *args: request.param)
     return request.param

@@ -81,7 +81,7 @@ def test_a_shuffle_layer_in_blocks_not_on_the_stride_grid():
     rng = np.random.default_rng(7)
     x = rng.standard_normal((1, 24, 6, 7, 9)).astype(np.float32)
     w = rng.standard_normal((24, 5, 2, 2, 2)).astype(np.float32)
-    for path in ("shuffle", "gemm", "blocked", "columns"):
+    for path in ("shuffle", "gemm", "col2im", "blocked", "columns"):
         layer = PreparedLayer(x.shape, w, None, 2, 0, 1, 1, 1, np.float32, path=path)
         whole = np.empty(layer.output_shape, np.float32)
         layer.run_slab(x, 0, 0, layer.output_shape[2], whole)

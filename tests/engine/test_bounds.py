@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     from convt3d_cli.engine import PreparedLayer, _layer
 
     worst = 0.0
-    for path in ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm"):
+    for path in ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "col2im"):
         _layer.choose_path = lambda *args, path=path: path
         for seed in range(60):
             rng = np.random.default_rng(seed)

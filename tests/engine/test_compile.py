@@ -66,8 +66,8 @@ def filled_cache(tmp_path_factory):
 def test_compile_fills_an_empty_cache(filled_cache):
     cache, first = filled_cache
     compiled = {name for step in first["steps"] for name in step["compiled"]}
-    assert {"direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter", "pack_weights",
-            "count_nonfinite"} <= compiled
+    assert {"direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter", "col2im_sum",
+            "pack_weights", "count_nonfinite"} <= compiled
     assert all(step["dtype"] == "float32" for step in first["steps"])
     second = json.loads(convt3d(cache, "compile", "--dtype", "float32", "--json").stdout)
     assert [step["compiled"] for step in second["steps"]] == [[] for _ in second["steps"]]

@@ -85,8 +85,8 @@ def shuffle_config(cfg, rng):
 
 # "blocked" runs this CPU's default register block; 8x16 is the default on AVX-512 CPUs, 3x32
 # the other block measured on AVX2 ones, 12x16 one compiled for 512-bit vectors.
-@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "columns", "blocked-8x16",
-                        "blocked-3x32", "blocked-12x16"])
+@pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "col2im", "columns",
+                        "blocked-8x16", "blocked-3x32", "blocked-12x16"])
 def path(request, monkeypatch):
     """Run a test once through each compute path, whatever the channel counts (``paired``
     serves W stride 2 only: other layers then take the FIR kernel; ``shuffle`` serves
@@ -401,7 +401,8 @@ def assert_one_kernel_variant_per_dtype():
 
     from convt3d_cli.engine import _numba_env
     kern = _numba_env.kernels()
-    for name in ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter"):
+    for name in ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter",
+                 "col2im_sum"):
         for signature in getattr(kern, name).signatures:
             arrays = [t for t in signature if isinstance(t, types.Array)]
             assert all(t.layout == "C" and t.mutable for t in arrays), (name, signature)

@@ -7,9 +7,10 @@ Usage::
 
 Per layer it prints the median time of each kernel (``fir``, the blocked kernel with
 each register block ``blocked-CxP`` = C output channels x P positions, ``subpixel``,
-``paired``, ``shuffle``, ``gemm`` = NumPy's BLAS; ``paired`` serves W
-stride 2 only, otherwise the layer runs FIR, and ``shuffle``/``gemm`` kernel == stride
-without padding only, otherwise they show ``-``), the one ``choose_path`` picks, the one
+``paired``, ``shuffle``, ``gemm`` = NumPy's BLAS, ``col2im`` = NumPy's BLAS and a sum
+of taps; ``paired`` serves W stride 2 only, otherwise the layer runs FIR,
+``shuffle``/``gemm`` kernel == stride without padding only, and ``col2im`` is shown from
+16 input channels per group on, otherwise they show ``-``), the one ``choose_path`` picks, the one
 the tuner measures (``engine/_tuner.py``, on a probe slab, stored in a scratch file), and
 the fastest. The CPU model, its vector features and NumPy's sgemm rate head the table.
 Outputs of all kernels are checked against each other. Nothing here is a pass/fail test.
@@ -35,7 +36,7 @@ def paths():
     from convt3d_cli.engine import _layer
     blocked = {"blocked-8x16"} | {"blocked-" + block for block in _layer.fitting_blocks()}
     ordered = tuple(p for p in _layer.BLOCKED_VARIANTS if p in blocked)
-    return ("fir",) + ordered + ("subpixel", "paired", "shuffle", "gemm")
+    return ("fir",) + ordered + ("subpixel", "paired", "shuffle", "gemm", "col2im")
 # name, Cin, Cout, groups, spatial, kernel, padding, output_padding[, stride, batch] (default 2, 1)
 CASES = [
     ("1ch 128^3 k3", 1, 1, 1, 128, 3, 1, 1), ("1ch 128^3 k4", 1, 1, 1, 128, 4, 1, 0),
@@ -55,6 +56,8 @@ CASES = [
     ("64->32 64^3 k2", 64, 32, 1, 64, 2, 0, 0),
     # channel-heavy, overlapping taps
     ("64->32 16^3 k4", 64, 32, 1, 16, 4, 1, 0), ("32->32 64^3 k3", 32, 32, 1, 64, 3, 1, 1),
+    ("128->64 32^3 k4", 128, 64, 1, 32, 4, 1, 0), ("64->64 32^3 k3", 64, 64, 1, 32, 3, 1, 1),
+    ("64->64 s1 32^3 k3", 64, 64, 1, 32, 3, 1, 0, 1, 1),
     # bench_engine's oneDNN cases: batches of 4 and 2, and stride 1
     ("N4 64->32 k4", 64, 32, 1, 16, 4, 1, 0, 2, 4), ("N2 16->16 s1 k3", 16, 16, 1, 32, 3, 1, 0, 1, 2),
 ]
@@ -99,6 +102,8 @@ def main():
             layer = PreparedLayer(x.shape, w, b, s, p, op, 1, groups, path="fir")
             layer.path = path
             if path in ("shuffle", "gemm") and not _plan.shuffle_fits(layer._phases()):
+                continue
+            if path == "col2im" and cin // groups < 16:
                 continue
             layer.path = path if path != "paired" or _plan.paired_fits(layer._phases()[2]) else "fir"
             layers[path] = layer

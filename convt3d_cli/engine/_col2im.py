@@ -234,22 +234,9 @@ def run(col_plan, weight, bias, params, x_slab, in_start, n_id, out_start, out_s
 
     share = 1.0 / (groups * -(-cout_g // n_co))   # of its planes' outputs, per sample
 
-    def report(args):
+    def done(index):
         if progress:
-            progress(share * (first_plane[args[4] - q_lo] - first_plane[args[3] - q_lo]))
+            a, b = jobs[index][3:]
+            progress(share * (first_plane[b - q_lo] - first_plane[a - q_lo]))
 
-    with _gemm._blas_limits().limit(limits=1, user_api="blas"):
-        if threads <= 1 or len(jobs) < 2:
-            for args in jobs:
-                job(*args)
-                report(args)
-        else:
-            futures = [_gemm._workers(threads).submit(job, *args) for args in jobs]
-            try:
-                for args, future in zip(jobs, futures):
-                    future.result()
-                    report(args)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+    _gemm.run_jobs(jobs, job, threads, done)

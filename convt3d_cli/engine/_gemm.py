@@ -110,6 +110,27 @@ def _workers(threads):
         return _pools[threads]
 
 
+def run_jobs(jobs, job, threads, done):
+    """Run ``job(*args)`` for every ``args`` in ``jobs`` on ``threads`` threads (a kept
+    pool), with BLAS limited to one thread, and call ``done(i)`` once job ``i`` and every
+    job before it have finished. A job's error cancels those not started and is raised."""
+    with _blas_limits().limit(limits=1, user_api="blas"):
+        if threads <= 1 or len(jobs) < 2:
+            for i, args in enumerate(jobs):
+                job(*args)
+                done(i)
+            return
+        futures = [_workers(threads).submit(job, *args) for args in jobs]
+        try:
+            for i, future in enumerate(futures):
+                future.result()
+                done(i)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, out, threads, scatter,
         progress=None):
     """Compute output planes ``[out_start, out_stop)`` of a kernel == stride layer into ``out``.
@@ -169,24 +190,8 @@ def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, ou
         if last:
             done = reached
 
-    with _blas_limits().limit(limits=1, user_api="blas"):
-        if threads <= 1 or sum(map(len, jobs)) < 2:
-            for chunk, chunk_jobs in zip(chunks, jobs):
-                for i, args in enumerate(chunk_jobs):
-                    job(*args)
-                    report(chunk, len(chunk_jobs), i == len(chunk_jobs) - 1)
-        else:
-            pool = _workers(threads)
-            futures = [[pool.submit(job, *args) for args in chunk_jobs] for chunk_jobs in jobs]
-            try:
-                for chunk, chunk_futures in zip(chunks, futures):
-                    for i, future in enumerate(chunk_futures):
-                        future.result()
-                        report(chunk, len(chunk_futures), i == len(chunk_futures) - 1)
-            except BaseException:
-                for chunk_futures in futures:
-                    for future in chunk_futures:
-                        future.cancel()
-                raise
+    steps = [(chunk, len(chunk_jobs), i == len(chunk_jobs) - 1, args)
+             for chunk, chunk_jobs in zip(chunks, jobs) for i, args in enumerate(chunk_jobs)]
+    run_jobs([step[3] for step in steps], job, threads, lambda i: report(*steps[i][:3]))
     if progress and done < out_stop:
         progress(n_batch * (out_stop - done))

@@ -192,6 +192,10 @@ def _job_block(job, x, dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk, n_
 
     Returns ``n, g, q0, q1, qh0, qh1`` and the zero-padded block (``_fill_block``) with
     ``tail`` zeros after it, so that a position block can be read at any row offset.
+    The ``n_chunks`` chunks split ``[q_lo, q_hi)`` evenly (none longer than ``d_chunk``):
+    a slab whose positions run one past a multiple of ``d_chunk`` would otherwise have a
+    chunk of one position, and the threads that get only such jobs would idle while the
+    others work (the parallel loop hands each thread an equal run of job numbers).
     """
     tile = job % n_tiles
     rest = job // n_tiles
@@ -199,8 +203,8 @@ def _job_block(job, x, dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk, n_
     rest = rest // n_chunks
     g = rest % groups
     n = rest // groups
-    q0 = q_lo + chunk * d_chunk
-    q1 = min(q_hi, q0 + d_chunk)
+    q0 = q_lo + chunk * (q_hi - q_lo) // n_chunks
+    q1 = q_lo + (chunk + 1) * (q_hi - q_lo) // n_chunks
     qh0 = tile * h_tile
     qh1 = min(n_qh, qh0 + h_tile)
     cin_g = x.shape[1] // groups

@@ -260,6 +260,25 @@ def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, kind, monkey
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("q_lo, q_hi, d_chunk", [(0, 9, 8), (27, 36, 8), (3, 4, 5), (0, 64, 8), (5, 22, 3)])
+def test_blocked_jobs_split_a_slabs_positions_evenly(q_lo, q_hi, d_chunk):
+    # A slab of 9 positions with chunks of 8 used to get a chunk of 1: the threads that
+    # drew only its jobs idled while the others did all the work.
+    from convt3d_cli.engine import _numba_env
+    kern = _numba_env.kernels()
+    x = np.zeros((1, 1, 40, 2, 2), np.float32)
+    n_chunks = -(-(q_hi - q_lo) // d_chunk)
+    spans = []
+    for job in range(n_chunks):
+        _, _, q0, q1, _, _, _ = kern._job_block(job, x, x.dtype, 1, n_chunks, 1, q_lo, q_hi, d_chunk, 2, 2, 0,
+                                                d_chunk + 1, 0, 3, 0, 3, 0, 0, 40)
+        spans.append((q0, q1))
+    sizes = [q1 - q0 for q0, q1 in spans]
+    assert spans[0][0] == q_lo and spans[-1][1] == q_hi
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert max(sizes) <= d_chunk and max(sizes) - min(sizes) <= 1
+
+
 @pytest.mark.parametrize("chunk_bytes, copy_share", [(1, 0.0), (1, 1.0), (4000, 0.0), (4000, 1.0), (10 ** 9, 1.0)])
 @pytest.mark.parametrize("cfg", [
     # short rows (a block spans rows), W-phase pairs, output padding on every axis

@@ -132,7 +132,7 @@ def measure(layer, candidates):
     :data:`PROBE_ROUNDS`), scaled to all output planes."""
     n_out = layer.out_spatial[0]
     planes = max(PROBE_PLANES, 2 * layer.params.stride[0])
-    quantum = 1
+    quantum = layer.params.stride[0]   # the probe starts on a whole stride: whole D positions
     if "gemm" in candidates:
         # The gemm path multiplies whole chunks of input planes: a probe of part of one
         # would charge it for the rest, so the probe is whole chunks, two per thread (its

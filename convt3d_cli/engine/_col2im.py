@@ -139,8 +139,10 @@ def plan(weight_shape, params, input_spatial, output_spatial, itemsize):
     return Col2imPlan(channels, halo, pitch, guard, h_tables, w_tables)
 
 
-def _product_size(col_plan, taps, n_ih):
-    return col_plan.channels * taps * n_ih * col_plan.pitch
+def _sums_shape(col_plan):
+    """Shape of one output plane's phase sums: H phases x W phases x padded phase rows."""
+    h_count = col_plan.h_tables[1]
+    return len(h_count), len(col_plan.w_tables[1]), int(max(1, h_count.max(initial=1))) * col_plan.pitch
 
 
 def scratch_bytes(col_plan, cin_g, kernel_size, input_spatial, itemsize, threads):
@@ -148,11 +150,9 @@ def scratch_bytes(col_plan, cin_g, kernel_size, input_spatial, itemsize, threads
     input plane and the phase sums of one output plane."""
     taps = int(np.prod(kernel_size))
     n_ih = input_spatial[1]
-    ring = (col_plan.halo + 1) * (_product_size(col_plan, taps, n_ih) + 2 * col_plan.guard)
+    ring = (col_plan.halo + 1) * (col_plan.channels * taps * n_ih * col_plan.pitch + 2 * col_plan.guard)
     padded = cin_g * n_ih * col_plan.pitch
-    h_count, w_count = col_plan.h_tables[1], col_plan.w_tables[1]
-    sums = len(h_count) * len(w_count) * int(max(1, h_count.max(initial=1))) * col_plan.pitch
-    return threads * (ring + padded + sums) * itemsize
+    return threads * (ring + padded + int(np.prod(_sums_shape(col_plan)))) * itemsize
 
 
 def owner(o, n_id, params):
@@ -201,7 +201,6 @@ def run(col_plan, weight, bias, params, x_slab, in_start, n_id, out_start, out_s
     first_plane = np.searchsorted(owners, np.arange(q_lo, q_hi + 1), side="left")
     scratch = {}
     h_tables, w_tables = col_plan.h_tables, col_plan.w_tables
-    acc_len = int(max(1, col_plan.h_tables[1].max(initial=1))) * pitch
 
     def buffers(rows):
         """This thread's ring, padded plane and sums for products of ``rows`` rows."""
@@ -209,7 +208,7 @@ def run(col_plan, weight, bias, params, x_slab, in_start, n_id, out_start, out_s
         if key not in scratch:
             ring = np.zeros((ring_len, 2 * guard + rows * n_ih * pitch), dtype=out.dtype)
             padded = np.zeros((cin_g, n_ih, pitch), dtype=out.dtype) if pitch > n_iw else None
-            sums = np.empty((len(h_tables[0]), len(w_tables[0]), acc_len), dtype=out.dtype)
+            sums = np.empty(_sums_shape(col_plan), dtype=out.dtype)
             scratch[key] = ring, padded, sums
         return scratch[key]
 

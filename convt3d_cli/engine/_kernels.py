@@ -805,35 +805,40 @@ def gemm_scatter(prod, bias, out, n, co_base, stride_d, stride_h, stride_w, chun
     plane = n_ih * n_iw
     h_n = min(n_oh, n_ih * stride_h)
     w_n = min(n_ow, n_iw * stride_w)
+    half = w_n // 2
+    # The product is read one phase row (a pair at stride_w == 2) at a time, front to
+    # back, so the reads stream and only the stores hop between output rows.
     for co in range(prod.shape[0] // n_phase):
         value = bias[co_base + co]
-        for dl in range(dl_lo, dl_hi):
-            for kd in range(stride_d):
-                od = (chunk_start + dl) * stride_d + kd - out_start
-                if od < 0 or od >= n_od:
-                    continue
-                dst = out[n, co_base + co, od]
-                for oh in range(h_n):
-                    ih = oh // stride_h
-                    row = dst[oh]
-                    base = dl * plane + ih * n_iw
-                    r0 = ((co * stride_d + kd) * stride_h + oh - ih * stride_h) * stride_w
-                    if stride_w == 2:
-                        src_a = prod[r0, base:base + n_iw]
-                        src_b = prod[r0 + 1, base:base + n_iw]
-                        half = w_n // 2
-                        for iw in range(half):
-                            row[2 * iw] = src_a[iw] + value
-                            row[2 * iw + 1] = src_b[iw] + value
-                        if w_n > 2 * half:
-                            row[2 * half] = src_a[half] + value
-                    else:
-                        for kw in range(stride_w):
-                            src = prod[r0 + kw, base:base + n_iw]
-                            for iw in range((w_n - kw + stride_w - 1) // stride_w):
-                                row[iw * stride_w + kw] = src[iw] + value
-                    row[w_n:] = value
-                dst[h_n:, :] = value
+        out_c = out[n, co_base + co]
+        for kd in range(stride_d):
+            for kh in range(stride_h):
+                r0 = ((co * stride_d + kd) * stride_h + kh) * stride_w
+                for dl in range(dl_lo, dl_hi):
+                    od = (chunk_start + dl) * stride_d + kd - out_start
+                    if od < 0 or od >= n_od:
+                        continue
+                    for ih in range((h_n - kh + stride_h - 1) // stride_h):
+                        row = out_c[od, ih * stride_h + kh]
+                        base = dl * plane + ih * n_iw
+                        if stride_w == 2:
+                            for iw in range(half):
+                                row[2 * iw] = prod[r0, base + iw] + value
+                                row[2 * iw + 1] = prod[r0 + 1, base + iw] + value
+                            if w_n > 2 * half:
+                                row[2 * half] = prod[r0, base + half] + value
+                        else:
+                            for kw in range(stride_w):
+                                for iw in range((w_n - kw + stride_w - 1) // stride_w):
+                                    row[iw * stride_w + kw] = prod[r0 + kw, base + iw] + value
+                        if w_n < n_ow:
+                            row[w_n:] = value
+        if h_n < n_oh:
+            for dl in range(dl_lo, dl_hi):
+                for kd in range(stride_d):
+                    od = (chunk_start + dl) * stride_d + kd - out_start
+                    if 0 <= od < n_od:
+                        out_c[od, h_n:, :] = value
 
 
 @njit(**_JIT)

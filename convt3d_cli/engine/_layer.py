@@ -394,10 +394,10 @@ class PreparedLayer:
         for path in blocked[:1] + ("subpixel", "fir", "paired", "shuffle", "gemm", "col2im") + blocked[1:]:
             if path == "paired" and not _plan.paired_fits(phases[2]):
                 continue
-            if path in ("shuffle", "gemm", "col2im") and not self._fits(path):
-                continue
             if path == "col2im" and (self.cin_g < _col2im.MIN_IN_CHANNELS or self._fits("gemm")):
                 continue  # too few channels for BLAS's rate; the gemm path is its one-tap case
+            if path in ("shuffle", "gemm", "col2im") and not self._fits(path):
+                continue
             if path not in found:
                 found.append(path)
         return found

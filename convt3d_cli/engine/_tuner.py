@@ -41,6 +41,11 @@ PROBE_PLANES = 4
 #: keep spinning for a while (OpenMP's and BLAS's wait policies).
 PROBE_ROUNDS = 3
 PROBE_RUNS = 2
+#: Seconds the machine is left idle before each candidate's runs in a round. After a
+#: parallel Numba kernel its OpenMP workers keep spinning for several milliseconds, and
+#: the BLAS paths' threads (``gemm``, ``col2im``) run beside them at a fraction of their
+#: rate, longer than a whole probe run; a layer's real run starts with them idle.
+PROBE_SETTLE = 0.015
 #: More rounds, up to :data:`PROBE_MAX_ROUNDS`, while the two fastest estimates are within
 #: this share of each other.
 PROBE_CLOSE = 0.1
@@ -49,8 +54,9 @@ PROBE_MAX_ROUNDS = 6
 #: the bursts seen on shared VMs slowed runs down by up to about 2x.
 PROBE_DROP = 3.0
 FILE_NAME = "tuning.json"
-#: 3 since the rounds: choices stored from a single series per candidate are measured again.
-FORMAT_VERSION = 3
+#: 4 since the idle pause (:data:`PROBE_SETTLE`): earlier choices, which could charge a BLAS
+#: path for the previous candidate's spinning workers, are measured again.
+FORMAT_VERSION = 4
 #: A larger file is ignored (and replaced on the next measurement): thousands of layers
 #: take a few MB.
 MAX_FILE_BYTES = 64 << 20
@@ -167,6 +173,7 @@ def measure(layer, candidates):
             turn = round_ % len(timed)
             for path in timed[turn:] + timed[:turn]:
                 layer.path = path
+                time.sleep(PROBE_SETTLE)
                 for _ in range(PROBE_RUNS):
                     start = time.perf_counter()
                     layer.run_slab(x, i0, o0, o1, out)

@@ -307,3 +307,27 @@ def test_a_burst_of_host_load_is_not_charged_to_the_path_timed_during_it(monkeyp
     assert calls.count("gemm") == 1 + _tuner.PROBE_RUNS
     assert calls.count("blocked") >= 1 + _tuner.PROBE_ROUNDS * _tuner.PROBE_RUNS
     assert layer.path == "blocked"
+
+
+def test_a_blas_path_is_not_timed_beside_the_previous_kernels_spinning_workers(monkeypatch):
+    # After a parallel Numba kernel its OpenMP workers spin for a while and a BLAS path
+    # runs at half its rate beside them, for longer than a run; an idle pause ends that.
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, path="blocked", **kwargs)
+    clock, spinning = [0.0], [False]
+    cost = {"blocked": 1.0, "gemm": 0.8}
+
+    def run_slab(self, *args, **kwargs):
+        clock[0] += cost[self.path] * (2 if spinning[0] and self.path == "gemm" else 1)
+        spinning[0] = spinning[0] or self.path == "blocked"
+
+    def sleep(seconds):
+        assert seconds >= _tuner.PROBE_SETTLE
+        spinning[0] = False
+
+    monkeypatch.setattr(PreparedLayer, "run_slab", run_slab)
+    monkeypatch.setattr(_tuner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_tuner.time, "sleep", sleep)
+    times = _tuner.measure(layer, ["blocked", "gemm"])
+    assert min(times, key=times.get) == "gemm"
+    assert times["gemm"] / times["blocked"] == pytest.approx(0.8, rel=0.01)

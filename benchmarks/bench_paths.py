@@ -28,6 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 W = 12  # column width
+#: Seconds of rest before each timed call: after a parallel Numba kernel its OpenMP workers
+#: spin for several ms, and the BLAS paths (gemm, col2im) run slower beside them.
+IDLE_PAUSE = 0.02
 
 
 def paths():
@@ -118,6 +121,7 @@ def main():
         times = {path: [] for path in layers}
         for it in range(args.repeat + 1):
             for path, layer in layers.items():
+                time.sleep(IDLE_PAUSE)
                 t = time.perf_counter()
                 layer.run_slab(x, 0, 0, layer.output_shape[2], out)
                 times[path].append(time.perf_counter() - t)

@@ -9,6 +9,7 @@ gets bitwise-identical results.
 
 from __future__ import annotations
 
+import mmap
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -530,6 +531,7 @@ class PreparedLayer:
             Called with the number of output planes (N * D) finished since the last call.
         """
         path = self.path
+        _fault_in(out)
         if path in ("fir", "subpixel") and not _all_finite(x_slab):
             # The FIR, sub-pixel and paired kernels multiply some inputs by zeros (a window
             # position, a phase or a padding term without a tap there); 0 * inf and 0 * nan
@@ -867,6 +869,19 @@ def _bits(x):
     if x.dtype == np.float64:
         return x.reshape(-1).view(np.uint64), np.uint64(0x7FF0000000000000)
     return x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)
+
+
+def _fault_in(out):
+    """Write a zero to every memory page of ``out`` (C-contiguous, all of it about to be
+    overwritten), in order, from this thread.
+
+    A fresh array's pages are mapped by the system on their first write. When those writes
+    come from the kernels' threads, each writing all over the output at once, every page
+    costs about ten times as much as from one thread in order (benchmarks/README.md, "Fresh
+    output pages"); on pages already mapped this costs a few microseconds per 16 MB.
+    """
+    flat = out.reshape(-1)
+    flat[::max(1, mmap.PAGESIZE // out.itemsize)] = 0
 
 
 def _all_finite(x):

@@ -15,7 +15,8 @@ inflate the share), the output floor (allocating and
 writing the output once with all threads; median like the others), *x floor*
 (the median over repeats of engine / floor, the two timed back to back after
 the same PyTorch call, in alternating order) and the engine's peak extra memory
-as a multiple of the output size (tracemalloc sees NumPy's allocations).
+as a multiple of the output size (tracemalloc sees NumPy's allocations), and the
+path the engine ran: ``measured`` by the tuner on this machine or by the ``rule``.
 Nothing here is a pass/fail test: timings on shared machines are noisy.
 """
 
@@ -110,6 +111,14 @@ def make_floor():
     return floor
 
 
+def path_of(layer):
+    """The path the engine ran (the tuner's choice on large layers), a blocked one with
+    its register block."""
+    if layer.path == "blocked":
+        return f"blocked-{layer.block} ({layer.path_source})"
+    return f"{layer.path} ({layer.path_source})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -120,7 +129,7 @@ def main():
 
     import numba
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    from convt3d_cli.engine import conv_transpose3d
+    from convt3d_cli.engine import PreparedLayer, conv_transpose3d
     try:
         import torch
         torch.set_num_threads(args.threads)
@@ -137,7 +146,7 @@ def main():
           f"{torch.__version__ if torch else 'not installed'}; numba {numba.__version__}; "
           f"{args.repeat} repeats")
     header = (f"{'case':40s} {'engine ms':>10s} {'torch ms':>10s} {'speed-up':>8s} {'best x':>7s} {'GFLOP/s':>8s} "
-              f"{'%sgemm':>7s} {'floor ms':>9s} {'x floor':>7s} {'peak/out':>8s}")
+              f"{'%sgemm':>7s} {'floor ms':>9s} {'x floor':>7s} {'peak/out':>8s}  path")
     print(header)
     print("-" * len(header))
     ratios, best_ratios, rows = [], [], []
@@ -210,7 +219,7 @@ def main():
         floor_t = float(np.median(floor_times))
         print(line + f"{gflops:8.1f}", flush=True)
         rows.append((line, gflops, f" {floor_t * 1e3:9.1f} {float(np.median(floor_ratios)):6.2f}x "
-                                   f"{peak / out_bytes:7.2f}x"))
+                                   f"{peak / out_bytes:7.2f}x  {path_of(PreparedLayer(x.shape, w, b, dtype=dtype, **kwargs))}"))
     gemm_end = sgemm_gflops(args.threads)
     gemm_rate = max(gemm_start, gemm_end)
     print(f"\n# numpy sgemm {gemm_end:.1f} GFLOP/s at the end; %sgemm below is of {gemm_rate:.1f}\n")

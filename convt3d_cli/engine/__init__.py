@@ -41,7 +41,8 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     dtype : {"float32", "float64"}, optional
         Compute and result dtype. Default: float64 when ``x`` is float64, else float32.
     out : ndarray, optional
-        Preallocated, C-contiguous result of the right shape and dtype.
+        Preallocated, C-contiguous result of the right shape and dtype, apart from
+        the input's memory.
     threads : int, optional
         Numba threads for this call (default: ``NUMBA_NUM_THREADS`` or all cores).
     progress : callable, optional
@@ -85,6 +86,8 @@ def conv_transpose3d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         result = np.empty(full_shape, dtype=ctype)
     else:
         result = _check_out(out, full_shape if layer.batched else full_shape[1:], ctype).reshape(full_shape)
+        if np.may_share_memory(result, x5):
+            raise ShapeError("out must not share memory with the input")
     total = full_shape[0] * full_shape[2]
     report = ProgressAdapter(progress, total) if progress else None
     previous = None

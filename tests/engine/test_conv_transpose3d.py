@@ -393,6 +393,13 @@ def test_out_buffer_and_progress():
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     with pytest.raises(ShapeError, match="out must be"):
         conv_transpose3d(x, w, stride=2, out=np.empty((2, 1, 8, 8, 8), dtype=np.float64))
+    # an output over the input's memory would overwrite inputs before they are read
+    buffer = np.zeros(2 * 8 ** 3, dtype=np.float32)
+    x_in_buffer = buffer[:x.size].reshape(x.shape)
+    x_in_buffer[...] = x
+    with pytest.raises(ShapeError, match="share memory"):
+        conv_transpose3d(x_in_buffer, w, stride=2, padding=1, output_padding=1, out=buffer.reshape(out.shape))
+    np.testing.assert_array_equal(x_in_buffer, x)
 
 
 def test_progress_steps_match_one_call_without_strided_kernels(path, monkeypatch):

@@ -111,6 +111,8 @@ def _check_out(out, shape, dtype):
     if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
         raise ShapeError(f"out must be a C-contiguous {np.dtype(dtype).name} array of shape {tuple(shape)}, "
                          f"got {out.dtype} {out.shape}")
+    if not out.flags.writeable:
+        raise ShapeError("out must be writeable")
     return out
 
 

@@ -400,6 +400,10 @@ def test_out_buffer_and_progress():
     with pytest.raises(ShapeError, match="share memory"):
         conv_transpose3d(x_in_buffer, w, stride=2, padding=1, output_padding=1, out=buffer.reshape(out.shape))
     np.testing.assert_array_equal(x_in_buffer, x)
+    read_only = np.empty((2, 1, 8, 8, 8), dtype=np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ShapeError, match="writeable"):
+        conv_transpose3d(x, w, stride=2, padding=1, output_padding=1, out=read_only)
 
 
 def test_progress_steps_match_one_call_without_strided_kernels(path, monkeypatch):

@@ -11,8 +11,9 @@ time over the engine's best: shared VMs slow whole stretches of runs down by up 
 either), GFLOP/s of the engine's best run and its share of this machine's sgemm
 rate (NumPy's BLAS, best of 3, measured at the start and again at the end of the
 run: the higher of the two counts, so that a slow stretch of the host does not
-inflate the share), the output floor (allocating and
-writing the output once with all threads; median like the others), *x floor*
+inflate the share), the output floor (allocating the output, mapping its memory
+pages in order from one thread as the engine does, and writing it once with all
+threads; median like the others), *x floor*
 (the median over repeats of engine / floor, the two timed back to back after
 the same PyTorch call, in alternating order) and the engine's peak extra memory
 as a multiple of the output size (tracemalloc sees NumPy's allocations), and the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import mmap
 import os
 import sys
 import time
@@ -103,8 +105,9 @@ def make_floor():
 
     def floor(shape, dtype):
         t = time.perf_counter()
-        out = np.empty(shape, dtype=dtype)
-        fill(out.reshape(-1))
+        flat = np.empty(shape, dtype=dtype).reshape(-1)
+        flat[::mmap.PAGESIZE // flat.itemsize] = 0   # pages mapped in order, as the engine does
+        fill(flat)
         return time.perf_counter() - t
     floor((8,), np.float32)
     floor((8,), np.float64)

@@ -7,7 +7,8 @@ Usage::
 For 1 channel 128³ k3 s2 p1 op1, 128³ k4 s2 p1 and 192³ k2 s2 it prints medians of:
 
 * *fresh*: ``conv_transpose3d`` returning a new array, against the floor of
-  ``np.empty`` plus one parallel fill of it (both page-fault their output);
+  ``np.empty``, one write per memory page in order from one thread (mapping the pages,
+  as the engine does) and one parallel fill of it;
 * *warm*: ``PreparedLayer.run_slab`` into an output that already exists, against a
   parallel fill of that output (no page faults: the kernels' own cost).
 
@@ -18,6 +19,7 @@ Nothing here is a pass/fail test: timings on shared machines are noisy.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import sys
 import time
@@ -56,7 +58,9 @@ def main():
         return time.perf_counter() - t
 
     def fresh_floor(shape):
-        fill(np.empty(shape, dtype=np.float32).reshape(-1))
+        flat = np.empty(shape, dtype=np.float32).reshape(-1)
+        flat[::mmap.PAGESIZE // flat.itemsize] = 0   # pages mapped in order, as the engine does
+        fill(flat)
 
     print(f"# threads={args.threads}, medians of {args.repeat}")
     header = (f"{'case':24s} {'path':>8s} {'fresh ms':>9s} {'floor ms':>9s} {'x floor':>8s} "

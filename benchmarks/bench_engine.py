@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import mmap
 import os
 import sys
 import time
@@ -98,6 +97,8 @@ def sgemm_gflops(threads):
 def make_floor():
     from numba import njit, prange
 
+    from convt3d_cli.engine._layer import _fault_in
+
     @njit(parallel=True, cache=False)
     def fill(flat):
         for i in prange(flat.shape[0]):
@@ -106,7 +107,7 @@ def make_floor():
     def floor(shape, dtype):
         t = time.perf_counter()
         flat = np.empty(shape, dtype=dtype).reshape(-1)
-        flat[::mmap.PAGESIZE // flat.itemsize] = 0   # pages mapped in order, as the engine does
+        _fault_in(flat)   # pages mapped in order, as the engine does
         fill(flat)
         return time.perf_counter() - t
     floor((8,), np.float32)

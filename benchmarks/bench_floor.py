@@ -19,7 +19,6 @@ Nothing here is a pass/fail test: timings on shared machines are noisy.
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import sys
 import time
@@ -46,6 +45,7 @@ def main():
     from numba import njit, prange
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     from convt3d_cli.engine import PreparedLayer, conv_transpose3d
+    from convt3d_cli.engine._layer import _fault_in
 
     @njit(parallel=True, cache=False)
     def fill(flat):
@@ -59,7 +59,7 @@ def main():
 
     def fresh_floor(shape):
         flat = np.empty(shape, dtype=np.float32).reshape(-1)
-        flat[::mmap.PAGESIZE // flat.itemsize] = 0   # pages mapped in order, as the engine does
+        _fault_in(flat)   # pages mapped in order, as the engine does
         fill(flat)
 
     print(f"# threads={args.threads}, medians of {args.repeat}")

@@ -49,7 +49,7 @@ plan, blocking, s = prepared.plan, prepared.plan.blocking, layer.params.stride
 out = np.zeros(layer.output_shape, np.float32)
 args = (x, prepared.w_packed, plan.terms, prepared.bias_blocks, out, *plan.tables, s[0], s[1], s[2],
         blocking.d_chunk, blocking.h_tile, blocking.rows_per_block, *blocking.padded, 0, layer.input_shape[2],
-        0, layer.out_spatial[0], 0)
+        0, layer.out_spatial[0], 0, 2)
 signature = tuple(typeof(a) for a in args)
 kernel = kern.BLOCKED_KERNELS[block]
 kernel.compile(signature)

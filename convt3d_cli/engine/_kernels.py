@@ -1,12 +1,19 @@
 """Numba kernels. They take checked, contiguous arrays and index tables from
 ``_plan`` and do no validation or I/O.
 
-Every kernel is output-stationary: each parallel iteration owns a disjoint set
-of output rows, so ``prange`` needs no atomics, and every output is summed in
-an order fixed by the layer alone, so results do not depend on the thread
-count or on how the volume is cut into slabs. Input slabs are addressed with
-``in_start`` (the global index of their first plane along D) so the same
-kernels serve whole volumes and streamed slabs.
+Every kernel is output-stationary: each job owns a disjoint set of output rows,
+so jobs need no atomics on the outputs, and every output is summed in an order
+fixed by the layer alone, so results do not depend on the thread count, on
+which thread ran a job or on how the volume is cut into slabs. Input slabs are
+addressed with ``in_start`` (the global index of their first plane along D) so
+the same kernels serve whole volumes and streamed slabs.
+
+The parallel kernels hand out their jobs at run time (``_job_claims``,
+``_claim``): each of the run's ``workers`` threads takes the jobs of its own
+contiguous share first, then the jobs left in the other shares. ``prange``
+alone splits the iterations into equal fixed shares, and the run lasts as long
+as its slowest share: a thread that wakes late or shares its core with other
+work holds the others up.
 """
 
 import numba
@@ -20,15 +27,65 @@ from ._plan import REGISTER_BLOCKS, WIDE_VECTOR_BLOCKS
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 
 
+@intrinsic
+def _fetch_add(typingctx, counters, i):
+    """``counters[i] += 1`` as one atomic step; returns the value before it."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64
+            and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], sig.args[1], types.intp)
+        one = context.get_constant(types.int64, 1)
+        return builder.atomic_rmw("add", builder.gep(array.data, [index]), one, "monotonic")
+    return types.int64(counters, i), codegen
+
+
+@njit(**_JIT)
+def _job_claims(n_jobs, workers):
+    """The claim counters of ``n_jobs`` jobs on ``workers`` threads (one per worker, at most
+    one per job): worker ``v``'s share is jobs ``[v * n_jobs // n, (v + 1) * n_jobs // n)``
+    and its counter starts at the first of them (``_claim``)."""
+    n_workers = max(0, min(workers, n_jobs))
+    claims = np.empty(n_workers, dtype=np.int64)
+    for v in range(n_workers):
+        claims[v] = v * n_jobs // n_workers
+    return claims
+
+
+@njit(inline="always", **_JIT)
+def _claim(claims, n_jobs, worker, victim):
+    """The next job for ``worker``: the next unclaimed job of ``victim``'s share, else of the
+    shares after it, up to (not including) the worker's own again.
+
+    Returns ``(job, victim)``, the share it came from, to pass back on the next call;
+    ``job`` is -1 when no job is left. A worker starts with ``victim = worker``, so it runs
+    its own share in order (jobs next to each other read neighbouring inputs) and then
+    helps with the rest. Each claim is one atomic increment: no job runs twice or not at all.
+    """
+    n_workers = claims.shape[0]
+    worker = np.int64(worker)
+    victim = np.int64(victim)
+    while True:
+        job = _fetch_add(claims, victim)
+        if job < (victim + 1) * n_jobs // n_workers:
+            return job, victim
+        victim = (victim + 1) % n_workers
+        if victim == worker:
+            return np.int64(-1), victim
+
+
 @njit(parallel=True, **_JIT)
 def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_inputs,
-               w_kidx, stride_w, pad_w, in_start, chunk, n_od, plane0):
+               w_kidx, stride_w, pad_w, in_start, chunk, n_od, plane0, workers):
     """Few-channel path: unit-stride FIR rows over repeat-upsampled input rows.
 
     x : (N, Cin, Dslab, H, W); w : (G, Cin/G, Cout/G, kD, kH, kW); bias : (Cout,)
     out : (N, Cout, Dout_slab, Hout, Wout); the ``n_od`` planes computed go to ``out``'s
     planes ``plane0 ..`` (the D tables index them from 0, with global input indices);
-    ``w_kidx`` comes from ``_plan.fir_taps``.
+    ``w_kidx`` comes from ``_plan.fir_taps``; ``workers``: the run's thread count (the
+    module's notes: jobs are claimed at run time).
 
     Along W, output ``o`` reads ``rep[o - m * s]`` for windows ``m`` where ``rep``
     is the input row repeated ``s`` times, with a per-position coefficient (zero
@@ -44,103 +101,108 @@ def direct_fir(x, w, bias, out, d_count, d_taps, d_inputs, h_count, h_taps, h_in
     lead = (n_win - 1) * stride_w
     n_rep = lead + n_ow
     n_chunks = (n_od + chunk - 1) // chunk
-    for job in prange(n_batch * c_out * n_chunks):
-        ch, n, co, g, co_g = _channel_job(job, n_chunks, c_out, cout_g)
-        b = bias[co]
-        od0 = ch * chunk
-        od1 = min(n_od, od0 + chunk)
-        id_lo = x.shape[2] + in_start
-        id_hi = -1
-        for od in range(od0, od1):
-            for a in range(d_count[od]):
-                id_lo = min(id_lo, d_inputs[od, a])
-                id_hi = max(id_hi, d_inputs[od, a])
-        n_id = max(0, id_hi - id_lo + 1)
-        # One extra all-zero row at the end: the padding terms read it (0 * 0, never 0 * inf).
-        # The repeats below fill [copy_lo, copy_hi) of every row; only the rest is zeroed
-        # (zeroing whole rows first cost a tenth of a one-channel layer).
-        rep2 = np.empty((cin_g * n_id * n_ih + 1, n_rep), dtype=out.dtype)
-        rep2[cin_g * n_id * n_ih] = 0
-        copy_lo = min(n_rep, max(0, lead - pad_w))
-        copy_hi = max(copy_lo, min(n_rep, lead - pad_w + n_iw * stride_w))
-        rep = rep2[:cin_g * n_id * n_ih].reshape((cin_g, n_id, n_ih, n_rep))
-        for ci in range(cin_g):
-            for di in range(n_id):
-                id_local = id_lo + di - in_start
-                for ih in range(n_ih):
-                    x_row = x[n, g * cin_g + ci, id_local, ih]
-                    r_row = rep[ci, di, ih]
-                    r_row[:copy_lo] = 0
-                    r_row[copy_hi:] = 0
-                    if stride_w == 2:
-                        _repeat_row_twice(x_row, r_row, lead - pad_w)
-                        continue
-                    # rep[i * s + off] = x[i] for each of the s copies: one strided copy per copy.
-                    for jj in range(stride_w):
-                        off = lead - pad_w + jj
-                        i_lo = max(0, -(off // stride_w))
-                        i_hi = min(n_iw, -((off - n_rep) // stride_w))
-                        if i_hi <= i_lo:
-                            continue
-                        dst = r_row[off + i_lo * stride_w::stride_w]
-                        src_x = x_row[i_lo:i_hi]
-                        for i in range(i_hi - i_lo):
-                            dst[i] = src_x[i]
-        # One extra all-zero coefficient row pads every row's term list to a multiple of four.
-        coef = np.zeros((cin_g * k_d * k_h * n_win + 1, n_ow), dtype=out.dtype)
-        zero_row = cin_g * k_d * k_h * n_win
-        for ci in range(cin_g):
-            for kd in range(k_d):
-                for kh in range(k_h):
-                    for m in range(n_win):
-                        c_row = coef[((ci * k_d + kd) * k_h + kh) * n_win + m]
-                        for t in range(n_ow):
-                            kw = w_kidx[m, t]
-                            if kw >= 0:
-                                c_row[t] = w[g, ci, co_g, kd, kh, kw]
-        # Each output row is a sum of (coefficient row x shifted repeated row) terms; applying
-        # them four at a time, the first four together with the bias, cuts loop overhead and
-        # output-row traffic.
-        max_terms = d_taps.shape[1] * h_taps.shape[1] * cin_g * n_win + 4
-        t_rep = np.zeros(max_terms, dtype=np.int64)
-        t_coef = np.empty(max_terms, dtype=np.int64)
-        t_start = np.empty(max_terms, dtype=np.int64)
-        for od in range(od0, od1):
-            for oh in range(n_oh):
-                nt = 0
+    n_jobs = n_batch * c_out * n_chunks
+    claims = _job_claims(n_jobs, workers)
+    for worker in prange(claims.shape[0]):
+        job, victim = _claim(claims, n_jobs, worker, worker)
+        while job >= 0:
+            ch, n, co, g, co_g = _channel_job(job, n_chunks, c_out, cout_g)
+            b = bias[co]
+            od0 = ch * chunk
+            od1 = min(n_od, od0 + chunk)
+            id_lo = x.shape[2] + in_start
+            id_hi = -1
+            for od in range(od0, od1):
                 for a in range(d_count[od]):
-                    kd = d_taps[od, a]
-                    di = d_inputs[od, a] - id_lo
-                    for bb in range(h_count[oh]):
-                        kh = h_taps[oh, bb]
-                        ih = h_inputs[oh, bb]
-                        for ci in range(cin_g):
-                            for m in range(n_win):
-                                t_rep[nt] = (ci * n_id + di) * n_ih + ih
-                                t_coef[nt] = ((ci * k_d + kd) * k_h + kh) * n_win + m
-                                t_start[nt] = lead - m * stride_w
-                                nt += 1
-                while nt % 4 or nt == 0:
-                    t_rep[nt] = cin_g * n_id * n_ih
-                    t_coef[nt] = zero_row
-                    t_start[nt] = 0
-                    nt += 1
-                out_row = out[n, co, plane0 + od, oh]
-                for j in range(0, nt, 4):
-                    c0 = coef[t_coef[j]]
-                    c1 = coef[t_coef[j + 1]]
-                    c2 = coef[t_coef[j + 2]]
-                    c3 = coef[t_coef[j + 3]]
-                    s0 = rep2[t_rep[j], t_start[j]:t_start[j] + n_ow]
-                    s1 = rep2[t_rep[j + 1], t_start[j + 1]:t_start[j + 1] + n_ow]
-                    s2 = rep2[t_rep[j + 2], t_start[j + 2]:t_start[j + 2] + n_ow]
-                    s3 = rep2[t_rep[j + 3], t_start[j + 3]:t_start[j + 3] + n_ow]
-                    if j == 0:
-                        for t in range(n_ow):
-                            out_row[t] = b + ((c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t]))
-                    else:
-                        for t in range(n_ow):
-                            out_row[t] += (c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t])
+                    id_lo = min(id_lo, d_inputs[od, a])
+                    id_hi = max(id_hi, d_inputs[od, a])
+            n_id = max(0, id_hi - id_lo + 1)
+            # One extra all-zero row at the end: the padding terms read it (0 * 0, never 0 * inf).
+            # The repeats below fill [copy_lo, copy_hi) of every row; only the rest is zeroed
+            # (zeroing whole rows first cost a tenth of a one-channel layer).
+            rep2 = np.empty((cin_g * n_id * n_ih + 1, n_rep), dtype=out.dtype)
+            rep2[cin_g * n_id * n_ih] = 0
+            copy_lo = min(n_rep, max(0, lead - pad_w))
+            copy_hi = max(copy_lo, min(n_rep, lead - pad_w + n_iw * stride_w))
+            rep = rep2[:cin_g * n_id * n_ih].reshape((cin_g, n_id, n_ih, n_rep))
+            for ci in range(cin_g):
+                for di in range(n_id):
+                    id_local = id_lo + di - in_start
+                    for ih in range(n_ih):
+                        x_row = x[n, g * cin_g + ci, id_local, ih]
+                        r_row = rep[ci, di, ih]
+                        r_row[:copy_lo] = 0
+                        r_row[copy_hi:] = 0
+                        if stride_w == 2:
+                            _repeat_row_twice(x_row, r_row, lead - pad_w)
+                            continue
+                        # rep[i * s + off] = x[i] for each of the s copies: one strided copy per copy.
+                        for jj in range(stride_w):
+                            off = lead - pad_w + jj
+                            i_lo = max(0, -(off // stride_w))
+                            i_hi = min(n_iw, -((off - n_rep) // stride_w))
+                            if i_hi <= i_lo:
+                                continue
+                            dst = r_row[off + i_lo * stride_w::stride_w]
+                            src_x = x_row[i_lo:i_hi]
+                            for i in range(i_hi - i_lo):
+                                dst[i] = src_x[i]
+            # One extra all-zero coefficient row pads every row's term list to a multiple of four.
+            coef = np.zeros((cin_g * k_d * k_h * n_win + 1, n_ow), dtype=out.dtype)
+            zero_row = cin_g * k_d * k_h * n_win
+            for ci in range(cin_g):
+                for kd in range(k_d):
+                    for kh in range(k_h):
+                        for m in range(n_win):
+                            c_row = coef[((ci * k_d + kd) * k_h + kh) * n_win + m]
+                            for t in range(n_ow):
+                                kw = w_kidx[m, t]
+                                if kw >= 0:
+                                    c_row[t] = w[g, ci, co_g, kd, kh, kw]
+            # Each output row is a sum of (coefficient row x shifted repeated row) terms; applying
+            # them four at a time, the first four together with the bias, cuts loop overhead and
+            # output-row traffic.
+            max_terms = d_taps.shape[1] * h_taps.shape[1] * cin_g * n_win + 4
+            t_rep = np.zeros(max_terms, dtype=np.int64)
+            t_coef = np.empty(max_terms, dtype=np.int64)
+            t_start = np.empty(max_terms, dtype=np.int64)
+            for od in range(od0, od1):
+                for oh in range(n_oh):
+                    nt = 0
+                    for a in range(d_count[od]):
+                        kd = d_taps[od, a]
+                        di = d_inputs[od, a] - id_lo
+                        for bb in range(h_count[oh]):
+                            kh = h_taps[oh, bb]
+                            ih = h_inputs[oh, bb]
+                            for ci in range(cin_g):
+                                for m in range(n_win):
+                                    t_rep[nt] = (ci * n_id + di) * n_ih + ih
+                                    t_coef[nt] = ((ci * k_d + kd) * k_h + kh) * n_win + m
+                                    t_start[nt] = lead - m * stride_w
+                                    nt += 1
+                    while nt % 4 or nt == 0:
+                        t_rep[nt] = cin_g * n_id * n_ih
+                        t_coef[nt] = zero_row
+                        t_start[nt] = 0
+                        nt += 1
+                    out_row = out[n, co, plane0 + od, oh]
+                    for j in range(0, nt, 4):
+                        c0 = coef[t_coef[j]]
+                        c1 = coef[t_coef[j + 1]]
+                        c2 = coef[t_coef[j + 2]]
+                        c3 = coef[t_coef[j + 3]]
+                        s0 = rep2[t_rep[j], t_start[j]:t_start[j] + n_ow]
+                        s1 = rep2[t_rep[j + 1], t_start[j + 1]:t_start[j + 1] + n_ow]
+                        s2 = rep2[t_rep[j + 2], t_start[j + 2]:t_start[j + 2] + n_ow]
+                        s3 = rep2[t_rep[j + 3], t_start[j + 3]:t_start[j + 3] + n_ow]
+                        if j == 0:
+                            for t in range(n_ow):
+                                out_row[t] = b + ((c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t]))
+                        else:
+                            for t in range(n_ow):
+                                out_row[t] += (c0[t] * s0[t] + c1[t] * s1[t]) + (c2[t] * s2[t] + c3[t] * s3[t])
+            job, victim = _claim(claims, n_jobs, worker, victim)
 
 
 @njit(**_JIT)
@@ -194,8 +256,8 @@ def _job_block(job, x, dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk, n_
     ``tail`` zeros after it, so that a position block can be read at any row offset.
     The ``n_chunks`` chunks split ``[q_lo, q_hi)`` evenly (none longer than ``d_chunk``):
     a slab whose positions run one past a multiple of ``d_chunk`` would otherwise have a
-    chunk of one position, and the threads that get only such jobs would idle while the
-    others work (the parallel loop hands each thread an equal run of job numbers).
+    chunk of one position, and a thread whose share of job numbers holds only such jobs
+    would soon have to take over the others' long jobs, one at a time.
     """
     tile = job % n_tiles
     rest = job // n_tiles
@@ -279,7 +341,7 @@ def blocked_kernel(channel_block, position_block, unsigned_index=True, wide_vect
     @njit(parallel=True, **_JIT)
     def blocked_phases(x, w_packed, terms, bias_blocks, out, first_d, count_d, first_h, count_h, first_w, count_w,
                        stride_d, stride_h, stride_w, d_chunk, h_tile, rows_per_block, shift_d_min, n_dp,
-                       shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, n_od, plane0):
+                       shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, n_od, plane0, workers):
         """Many-channel path: register-blocked gather, one output phase at a time.
 
         x : (N, Cin, Dslab, H, W); out : (N, Cout, Dout_slab, Hout, Wout): output planes
@@ -292,6 +354,7 @@ def blocked_kernel(channel_block, position_block, unsigned_index=True, wide_vect
         first_*, count_* : per-phase first output and output count along each axis.
         rows_per_block : > 1 only for rows shorter than a position block that need no W halo
             (``n_wp`` = row length): one block then covers that many whole rows.
+        workers : the run's thread count (the module's notes: jobs are claimed at run time).
 
         Phase ``r`` of an axis owns outputs ``first[r] + q * stride``. One job covers ``d_chunk``
         values of ``q`` along D (all D phases) and ``h_tile`` along H, for one sample and group.
@@ -318,47 +381,52 @@ def blocked_kernel(channel_block, position_block, unsigned_index=True, wide_vect
         n_tiles = (n_qh + h_tile - 1) // h_tile
         row_len = position_block if rows_per_block == 1 else n_qw
         block_w = position_block if rows_per_block == 1 else n_qw
-        for job in prange(n_batch * groups * n_chunks * n_tiles):
-            n, g, q0, q1, qh0, qh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk,
-                                                    n_qh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
-                                                    n_wp, position_block, in_start, n_id)
-            if wide_vectors:
-                _prefer_512_bit()
-            acc = numba.carray(_stack_block(out.dtype, acc_size), acc_size)
-            # One block per W phase, padded so a full position block can be read at any row offset.
-            blocks = np.zeros((stride_w, acc_size + position_block), dtype=out.dtype)
-            # Channel blocks outermost: consecutive blocks then write the same few output planes
-            # row after row (few TLB pages in use) while the input block stays in cache.
-            for cob in range(n_cob):
-                n_co = min(channel_block, cout_g - cob * channel_block)
-                for qd in range(q0, q1):
-                    for rd in range(stride_d):
-                        od = first_d[rd] + qd * stride_d
-                        if qd >= count_d[rd] or od < out_start or od >= out_start + n_od:
-                            continue
-                        for qh in range(qh0, qh1, rows_per_block):
-                            for rh in range(stride_h):
-                                if qh >= count_h[rh]:
-                                    continue
-                                for qw0 in range(0, n_qw, block_w):
-                                    xbase = ((qd - q0) * n_hp + qh - qh0) * n_wp + qw0
-                                    for rw in range(stride_w):
-                                        if count_w[rw] <= qw0:
-                                            continue
-                                        _accumulate_terms(acc, bias_blocks[g, cob], xp, xbase, terms[rd, rh, rw],
-                                                          w_packed[g, cob, rd, rh, rw], position_block, channel_block,
-                                                          unsigned_index)
-                                        blk = blocks[rw]
-                                        for i in range(acc_size):
-                                            blk[i] = acc[i]
-                                    for r in range(rows_per_block):
-                                        qh_r = qh + r
-                                        if qh_r >= qh1 or qh_r >= count_h[rh]:
-                                            break
-                                        oh = first_h[rh] + qh_r * stride_h
-                                        _store_rows(out, blocks, n, g * cout_g + cob * channel_block,
-                                                    n_co, plane0 + od - out_start, oh, r * row_len, qw0, row_len, first_w,
-                                                    count_w, stride_w, position_block)
+        n_jobs = n_batch * groups * n_chunks * n_tiles
+        claims = _job_claims(n_jobs, workers)
+        for worker in prange(claims.shape[0]):
+            job, victim = _claim(claims, n_jobs, worker, worker)
+            while job >= 0:
+                n, g, q0, q1, qh0, qh1, xp = _job_block(
+                    job, x, out.dtype, groups, n_chunks, n_tiles, q_lo, q_hi, d_chunk, n_qh, h_tile, shift_d_min,
+                    n_dp, shift_h_min, n_hp, shift_w_min, n_wp, position_block, in_start, n_id)
+                if wide_vectors:
+                    _prefer_512_bit()
+                acc = numba.carray(_stack_block(out.dtype, acc_size), acc_size)
+                # One block per W phase, padded so a full position block can be read at any row offset.
+                blocks = np.zeros((stride_w, acc_size + position_block), dtype=out.dtype)
+                # Channel blocks outermost: consecutive blocks then write the same few output planes
+                # row after row (few TLB pages in use) while the input block stays in cache.
+                for cob in range(n_cob):
+                    n_co = min(channel_block, cout_g - cob * channel_block)
+                    for qd in range(q0, q1):
+                        for rd in range(stride_d):
+                            od = first_d[rd] + qd * stride_d
+                            if qd >= count_d[rd] or od < out_start or od >= out_start + n_od:
+                                continue
+                            for qh in range(qh0, qh1, rows_per_block):
+                                for rh in range(stride_h):
+                                    if qh >= count_h[rh]:
+                                        continue
+                                    for qw0 in range(0, n_qw, block_w):
+                                        xbase = ((qd - q0) * n_hp + qh - qh0) * n_wp + qw0
+                                        for rw in range(stride_w):
+                                            if count_w[rw] <= qw0:
+                                                continue
+                                            _accumulate_terms(acc, bias_blocks[g, cob], xp, xbase,
+                                                              terms[rd, rh, rw], w_packed[g, cob, rd, rh, rw],
+                                                              position_block, channel_block, unsigned_index)
+                                            blk = blocks[rw]
+                                            for i in range(acc_size):
+                                                blk[i] = acc[i]
+                                        for r in range(rows_per_block):
+                                            qh_r = qh + r
+                                            if qh_r >= qh1 or qh_r >= count_h[rh]:
+                                                break
+                                            oh = first_h[rh] + qh_r * stride_h
+                                            _store_rows(out, blocks, n, g * cout_g + cob * channel_block, n_co,
+                                                        plane0 + od - out_start, oh, r * row_len, qw0, row_len,
+                                                        first_w, count_w, stride_w, position_block)
+                job, victim = _claim(claims, n_jobs, worker, victim)
 
     return blocked_phases
 
@@ -461,7 +529,7 @@ def _stack_block_wide(typingctx, dtype):
 @njit(parallel=True, **_JIT)
 def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_chunk, h_tile, shift_d_min,
                      n_dp, shift_h_min, n_hp, shift_w_min, n_wp, in_start, n_id, out_start, v_lo, v_hi,
-                     shuffle, sub_d, sub_h, sub_w, n_od, plane0):
+                     shuffle, sub_d, sub_h, sub_w, n_od, plane0, workers):
     """Few-channel path: the layer's phases as channels of one stride-1 convolution.
 
     With ``_plan.subpixel_phases`` every output phase of every output channel becomes a
@@ -476,7 +544,8 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
         ``blocked_phases`` with one phase;
     n_vd, n_vh, n_vw : positions along each axis; ``v_lo, v_hi`` the D positions with
         outputs in this slab (``_plan.q_range``);
-    sub_* : (3, stride) per real phase: first output, count, offset (``q = v + offset``).
+    sub_* : (3, stride) per real phase: first output, count, offset (``q = v + offset``);
+    workers : the run's thread count (jobs are claimed at run time).
 
     Jobs and the padded input block are those of ``blocked_phases``. A row's blocks are kept
     block after block in a row buffer and scattered once the row is done
@@ -492,26 +561,31 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
     n_tiles = (n_vh + h_tile - 1) // h_tile
     n_wblocks = (n_vw + WIDE_POSITION_BLOCK - 1) // WIDE_POSITION_BLOCK
     term_rows = terms[0, 0, 0]
-    for job in prange(n_batch * groups * n_chunks * n_tiles):
-        n, g, v0, v1, vh0, vh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, v_lo, v_hi, d_chunk,
-                                                n_vh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
-                                                n_wp, WIDE_POSITION_BLOCK, in_start, n_id)
-        acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
-        row_buf = np.empty(n_wblocks * _ACC_WIDE, dtype=out.dtype)
-        for cob in range(n_cob):
-            n_c = min(CHANNEL_BLOCK, n_virtual - cob * CHANNEL_BLOCK)
-            w_terms = w_packed[g, cob, 0, 0, 0]
-            start = bias_blocks[g, cob]
-            for vd in range(v0, v1):
-                for vh in range(vh0, vh1):
-                    for wb in range(n_wblocks):
-                        xbase = ((vd - v0) * n_hp + vh - vh0) * n_wp + wb * WIDE_POSITION_BLOCK
-                        _accumulate_terms(acc, start, xp, xbase, term_rows, w_terms, WIDE_POSITION_BLOCK)
-                        blk = row_buf[wb * _ACC_WIDE:(wb + 1) * _ACC_WIDE]
-                        for i in range(_ACC_WIDE):
-                            blk[i] = acc[i]
-                    _store_subpixel_row(out, row_buf, n_vw, n, g * (c_out // groups), cob * CHANNEL_BLOCK, n_c,
-                                        vd, vh, shuffle, sub_d, sub_h, sub_w, out_start, n_od, plane0)
+    n_jobs = n_batch * groups * n_chunks * n_tiles
+    claims = _job_claims(n_jobs, workers)
+    for worker in prange(claims.shape[0]):
+        job, victim = _claim(claims, n_jobs, worker, worker)
+        while job >= 0:
+            n, g, v0, v1, vh0, vh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, v_lo, v_hi, d_chunk,
+                                                    n_vh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
+                                                    n_wp, WIDE_POSITION_BLOCK, in_start, n_id)
+            acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
+            row_buf = np.empty(n_wblocks * _ACC_WIDE, dtype=out.dtype)
+            for cob in range(n_cob):
+                n_c = min(CHANNEL_BLOCK, n_virtual - cob * CHANNEL_BLOCK)
+                w_terms = w_packed[g, cob, 0, 0, 0]
+                start = bias_blocks[g, cob]
+                for vd in range(v0, v1):
+                    for vh in range(vh0, vh1):
+                        for wb in range(n_wblocks):
+                            xbase = ((vd - v0) * n_hp + vh - vh0) * n_wp + wb * WIDE_POSITION_BLOCK
+                            _accumulate_terms(acc, start, xp, xbase, term_rows, w_terms, WIDE_POSITION_BLOCK)
+                            blk = row_buf[wb * _ACC_WIDE:(wb + 1) * _ACC_WIDE]
+                            for i in range(_ACC_WIDE):
+                                blk[i] = acc[i]
+                        _store_subpixel_row(out, row_buf, n_vw, n, g * (c_out // groups), cob * CHANNEL_BLOCK, n_c,
+                                            vd, vh, shuffle, sub_d, sub_h, sub_w, out_start, n_od, plane0)
+            job, victim = _claim(claims, n_jobs, worker, victim)
 
 
 @njit(**_JIT)
@@ -596,7 +670,7 @@ def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle
 
 @njit(parallel=True, **_JIT)
 def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, n_ranges, copy_x, in_start,
-                 n_id, out_start, n_od, plane0):
+                 n_id, out_start, n_od, plane0, workers):
     """Layers whose kernel equals their stride (no padding, no dilation): a GEMM and a pixel shuffle.
 
     x : (N, Cin, Dslab, H, W); bias : (Cout,); out : (N, Cout, Dout_slab, Hout, Wout), planes
@@ -608,7 +682,8 @@ def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, 
     chunk : input positions per job, a multiple of ``seg_len``;
     n_ranges : the virtual channels are split into this many ranges (jobs for small volumes);
     copy_x : copy each job's inputs to a block whose channel stride is not a power of two.
-        Read in place, channels of a 2^k-sized volume all fall into the same cache sets.
+        Read in place, channels of a 2^k-sized volume all fall into the same cache sets;
+    workers : the run's thread count (jobs are claimed at run time).
 
     Every output has exactly one tap: output ``(sd * d + kd, sh * h + kh, sw * w + kw)`` of
     channel ``co`` is the bias plus the sum over ``ci`` of ``x[ci, d, h, w] * w[ci, co, kd, kh, kw]``.
@@ -644,78 +719,83 @@ def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, 
     stride_ci = (chunk + pb + line - 1) // line * line
     if (stride_ci // line) % 2 == 0:
         stride_ci += line
-    for job in prange(n_batch * groups * n_chunks * n_ranges):
-        vr = job % n_ranges
-        rest = job // n_ranges
-        c0 = p_lo + (rest % n_chunks) * chunk
-        c1 = min(p_hi, c0 + chunk)
-        rest = rest // n_chunks
-        g = rest % groups
-        n = rest // groups
-        # Term rows: where each input channel's positions start in ``src_x``, -1 at the end
-        # (see _accumulate_terms); position ``p`` is at ``p - base`` from there.
-        terms = np.empty(cin_g + 1, dtype=np.int64)
-        terms[cin_g] = -1
-        if copy_x:
-            src_x = np.empty(cin_g * stride_ci, dtype=out.dtype)
-            for ci in range(cin_g):
-                terms[ci] = ci * stride_ci
-                src = xs[(n * x.shape[1] + g * cin_g + ci) * slab_len + c0:]
-                dst = src_x[ci * stride_ci:(ci + 1) * stride_ci]
-                for t in range(c1 - c0):
-                    dst[t] = src[t]
-                dst[c1 - c0:] = 0
-            base = c0
-        else:
-            src_x = xs
-            for ci in range(cin_g):
-                terms[ci] = (n * x.shape[1] + g * cin_g + ci) * slab_len
-            base = 0
-        # In place, a block that would read past its channel's slab reads a zero-padded copy
-        # (a copied block has that room already).
-        n_tail = 0 if copy_x else cin_g
-        tail = np.zeros(n_tail * pb, dtype=out.dtype)
-        tail_terms = np.empty(n_tail + 1, dtype=np.int64)
-        for ci in range(n_tail):
-            tail_terms[ci] = ci * pb
-        tail_terms[n_tail] = -1
-        w_block = np.empty(cin_g * CHANNEL_BLOCK, dtype=out.dtype)
-        start = np.empty(_ACC_WIDE, dtype=out.dtype)
-        seg_buf = np.empty(n_seg_blocks * _ACC_WIDE, dtype=out.dtype)
-        acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
-        for vb in range(vr * per_range, min(n_vb, (vr + 1) * per_range)):
-            v0 = vb * CHANNEL_BLOCK
-            n_v = min(CHANNEL_BLOCK, n_virtual - v0)
-            for ci in range(cin_g):
-                src = w[g, ci, v0:v0 + n_v]
-                dst = w_block[ci * CHANNEL_BLOCK:(ci + 1) * CHANNEL_BLOCK]
-                for cb in range(n_v):
-                    dst[cb] = src[cb]
-                for cb in range(n_v, CHANNEL_BLOCK):
-                    dst[cb] = 0
-            for cb in range(CHANNEL_BLOCK):
-                value = bias[g * cout_g + (v0 + cb) // n_phase] if cb < n_v else 0
-                for t in range(pb):
-                    start[cb * pb + t] = value
-            for seg in range(c0, c1, seg_len):
-                n_pos = min(seg_len, c1 - seg)
-                for wb in range((n_pos + pb - 1) // pb):
-                    p = seg + wb * pb
-                    if copy_x or p + pb <= slab_len:
-                        _accumulate_terms(acc, start, src_x, p - base, terms, w_block, pb)
-                    else:
-                        nb = min(pb, c1 - p)
-                        for ci in range(cin_g):
-                            src = xs[terms[ci] + p:terms[ci] + p + nb]
-                            dst = tail[ci * pb:(ci + 1) * pb]
-                            for t in range(nb):
-                                dst[t] = src[t]
-                        _accumulate_terms(acc, start, tail, 0, tail_terms, w_block, pb)
-                    blk = seg_buf[wb * _ACC_WIDE:(wb + 1) * _ACC_WIDE]
-                    for i in range(_ACC_WIDE):
-                        blk[i] = acc[i]
-                _store_shuffled(out, seg_buf, n, g * cout_g, v0, n_v, seg, n_pos, plane_len, n_iw, n_phase,
-                                stride_d, stride_h, stride_w, in_start, out_start, n_od, plane0)
+    n_jobs = n_batch * groups * n_chunks * n_ranges
+    claims = _job_claims(n_jobs, workers)
+    for worker in prange(claims.shape[0]):
+        job, victim = _claim(claims, n_jobs, worker, worker)
+        while job >= 0:
+            vr = job % n_ranges
+            rest = job // n_ranges
+            c0 = p_lo + (rest % n_chunks) * chunk
+            c1 = min(p_hi, c0 + chunk)
+            rest = rest // n_chunks
+            g = rest % groups
+            n = rest // groups
+            # Term rows: where each input channel's positions start in ``src_x``, -1 at the end
+            # (see _accumulate_terms); position ``p`` is at ``p - base`` from there.
+            terms = np.empty(cin_g + 1, dtype=np.int64)
+            terms[cin_g] = -1
+            if copy_x:
+                src_x = np.empty(cin_g * stride_ci, dtype=out.dtype)
+                for ci in range(cin_g):
+                    terms[ci] = ci * stride_ci
+                    src = xs[(n * x.shape[1] + g * cin_g + ci) * slab_len + c0:]
+                    dst = src_x[ci * stride_ci:(ci + 1) * stride_ci]
+                    for t in range(c1 - c0):
+                        dst[t] = src[t]
+                    dst[c1 - c0:] = 0
+                base = c0
+            else:
+                src_x = xs
+                for ci in range(cin_g):
+                    terms[ci] = (n * x.shape[1] + g * cin_g + ci) * slab_len
+                base = 0
+            # In place, a block that would read past its channel's slab reads a zero-padded copy
+            # (a copied block has that room already).
+            n_tail = 0 if copy_x else cin_g
+            tail = np.zeros(n_tail * pb, dtype=out.dtype)
+            tail_terms = np.empty(n_tail + 1, dtype=np.int64)
+            for ci in range(n_tail):
+                tail_terms[ci] = ci * pb
+            tail_terms[n_tail] = -1
+            w_block = np.empty(cin_g * CHANNEL_BLOCK, dtype=out.dtype)
+            start = np.empty(_ACC_WIDE, dtype=out.dtype)
+            seg_buf = np.empty(n_seg_blocks * _ACC_WIDE, dtype=out.dtype)
+            acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
+            for vb in range(vr * per_range, min(n_vb, (vr + 1) * per_range)):
+                v0 = vb * CHANNEL_BLOCK
+                n_v = min(CHANNEL_BLOCK, n_virtual - v0)
+                for ci in range(cin_g):
+                    src = w[g, ci, v0:v0 + n_v]
+                    dst = w_block[ci * CHANNEL_BLOCK:(ci + 1) * CHANNEL_BLOCK]
+                    for cb in range(n_v):
+                        dst[cb] = src[cb]
+                    for cb in range(n_v, CHANNEL_BLOCK):
+                        dst[cb] = 0
+                for cb in range(CHANNEL_BLOCK):
+                    value = bias[g * cout_g + (v0 + cb) // n_phase] if cb < n_v else 0
+                    for t in range(pb):
+                        start[cb * pb + t] = value
+                for seg in range(c0, c1, seg_len):
+                    n_pos = min(seg_len, c1 - seg)
+                    for wb in range((n_pos + pb - 1) // pb):
+                        p = seg + wb * pb
+                        if copy_x or p + pb <= slab_len:
+                            _accumulate_terms(acc, start, src_x, p - base, terms, w_block, pb)
+                        else:
+                            nb = min(pb, c1 - p)
+                            for ci in range(cin_g):
+                                src = xs[terms[ci] + p:terms[ci] + p + nb]
+                                dst = tail[ci * pb:(ci + 1) * pb]
+                                for t in range(nb):
+                                    dst[t] = src[t]
+                            _accumulate_terms(acc, start, tail, 0, tail_terms, w_block, pb)
+                        blk = seg_buf[wb * _ACC_WIDE:(wb + 1) * _ACC_WIDE]
+                        for i in range(_ACC_WIDE):
+                            blk[i] = acc[i]
+                    _store_shuffled(out, seg_buf, n, g * cout_g, v0, n_v, seg, n_pos, plane_len, n_iw, n_phase,
+                                    stride_d, stride_h, stride_w, in_start, out_start, n_od, plane0)
+            job, victim = _claim(claims, n_jobs, worker, victim)
     # Outputs past the last input's taps (output_padding): the bias.
     full_d, full_h, full_w = n_id * stride_d, n_ih * stride_h, n_iw * stride_w
     if full_h < n_oh or full_w < n_ow or out_start + n_od > full_d:
@@ -1002,7 +1082,7 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
 @njit(parallel=True, **_JIT)
 def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, first_h, count_h, taps_h, kern_h,
                 shift_h, w_kern, w_off, n_pair, n_a, d_chunk, sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start,
-                n_id, out_start, n_od, plane0, x_bits, exponent):
+                n_id, out_start, n_od, plane0, x_bits, exponent, workers):
     """Few-channel path for W stride 2: both W phases of an output row in one pass.
 
     x : (N, Cin, Dslab, H, W); w : (G, Cin/G, Cout/G, kD, kH, kW); bias : (Cout,)
@@ -1013,6 +1093,7 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     w_kern, w_off : (2, 2) kernel index (-1: none) and padded-row column offset of the two
         taps of W phase A (even columns, ``n_a`` outputs) and B (odd columns, ``n_pair``).
     x_bits, exponent : ``x`` flat as unsigned integers of its width, and the exponent mask.
+    workers : the run's thread count (jobs are claimed at run time).
 
     Returns the number of non-finite inputs the jobs read (checked by each group's first
     output channel; a plane two chunks read counts twice). When it is not 0 the outputs are not valid: zero-weight terms multiply inputs,
@@ -1053,150 +1134,157 @@ def paired_rows(x, w, bias, out, first_d, count_d, taps_d, kern_d, shift_d, firs
     one, two = np.uint64(1), np.uint64(2)
     # A reads columns (c + 1, c) and B (c + 2, c + 1): the middle column is loaded once.
     shared_column = oa0 == oa1 + one and ob1 == oa0 and ob0 == ob1 + one
-    for job in prange(n_batch * c_out * n_chunks):
-        chunk, n, co, g, co_g = _channel_job(job, n_chunks, c_out, cout_g)
-        b = bias[co]
-        q0 = q_lo + chunk * d_chunk
-        q1 = min(q_hi, q0 + d_chunk)
-        xp = np.empty(cin_g * n_dp * n_hp * n_wp, dtype=out.dtype)
-        _fill_block(x, xp, n, g, cin_g, q0 + sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start, n_id)
-        if co_g == 0:
-            # The group's other output channels read the same planes: checked once.
-            n_nonfinite += _nonfinite_planes(x_bits, exponent, x.shape, n, g * cin_g, cin_g, q0 + sd_lo, n_dp,
-                                             in_start, n_id)
-        # Per (ci, kd, kh): A's two tap weights, then B's (zero for a missing tap); one zero
-        # entry at the end for padding terms.
-        zero_w = cin_g * k_d * k_h * 4
-        wt = np.zeros(zero_w + 4, dtype=out.dtype)
-        for ci in range(cin_g):
-            for kd in range(k_d):
-                for kh in range(k_h):
-                    for k in range(4):
-                        kw = w_kern[k // 2, k % 2]
-                        if kw >= 0:
-                            wt[((ci * k_d + kd) * k_h + kh) * 4 + k] = w[g, ci, co_g, kd, kh, kw]
-        t_row = np.empty((stride_h, max_terms), dtype=np.uint64)
-        t_w = np.empty((stride_h, max_terms), dtype=np.int64)
-        n_terms = np.empty(stride_h, dtype=np.int64)
-        acc_a = np.empty(n_a, dtype=out.dtype)
-        acc_b = np.empty(n_a, dtype=out.dtype)
-        for qd in range(q0, q1):
-            for i_d in range(stride_d):
-                rd = order_d[i_d]
-                od = first_d[rd] + qd * stride_d - out_start
-                if qd >= count_d[rd] or od < 0 or od >= n_od:
-                    continue
-                od += plane0
-                for rh in range(stride_h):
-                    # Terms of this (D phase, H phase): offsets of their rows at qh = 0.
-                    nt = 0
-                    for ci in range(cin_g):
-                        for jd in range(taps_d[rd]):
-                            pl = ci * n_dp + qd - q0 + shift_d[rd, jd] - sd_lo
-                            for jh in range(taps_h[rh]):
-                                t_row[rh, nt] = (pl * n_hp + shift_h[rh, jh] - sh_lo) * n_wp
-                                t_w[rh, nt] = ((ci * k_d + kern_d[rd, jd]) * k_h + kern_h[rh, jh]) * 4
-                                nt += 1
-                    n_terms[rh] = nt
-                    # Whole groups of four: padding terms read row 0 with zero weights (the
-                    # input is finite on this path, so 0 * x is 0).
-                    while nt < 4 or nt % 4:
-                        t_row[rh, nt] = 0
-                        t_w[rh, nt] = zero_w
-                        nt += 1
-                for qh in range(n_qh):
-                    for i_h in range(stride_h):
-                        rh = order_h[i_h]
-                        if qh >= count_h[rh]:
-                            continue
-                        # The row is indexed, never sliced into views: with views, the
-                        # 128^3 k4 s2 p1 layer took 4.8 against 3.9 ms (measured, same process).
-                        oh = first_h[rh] + qh * stride_h
-                        nt = n_terms[rh]
-                        rel = np.uint64(qh * n_wp)
-                        for q in range(n_pair, n_a):
-                            # A's last output when the row length is odd.
-                            out[n, co, od, oh, 2 * q] = _paired_tail(xp, wt, t_row, t_w, rh, nt, rel, q, oa0, oa1, b)
-                        o0, o1, o2, o3 = t_row[rh, 0] + rel, t_row[rh, 1] + rel, t_row[rh, 2] + rel, t_row[rh, 3] + rel
-                        k0, k1, k2, k3 = t_w[rh, 0], t_w[rh, 1], t_w[rh, 2], t_w[rh, 3]
-                        wa00, wa01, wb00, wb01 = wt[k0], wt[k0 + 1], wt[k0 + 2], wt[k0 + 3]
-                        wa10, wa11, wb10, wb11 = wt[k1], wt[k1 + 1], wt[k1 + 2], wt[k1 + 3]
-                        wa20, wa21, wb20, wb21 = wt[k2], wt[k2 + 1], wt[k2 + 2], wt[k2 + 3]
-                        wa30, wa31, wb30, wb31 = wt[k3], wt[k3 + 1], wt[k3 + 2], wt[k3 + 3]
-                        # One, two and four terms (one input channel: D and H taps of a
-                        # stride-2 layer) each get their own loop; fewer loads than padding.
-                        if nt == 1:
-                            for q in range(n_pair):
-                                u = o0 + np.uint64(q)
-                                out[n, co, od, oh, 2 * q] = b + (wa00 * xp[u + oa0] + wa01 * xp[u + oa1])
-                                out[n, co, od, oh, 2 * q + 1] = b + (wb00 * xp[u + ob0] + wb01 * xp[u + ob1])
-                        elif nt == 2:
-                            for q in range(n_pair):
-                                u0 = o0 + np.uint64(q)
-                                u1 = o1 + np.uint64(q)
-                                out[n, co, od, oh, 2 * q] = b + ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1])
-                                                                 + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
-                                out[n, co, od, oh, 2 * q + 1] = b + ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1])
-                                                                     + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
-                        elif nt <= 4 and shared_column:
-                            # k4 s2 p1 and alike: three columns per term instead of four loads.
-                            for q in range(n_pair):
-                                u0 = o0 + np.uint64(q) + oa1
-                                u1 = o1 + np.uint64(q) + oa1
-                                u2 = o2 + np.uint64(q) + oa1
-                                u3 = o3 + np.uint64(q) + oa1
-                                x00, x01, x02 = xp[u0], xp[u0 + one], xp[u0 + two]
-                                x10, x11, x12 = xp[u1], xp[u1 + one], xp[u1 + two]
-                                x20, x21, x22 = xp[u2], xp[u2 + one], xp[u2 + two]
-                                x30, x31, x32 = xp[u3], xp[u3 + one], xp[u3 + two]
-                                out[n, co, od, oh, 2 * q] = b + (
-                                    ((wa00 * x01 + wa01 * x00) + (wa10 * x11 + wa11 * x10))
-                                    + ((wa20 * x21 + wa21 * x20) + (wa30 * x31 + wa31 * x30)))
-                                out[n, co, od, oh, 2 * q + 1] = b + (
-                                    ((wb00 * x02 + wb01 * x01) + (wb10 * x12 + wb11 * x11))
-                                    + ((wb20 * x22 + wb21 * x21) + (wb30 * x32 + wb31 * x31)))
-                        elif nt <= 4:
-                            for q in range(n_pair):
-                                u0 = o0 + np.uint64(q)
-                                u1 = o1 + np.uint64(q)
-                                u2 = o2 + np.uint64(q)
-                                u3 = o3 + np.uint64(q)
-                                out[n, co, od, oh, 2 * q] = b + (
-                                    ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1]) + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
-                                    + ((wa20 * xp[u2 + oa0] + wa21 * xp[u2 + oa1]) + (wa30 * xp[u3 + oa0] + wa31 * xp[u3 + oa1])))
-                                out[n, co, od, oh, 2 * q + 1] = b + (
-                                    ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1]) + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
-                                    + ((wb20 * xp[u2 + ob0] + wb21 * xp[u2 + ob1]) + (wb30 * xp[u3 + ob0] + wb31 * xp[u3 + ob1])))
-                        else:
-                            # More terms (several input channels): four at a time into row
-                            # accumulators, then one interleaved store.
-                            for j in range(0, nt + (-nt) % 4, 4):
-                                if j > 0:
-                                    o0, o1, o2, o3 = (t_row[rh, j] + rel, t_row[rh, j + 1] + rel,
-                                                      t_row[rh, j + 2] + rel, t_row[rh, j + 3] + rel)
-                                    k0, k1, k2, k3 = t_w[rh, j], t_w[rh, j + 1], t_w[rh, j + 2], t_w[rh, j + 3]
-                                    wa00, wa01, wb00, wb01 = wt[k0], wt[k0 + 1], wt[k0 + 2], wt[k0 + 3]
-                                    wa10, wa11, wb10, wb11 = wt[k1], wt[k1 + 1], wt[k1 + 2], wt[k1 + 3]
-                                    wa20, wa21, wb20, wb21 = wt[k2], wt[k2 + 1], wt[k2 + 2], wt[k2 + 3]
-                                    wa30, wa31, wb30, wb31 = wt[k3], wt[k3 + 1], wt[k3 + 2], wt[k3 + 3]
+    n_jobs = n_batch * c_out * n_chunks
+    claims = _job_claims(n_jobs, workers)
+    for worker in prange(claims.shape[0]):
+        job, victim = _claim(claims, n_jobs, worker, worker)
+        while job >= 0:
+            chunk, n, co, g, co_g = _channel_job(job, n_chunks, c_out, cout_g)
+            b = bias[co]
+            q0 = q_lo + chunk * d_chunk
+            q1 = min(q_hi, q0 + d_chunk)
+            xp = np.empty(cin_g * n_dp * n_hp * n_wp, dtype=out.dtype)
+            _fill_block(x, xp, n, g, cin_g, q0 + sd_lo, n_dp, sh_lo, n_hp, sw_lo, n_wp, in_start, n_id)
+            if co_g == 0:
+                # The group's other output channels read the same planes: checked once.
+                n_nonfinite += _nonfinite_planes(x_bits, exponent, x.shape, n, g * cin_g, cin_g, q0 + sd_lo, n_dp,
+                                                 in_start, n_id)
+            # Per (ci, kd, kh): A's two tap weights, then B's (zero for a missing tap); one zero
+            # entry at the end for padding terms.
+            zero_w = cin_g * k_d * k_h * 4
+            wt = np.zeros(zero_w + 4, dtype=out.dtype)
+            for ci in range(cin_g):
+                for kd in range(k_d):
+                    for kh in range(k_h):
+                        for k in range(4):
+                            kw = w_kern[k // 2, k % 2]
+                            if kw >= 0:
+                                wt[((ci * k_d + kd) * k_h + kh) * 4 + k] = w[g, ci, co_g, kd, kh, kw]
+            t_row = np.empty((stride_h, max_terms), dtype=np.uint64)
+            t_w = np.empty((stride_h, max_terms), dtype=np.int64)
+            n_terms = np.empty(stride_h, dtype=np.int64)
+            acc_a = np.empty(n_a, dtype=out.dtype)
+            acc_b = np.empty(n_a, dtype=out.dtype)
+            for qd in range(q0, q1):
+                for i_d in range(stride_d):
+                    rd = order_d[i_d]
+                    od = first_d[rd] + qd * stride_d - out_start
+                    if qd >= count_d[rd] or od < 0 or od >= n_od:
+                        continue
+                    od += plane0
+                    for rh in range(stride_h):
+                        # Terms of this (D phase, H phase): offsets of their rows at qh = 0.
+                        nt = 0
+                        for ci in range(cin_g):
+                            for jd in range(taps_d[rd]):
+                                pl = ci * n_dp + qd - q0 + shift_d[rd, jd] - sd_lo
+                                for jh in range(taps_h[rh]):
+                                    t_row[rh, nt] = (pl * n_hp + shift_h[rh, jh] - sh_lo) * n_wp
+                                    t_w[rh, nt] = ((ci * k_d + kern_d[rd, jd]) * k_h + kern_h[rh, jh]) * 4
+                                    nt += 1
+                        n_terms[rh] = nt
+                        # Whole groups of four: padding terms read row 0 with zero weights (the
+                        # input is finite on this path, so 0 * x is 0).
+                        while nt < 4 or nt % 4:
+                            t_row[rh, nt] = 0
+                            t_w[rh, nt] = zero_w
+                            nt += 1
+                    for qh in range(n_qh):
+                        for i_h in range(stride_h):
+                            rh = order_h[i_h]
+                            if qh >= count_h[rh]:
+                                continue
+                            # The row is indexed, never sliced into views: with views, the
+                            # 128^3 k4 s2 p1 layer took 4.8 against 3.9 ms (measured, same process).
+                            oh = first_h[rh] + qh * stride_h
+                            nt = n_terms[rh]
+                            rel = np.uint64(qh * n_wp)
+                            for q in range(n_pair, n_a):
+                                # A's last output when the row length is odd.
+                                out[n, co, od, oh, 2 * q] = _paired_tail(xp, wt, t_row, t_w, rh, nt, rel, q, oa0, oa1,
+                                                                         b)
+                            o0, o1 = t_row[rh, 0] + rel, t_row[rh, 1] + rel
+                            o2, o3 = t_row[rh, 2] + rel, t_row[rh, 3] + rel
+                            k0, k1, k2, k3 = t_w[rh, 0], t_w[rh, 1], t_w[rh, 2], t_w[rh, 3]
+                            wa00, wa01, wb00, wb01 = wt[k0], wt[k0 + 1], wt[k0 + 2], wt[k0 + 3]
+                            wa10, wa11, wb10, wb11 = wt[k1], wt[k1 + 1], wt[k1 + 2], wt[k1 + 3]
+                            wa20, wa21, wb20, wb21 = wt[k2], wt[k2 + 1], wt[k2 + 2], wt[k2 + 3]
+                            wa30, wa31, wb30, wb31 = wt[k3], wt[k3 + 1], wt[k3 + 2], wt[k3 + 3]
+                            # One, two and four terms (one input channel: D and H taps of a
+                            # stride-2 layer) each get their own loop; fewer loads than padding.
+                            if nt == 1:
+                                for q in range(n_pair):
+                                    u = o0 + np.uint64(q)
+                                    out[n, co, od, oh, 2 * q] = b + (wa00 * xp[u + oa0] + wa01 * xp[u + oa1])
+                                    out[n, co, od, oh, 2 * q + 1] = b + (wb00 * xp[u + ob0] + wb01 * xp[u + ob1])
+                            elif nt == 2:
+                                for q in range(n_pair):
+                                    u0 = o0 + np.uint64(q)
+                                    u1 = o1 + np.uint64(q)
+                                    out[n, co, od, oh, 2 * q] = b + ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1])
+                                                                     + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
+                                    out[n, co, od, oh, 2 * q + 1] = b + ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1])
+                                                                         + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                            elif nt <= 4 and shared_column:
+                                # k4 s2 p1 and alike: three columns per term instead of four loads.
+                                for q in range(n_pair):
+                                    u0 = o0 + np.uint64(q) + oa1
+                                    u1 = o1 + np.uint64(q) + oa1
+                                    u2 = o2 + np.uint64(q) + oa1
+                                    u3 = o3 + np.uint64(q) + oa1
+                                    x00, x01, x02 = xp[u0], xp[u0 + one], xp[u0 + two]
+                                    x10, x11, x12 = xp[u1], xp[u1 + one], xp[u1 + two]
+                                    x20, x21, x22 = xp[u2], xp[u2 + one], xp[u2 + two]
+                                    x30, x31, x32 = xp[u3], xp[u3 + one], xp[u3 + two]
+                                    out[n, co, od, oh, 2 * q] = b + (
+                                        ((wa00 * x01 + wa01 * x00) + (wa10 * x11 + wa11 * x10))
+                                        + ((wa20 * x21 + wa21 * x20) + (wa30 * x31 + wa31 * x30)))
+                                    out[n, co, od, oh, 2 * q + 1] = b + (
+                                        ((wb00 * x02 + wb01 * x01) + (wb10 * x12 + wb11 * x11))
+                                        + ((wb20 * x22 + wb21 * x21) + (wb30 * x32 + wb31 * x31)))
+                            elif nt <= 4:
                                 for q in range(n_pair):
                                     u0 = o0 + np.uint64(q)
                                     u1 = o1 + np.uint64(q)
                                     u2 = o2 + np.uint64(q)
                                     u3 = o3 + np.uint64(q)
-                                    va = (((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1]) + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
-                                          + ((wa20 * xp[u2 + oa0] + wa21 * xp[u2 + oa1]) + (wa30 * xp[u3 + oa0] + wa31 * xp[u3 + oa1])))
-                                    vb = (((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1]) + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
-                                          + ((wb20 * xp[u2 + ob0] + wb21 * xp[u2 + ob1]) + (wb30 * xp[u3 + ob0] + wb31 * xp[u3 + ob1])))
-                                    if j == 0:
-                                        acc_a[q] = b + va
-                                        acc_b[q] = b + vb
-                                    else:
-                                        acc_a[q] += va
-                                        acc_b[q] += vb
-                            for q in range(n_pair):
-                                out[n, co, od, oh, 2 * q] = acc_a[q]
-                                out[n, co, od, oh, 2 * q + 1] = acc_b[q]
+                                    out[n, co, od, oh, 2 * q] = b + (
+                                        ((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1]) + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
+                                        + ((wa20 * xp[u2 + oa0] + wa21 * xp[u2 + oa1]) + (wa30 * xp[u3 + oa0] + wa31 * xp[u3 + oa1])))
+                                    out[n, co, od, oh, 2 * q + 1] = b + (
+                                        ((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1]) + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                                        + ((wb20 * xp[u2 + ob0] + wb21 * xp[u2 + ob1]) + (wb30 * xp[u3 + ob0] + wb31 * xp[u3 + ob1])))
+                            else:
+                                # More terms (several input channels): four at a time into row
+                                # accumulators, then one interleaved store.
+                                for j in range(0, nt + (-nt) % 4, 4):
+                                    if j > 0:
+                                        o0, o1, o2, o3 = (t_row[rh, j] + rel, t_row[rh, j + 1] + rel,
+                                                          t_row[rh, j + 2] + rel, t_row[rh, j + 3] + rel)
+                                        k0, k1, k2, k3 = t_w[rh, j], t_w[rh, j + 1], t_w[rh, j + 2], t_w[rh, j + 3]
+                                        wa00, wa01, wb00, wb01 = wt[k0], wt[k0 + 1], wt[k0 + 2], wt[k0 + 3]
+                                        wa10, wa11, wb10, wb11 = wt[k1], wt[k1 + 1], wt[k1 + 2], wt[k1 + 3]
+                                        wa20, wa21, wb20, wb21 = wt[k2], wt[k2 + 1], wt[k2 + 2], wt[k2 + 3]
+                                        wa30, wa31, wb30, wb31 = wt[k3], wt[k3 + 1], wt[k3 + 2], wt[k3 + 3]
+                                    for q in range(n_pair):
+                                        u0 = o0 + np.uint64(q)
+                                        u1 = o1 + np.uint64(q)
+                                        u2 = o2 + np.uint64(q)
+                                        u3 = o3 + np.uint64(q)
+                                        va = (((wa00 * xp[u0 + oa0] + wa01 * xp[u0 + oa1]) + (wa10 * xp[u1 + oa0] + wa11 * xp[u1 + oa1]))
+                                              + ((wa20 * xp[u2 + oa0] + wa21 * xp[u2 + oa1]) + (wa30 * xp[u3 + oa0] + wa31 * xp[u3 + oa1])))
+                                        vb = (((wb00 * xp[u0 + ob0] + wb01 * xp[u0 + ob1]) + (wb10 * xp[u1 + ob0] + wb11 * xp[u1 + ob1]))
+                                              + ((wb20 * xp[u2 + ob0] + wb21 * xp[u2 + ob1]) + (wb30 * xp[u3 + ob0] + wb31 * xp[u3 + ob1])))
+                                        if j == 0:
+                                            acc_a[q] = b + va
+                                            acc_b[q] = b + vb
+                                        else:
+                                            acc_a[q] += va
+                                            acc_b[q] += vb
+                                for q in range(n_pair):
+                                    out[n, co, od, oh, 2 * q] = acc_a[q]
+                                    out[n, co, od, oh, 2 * q + 1] = acc_b[q]
+            job, victim = _claim(claims, n_jobs, worker, victim)
 
     return n_nonfinite
 

@@ -567,7 +567,8 @@ class PreparedLayer:
         for o0, o1 in _plane_steps(out_start, out_stop, n_batch, progress):
             d_table = _plan.gather_table(o0, o1, self.input_shape[2], k[0], s[0], p[0], d[0])
             kern.direct_fir(x_slab, self.weight, self.bias, out, *d_table, *static.h_table, static.w_fir,
-                            s[2], p[2], in_start, self._direct_chunk(o1 - o0, n_batch), o1 - o0, o0 - out_start)
+                            s[2], p[2], in_start, self._direct_chunk(o1 - o0, n_batch), o1 - o0, o0 - out_start,
+                            _threads())
 
     def scratch_bytes(self, window=None):
         """Upper bound of the memory one ``run_slab`` call allocates besides its output.
@@ -688,7 +689,7 @@ class PreparedLayer:
             kern.subpixel_blocked(x_slab, prepared.w_packed, plan.terms, prepared.bias_blocks, out, n_vd, n_vh,
                                   n_vw, blocking.d_chunk, blocking.h_tile, *blocking.padded, in_start,
                                   self.input_shape[2], o0, v_lo, v_hi, prepared.shuffle, sub_d, sub_h, sub_w,
-                                  o1 - o0, o0 - out_start)
+                                  o1 - o0, o0 - out_start, _threads())
 
     def _paired_plan(self):
         if "paired" not in self._plans:
@@ -706,7 +707,7 @@ class PreparedLayer:
         bits, exponent = _bits(x_slab)
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
             if kern.paired_rows(x_slab, self.weight, self.bias, out, *args, in_start, self.input_shape[2], o0,
-                                o1 - o0, o0 - out_start, bits, exponent):
+                                o1 - o0, o0 - out_start, bits, exponent, _threads()):
                 # Non-finite inputs: these planes again with real taps only (see run_slab).
                 self._run_blocked(x_slab, in_start, out_start, out_stop, out, None, (o0, o1))
 
@@ -723,7 +724,8 @@ class PreparedLayer:
         for o0, o1 in steps:
             kernel(x_slab, prepared.w_packed, plan.terms, prepared.bias_blocks, out, *plan.tables,
                                 s[0], s[1], s[2], blocking.d_chunk, blocking.h_tile, blocking.rows_per_block,
-                                *blocking.padded, in_start, self.input_shape[2], o0, o1 - o0, o0 - out_start)
+                                *blocking.padded, in_start, self.input_shape[2], o0, o1 - o0, o0 - out_start,
+                                _threads())
 
     def _shuffle_blocking(self, n_slab, in_start, out_start, out_stop):
         """``_plan.shuffle_blocking`` for the input planes that output planes ``[out_start,
@@ -745,7 +747,7 @@ class PreparedLayer:
         for o0, o1 in _plane_steps(out_start, out_stop, x_slab.shape[0], progress):
             kern.shuffle_gemm(x_slab, weight, self.bias, out, s[0], s[1], s[2],
                               *self._shuffle_blocking(x_slab.shape[2], in_start, o0, o1), in_start,
-                              self.input_shape[2], o0, o1 - o0, o0 - out_start)
+                              self.input_shape[2], o0, o1 - o0, o0 - out_start, _threads())
 
     def _run_gemm(self, x_slab, in_start, out_start, out_stop, out, progress):
         """BLAS products over chunks of whole input planes (:mod:`._gemm`)."""

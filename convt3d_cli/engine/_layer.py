@@ -108,12 +108,20 @@ def many_layers():
 # What the planner may enumerate (see _check_plannable).
 MAX_AXIS_TERMS = 1 << 20
 MAX_PHASES = 1 << 21
-# Padded input block of one blocked-kernel job: about half an L2 cache, but for small outputs
-# no more than a few per cent of the output per thread (the "output + 10 %" memory budget);
-# below BLOCK_BYTES_MIN the halo copies start to cost more than that saves.
+# Padded input block of one job of the sub-pixel and paired kernels: about half an L2 cache,
+# but for small outputs no more than a few per cent of the output per thread (the "output +
+# 10 %" memory budget); below BLOCK_BYTES_MIN the halo copies start to cost more than that saves.
 BLOCK_BYTES = 512 * 1024
 BLOCK_BYTES_MIN = 96 * 1024
 BLOCK_SHARE_OF_OUTPUT = 0.04
+# The register-blocked kernel's input block: BLOCKED_L2_SHARE of this CPU's L2 cache (its
+# accumulate loop reads the block at scattered rows, and the output rows, the weights and
+# the other half of a shared L2 pass through too), within [BLOCK_BYTES_MIN, BLOCK_BYTES];
+# BLOCKED_BLOCK_BYTES_UNKNOWN when the L2 size is not known. An int in BLOCKED_BLOCK_BYTES
+# replaces the rule (tests).
+BLOCKED_L2_SHARE = 0.25
+BLOCKED_BLOCK_BYTES_UNKNOWN = 256 * 1024
+BLOCKED_BLOCK_BYTES = None
 
 # Repeated input rows one direct-kernel job keeps (per thread): about L2-sized.
 REP_BYTES = 1024 * 1024
@@ -135,6 +143,16 @@ WIDE_VECTOR_VARIANTS = tuple("blocked-" + block for block in _plan.WIDE_VECTOR_B
 #: ``_col2im.MIN_IN_CHANNELS`` input channels per group or more. ``columns`` is NumPy alone
 #: on any layer (``_columns``), chosen for small layers only.
 PATHS = ("fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "col2im", "columns") + BLOCKED_VARIANTS
+
+
+def blocked_block_bytes():
+    """The register-blocked kernel's input block on this CPU (:data:`BLOCKED_L2_SHARE`)."""
+    if BLOCKED_BLOCK_BYTES is not None:
+        return BLOCKED_BLOCK_BYTES
+    l2 = _cpu.l2_bytes()
+    if l2 is None:
+        return BLOCKED_BLOCK_BYTES_UNKNOWN
+    return int(min(BLOCK_BYTES, max(BLOCK_BYTES_MIN, BLOCKED_L2_SHARE * l2)))
 
 
 def default_register_block():
@@ -651,8 +669,8 @@ class PreparedLayer:
             plan = _plan.cached_blocked_plan(
                 weight.shape, *(tuple(axis) for axis in phases),
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, channel_block,
-                position_block, self._block_bytes(), n_jobs_wanted=4 * _threads(),
-                n_outer=self.input_shape[0] * self.groups, row_blocks=path != "subpixel",
+                position_block, self._block_bytes(None if path == "subpixel" else blocked_block_bytes()),
+                n_jobs_wanted=4 * _threads(), n_outer=self.input_shape[0] * self.groups, row_blocks=path != "subpixel",
                 whole_planes=path == "subpixel")
             w_packed = np.empty(plan.w_shape, dtype=self.dtype)
             kern.pack_weights(weight, w_packed, *plan.kernel_tables, channel_block)
@@ -666,8 +684,11 @@ class PreparedLayer:
             self._plans[name] = PreparedBlocked(plan, w_packed, bias_blocks, shuffle, sub)
         return self._plans[name]
 
-    def _block_bytes(self):
-        return max(min(BLOCK_BYTES, BLOCK_BYTES_MIN), min(BLOCK_BYTES, self._copy_bytes()))
+    def _block_bytes(self, cap=None):
+        """A job's padded input block: ``cap`` (default :data:`BLOCK_BYTES`), or less for
+        small outputs (:meth:`_copy_bytes`), and no less than :data:`BLOCK_BYTES_MIN`."""
+        cap = BLOCK_BYTES if cap is None else cap
+        return max(min(cap, BLOCK_BYTES_MIN), min(cap, self._copy_bytes()))
 
     def _copy_bytes(self):
         """Each thread's share of the memory budget for input copies (BLOCK_SHARE_OF_OUTPUT)."""

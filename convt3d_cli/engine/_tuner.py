@@ -55,8 +55,9 @@ PROBE_MAX_ROUNDS = 6
 PROBE_DROP = 3.0
 FILE_NAME = "tuning.json"
 #: 4 since the idle pause (:data:`PROBE_SETTLE`): earlier choices, which could charge a BLAS
-#: path for the previous candidate's spinning workers, are measured again.
-FORMAT_VERSION = 4
+#: path for the previous candidate's spinning workers, are measured again. 5 since the
+#: blocked kernel's input blocks follow the L2 cache's size (``_layer.blocked_block_bytes``).
+FORMAT_VERSION = 5
 #: A larger file is ignored (and replaced on the next measurement): thousands of layers
 #: take a few MB.
 MAX_FILE_BYTES = 64 << 20

@@ -250,6 +250,7 @@ def test_slabs_are_bitwise_identical_to_whole_volume(path):
 def test_blocked_chunks_and_tiles_match_reference(cfg, block_bytes, kind, monkeypatch):
     """Any D chunk / H tile split of the blocked kernels' jobs gives the reference result."""
     monkeypatch.setattr(_layer, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(_layer, "BLOCKED_BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(_layer, "choose_path", lambda *args: kind)
     rng = np.random.default_rng(block_bytes % 97)
     k = cfg["kernel"] if isinstance(cfg["kernel"], tuple) else (cfg["kernel"],) * 3

@@ -55,13 +55,11 @@ def main():
     import numba
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     from bench_engine import cpu_description, sgemm_gflops
-    from convt3d_cli.engine import PreparedLayer, _cpu, _layer
+    from convt3d_cli.engine import PreparedLayer, _layer
 
     sizes = [int(size) for size in args.sizes.split(",")]
-    l2 = _cpu.l2_bytes()
     gemm = sgemm_gflops(args.threads)
-    print(f"# {cpu_description()}; L2 {l2 // 1024 if l2 else 'unknown'} KiB per core; the rule picks "
-          f"{_layer.blocked_block_bytes() // 1024} KiB")
+    print(f"# {cpu_description()}; the rule picks {_layer.blocked_block_bytes() // 1024} KiB blocks")
     print(f"# threads={args.threads} numpy sgemm {gemm:.1f} GFLOP/s; best / median of {args.repeat} (ms), "
           f"GFLOP/s of the best, d x h of a job's block")
     rng = np.random.default_rng(0)

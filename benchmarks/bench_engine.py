@@ -64,21 +64,16 @@ def triple(v):
 
 
 def cpu_description():
-    """``AMD EPYC 9R14 (avx2 fma avx512f ...)``: the CPU model and the vector features that
-    decide which kernels win (from /proc/cpuinfo; "unknown CPU" elsewhere)."""
-    model, flags = "unknown CPU", []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                name, _, value = line.partition(":")
-                if name.strip() == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif name.strip() == "flags" and not flags:
-                    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-                    flags = [flag for flag in wanted if flag in value.split()]
-    except OSError:
-        pass
-    return f"{model} ({' '.join(flags) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
+    """``AMD EPYC 9R14 (avx2 fma avx512f ...), L2 1024 KiB, 2 logical CPUs``: the CPU model,
+    the vector features that decide which kernels win and the L2 cache that sizes the
+    blocked kernel's input blocks (from /proc/cpuinfo and sysfs, as the engine reads them;
+    "unknown CPU" elsewhere)."""
+    from convt3d_cli.engine import _cpu
+
+    model, flags = _cpu.model_and_features()
+    l2 = _cpu.l2_bytes()
+    return (f"{model} ({' '.join(flags) or 'no AVX2'}), L2 {f'{l2 // 1024} KiB' if l2 else 'unknown'}, "
+            f"{os.cpu_count()} logical CPUs")
 
 
 def sgemm_gflops(threads):

@@ -114,11 +114,11 @@ MAX_PHASES = 1 << 21
 BLOCK_BYTES = 512 * 1024
 BLOCK_BYTES_MIN = 96 * 1024
 BLOCK_SHARE_OF_OUTPUT = 0.04
-# The register-blocked kernel's input block: BLOCKED_L2_SHARE of this CPU's L2 cache (its
-# accumulate loop reads the block at scattered rows, and the output rows, the weights and
-# the other half of a shared L2 pass through too), within [BLOCK_BYTES_MIN, BLOCK_BYTES];
-# BLOCKED_BLOCK_BYTES_UNKNOWN when the L2 size is not known. An int in BLOCKED_BLOCK_BYTES
-# replaces the rule (tests).
+# The register-blocked kernel's input block: BLOCKED_L2_SHARE of this CPU's L2 cache, within
+# [BLOCK_BYTES_MIN, BLOCK_BYTES]; BLOCKED_BLOCK_BYTES_UNKNOWN when the L2 size is not known.
+# The kernel sweeps the block once per block of output channels, so the block must stay in
+# the L2 while the output rows and the weights pass through it too. An int in
+# BLOCKED_BLOCK_BYTES replaces the rule (tests, benchmarks/bench_block_size.py).
 BLOCKED_L2_SHARE = 0.25
 BLOCKED_BLOCK_BYTES_UNKNOWN = 256 * 1024
 BLOCKED_BLOCK_BYTES = None
@@ -670,8 +670,8 @@ class PreparedLayer:
                 weight.shape, *(tuple(axis) for axis in phases),
                 self.input_shape[3], self.input_shape[4], self.dtype.itemsize, channel_block,
                 position_block, self._block_bytes(None if path == "subpixel" else blocked_block_bytes()),
-                n_jobs_wanted=4 * _threads(), n_outer=self.input_shape[0] * self.groups, row_blocks=path != "subpixel",
-                whole_planes=path == "subpixel")
+                n_jobs_wanted=4 * _threads(), n_outer=self.input_shape[0] * self.groups,
+                row_blocks=path != "subpixel", whole_planes=path == "subpixel")
             w_packed = np.empty(plan.w_shape, dtype=self.dtype)
             kern.pack_weights(weight, w_packed, *plan.kernel_tables, channel_block)
             n_cob = w_packed.shape[1]

@@ -18,7 +18,8 @@ DTYPES = ("float32", "float64")
 #: One tiny layer per compute path (``(Cin, Cout, kernel, stride, padding)``) that the
 #: path can run; ``blocked``'s runs once per register block the tuner measures on this CPU
 #: (``_layer.fitting_blocks``). ``fir`` and ``subpixel`` also count non-finite
-#: inputs (``count_nonfinite``) and the blocked paths pack weights (``pack_weights``).
+#: inputs (``count_nonfinite``), the blocked paths pack weights (``pack_weights``) and
+#: large outputs have their pages mapped by all threads (``map_pages``, with the first path).
 LAYERS = {
     "fir": (1, 1, 3, 2, 1),
     "blocked": (2, 3, 3, 2, 1),
@@ -31,7 +32,7 @@ LAYERS = {
 
 #: The kernels a caller runs (``engine._kernels``); the others are helpers they inline.
 KERNELS = ("direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter",
-           "col2im_sum", "pack_weights", "count_nonfinite")
+           "col2im_sum", "pack_weights", "count_nonfinite", "map_pages")
 
 
 def compile_kernels(dtypes=DTYPES, echo=None):
@@ -87,6 +88,7 @@ def _run_path(_layer, path, dtype, cin, cout, k, s, p):
         if poison:
             x[0, 0, 1, 1, 1] = np.inf
         out = np.empty(layer.output_shape, dtype=dtype)
+        _layer._fault_in(out, parallel_from=0)  # what a large output gets
         layer.run_slab(x, 0, 0, layer.output_shape[2], out)
 
 

@@ -1028,6 +1028,32 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
 
 
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+def map_pages(raw, page, span, first, workers):
+    """Write a zero to every ``page``-th byte of ``raw`` and to its last byte, so that every
+    memory page it spans is mapped; each of ``workers`` threads writes its own contiguous
+    run, in order.
+
+    The runs are cut at ``first + k * span``: with ``first`` the distance from ``raw``'s
+    start to the next ``span``-aligned address, no ``span``-sized page is written by two
+    threads.
+    """
+    n = raw.shape[0]
+    if n == 0:
+        return
+    pieces = 1 + max(0, (n - first + span - 1) // span)
+    n_workers = max(1, min(workers, pieces))
+    for v in prange(n_workers):
+        k_lo = v * pieces // n_workers
+        k_hi = (v + 1) * pieces // n_workers
+        lo = 0 if k_lo == 0 else min(n, first + (k_lo - 1) * span)
+        hi = n if k_hi == pieces else min(n, first + (k_hi - 1) * span)
+        for i in range(lo, hi, page):
+            raw[i] = 0
+        if hi == n and hi > lo:
+            raw[n - 1] = 0
+
+
+@njit(parallel=True, cache=True, error_model="numpy", nogil=True)
 def count_nonfinite(bits, exponent):
     """How many values have an all-ones exponent (inf or nan), given their bit patterns.
 

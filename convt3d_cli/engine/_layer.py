@@ -123,6 +123,12 @@ BLOCKED_L2_SHARE = 0.25
 BLOCKED_BLOCK_BYTES_UNKNOWN = 256 * 1024
 BLOCKED_BLOCK_BYTES = None
 
+# A fresh output's pages are mapped by all the run's threads from this size on
+# (_fault_in), each thread in runs of whole huge pages: x86-64's transparent huge pages
+# are 2 MiB, and NumPy asks for them on large arrays.
+PARALLEL_PAGES_BYTES = 8 * 1024 * 1024
+HUGE_PAGE_BYTES = 2 * 1024 * 1024
+
 # Repeated input rows one direct-kernel job keeps (per thread): about L2-sized.
 REP_BYTES = 1024 * 1024
 
@@ -894,15 +900,25 @@ def _bits(x):
     return x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)
 
 
-def _fault_in(out):
+def _fault_in(out, parallel_from=None):
     """Write a zero to every memory page of ``out`` (C-contiguous, all of it about to be
-    overwritten), in order, from this thread.
+    overwritten), each thread its own contiguous run of pages, in order.
 
     A fresh array's pages are mapped by the system on their first write. When those writes
     come from the kernels' threads, each writing all over the output at once, every page
-    costs about ten times as much as from one thread in order (benchmarks/README.md, "Fresh
-    output pages"); on pages already mapped this costs a few microseconds per 16 MB.
+    costs about ten times as much as in order (benchmarks/README.md, "Fresh output pages");
+    on pages already mapped this costs a few microseconds per 16 MB. Mapping a page is
+    mostly the system zeroing it, which the run's threads share from
+    ``parallel_from`` bytes on (:data:`PARALLEL_PAGES_BYTES`), each in its own runs of
+    whole huge pages; below that one thread costs under a millisecond.
     """
+    parallel_from = PARALLEL_PAGES_BYTES if parallel_from is None else parallel_from
+    workers = _threads()
+    if out.nbytes >= parallel_from and (workers > 1 or parallel_from == 0):
+        raw = out.reshape(-1).view(np.uint8)
+        first = -out.ctypes.data % HUGE_PAGE_BYTES
+        _kernels().map_pages(raw, mmap.PAGESIZE, HUGE_PAGE_BYTES, first, workers)
+        return
     flat = out.reshape(-1)
     flat[::max(1, mmap.PAGESIZE // out.itemsize)] = 0
 

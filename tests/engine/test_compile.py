@@ -67,7 +67,7 @@ def test_compile_fills_an_empty_cache(filled_cache):
     cache, first = filled_cache
     compiled = {name for step in first["steps"] for name in step["compiled"]}
     assert {"direct_fir", "blocked_phases", "subpixel_blocked", "paired_rows", "shuffle_gemm", "gemm_scatter", "col2im_sum",
-            "pack_weights", "count_nonfinite"} <= compiled
+            "pack_weights", "count_nonfinite", "map_pages"} <= compiled
     assert all(step["dtype"] == "float32" for step in first["steps"])
     second = json.loads(convt3d(cache, "compile", "--dtype", "float32", "--json").stdout)
     assert [step["compiled"] for step in second["steps"]] == [[] for _ in second["steps"]]

@@ -12,7 +12,7 @@ either), GFLOP/s of the engine's best run and its share of this machine's sgemm
 rate (NumPy's BLAS, best of 3, measured at the start and again at the end of the
 run: the higher of the two counts, so that a slow stretch of the host does not
 inflate the share), the output floor (allocating the output, mapping its memory
-pages in order from one thread as the engine does, and writing it once with all
+pages in order as the engine does, and writing it once with all
 threads; median like the others), *x floor*
 (the median over repeats of engine / floor, the two timed back to back after
 the same PyTorch call, in alternating order) and the engine's peak extra memory

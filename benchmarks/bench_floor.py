@@ -7,8 +7,8 @@ Usage::
 For 1 channel 128³ k3 s2 p1 op1, 128³ k4 s2 p1 and 192³ k2 s2 it prints medians of:
 
 * *fresh*: ``conv_transpose3d`` returning a new array, against the floor of
-  ``np.empty``, one write per memory page in order from one thread (mapping the pages,
-  as the engine does) and one parallel fill of it;
+  ``np.empty``, one write per memory page in order (mapping the pages, as the engine
+  does) and one parallel fill of it;
 * *warm*: ``PreparedLayer.run_slab`` into an output that already exists, against a
   parallel fill of that output (no page faults: the kernels' own cost).
 

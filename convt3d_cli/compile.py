@@ -88,7 +88,7 @@ def _run_path(_layer, path, dtype, cin, cout, k, s, p):
         if poison:
             x[0, 0, 1, 1, 1] = np.inf
         out = np.empty(layer.output_shape, dtype=dtype)
-        _layer._fault_in(out, parallel_from=0)  # what a large output gets
+        _layer._fault_in(out, workers=2, parallel_from=0)  # what a large output gets
         layer.run_slab(x, 0, 0, layer.output_shape[2], out)
 
 

@@ -1030,27 +1030,29 @@ def pack_weights(weight, w_packed, taps_d, kernel_d, taps_h, kernel_h, taps_w, k
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)
 def map_pages(raw, page, span, first, workers):
     """Write a zero to every ``page``-th byte of ``raw`` and to its last byte, so that every
-    memory page it spans is mapped; each of ``workers`` threads writes its own contiguous
-    run, in order.
+    memory page it spans is mapped, on ``workers`` threads.
 
-    The runs are cut at ``first + k * span``: with ``first`` the distance from ``raw``'s
-    start to the next ``span``-aligned address, no ``span``-sized page is written by two
-    threads.
+    The jobs are runs of ``raw`` cut at ``first + k * span``: with ``first`` the distance
+    from ``raw``'s start to the next ``span``-aligned address, no ``span``-sized page is
+    written by two threads. Each thread writes the runs of its own share in order, then
+    claims what is left of the others (the module's notes): a thread that wakes late, as
+    beside a streamed run's compression threads, holds nobody up.
     """
     n = raw.shape[0]
     if n == 0:
         return
-    pieces = 1 + max(0, (n - first + span - 1) // span)
-    n_workers = max(1, min(workers, pieces))
-    for v in prange(n_workers):
-        k_lo = v * pieces // n_workers
-        k_hi = (v + 1) * pieces // n_workers
-        lo = 0 if k_lo == 0 else min(n, first + (k_lo - 1) * span)
-        hi = n if k_hi == pieces else min(n, first + (k_hi - 1) * span)
-        for i in range(lo, hi, page):
-            raw[i] = 0
-        if hi == n and hi > lo:
-            raw[n - 1] = 0
+    n_jobs = 1 + max(0, (n - first + span - 1) // span)
+    claims = _job_claims(n_jobs, workers)
+    for worker in prange(claims.shape[0]):
+        job, victim = _claim(claims, n_jobs, worker, worker)
+        while job >= 0:
+            lo = 0 if job == 0 else min(n, first + (job - 1) * span)
+            hi = n if job == n_jobs - 1 else min(n, first + job * span)
+            for i in range(lo, hi, page):
+                raw[i] = 0
+            if hi == n and hi > lo:
+                raw[n - 1] = 0
+            job, victim = _claim(claims, n_jobs, worker, victim)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)

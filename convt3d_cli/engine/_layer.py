@@ -555,7 +555,8 @@ class PreparedLayer:
             Called with the number of output planes (N * D) finished since the last call.
         """
         path = self.path
-        _fault_in(out)
+        # The NumPy-only path maps them from this thread: it never loads Numba.
+        _fault_in(out, workers=1 if path == "columns" else None)
         if path in ("fir", "subpixel") and not _all_finite(x_slab):
             # The FIR, sub-pixel and paired kernels multiply some inputs by zeros (a window
             # position, a phase or a padding term without a tap there); 0 * inf and 0 * nan
@@ -900,21 +901,21 @@ def _bits(x):
     return x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)
 
 
-def _fault_in(out, parallel_from=None):
+def _fault_in(out, workers=None, parallel_from=None):
     """Write a zero to every memory page of ``out`` (C-contiguous, all of it about to be
-    overwritten), each thread its own contiguous run of pages, in order.
+    overwritten), in order, by ``workers`` threads (default: the run's thread count).
 
     A fresh array's pages are mapped by the system on their first write. When those writes
     come from the kernels' threads, each writing all over the output at once, every page
     costs about ten times as much as in order (benchmarks/README.md, "Fresh output pages");
     on pages already mapped this costs a few microseconds per 16 MB. Mapping a page is
-    mostly the system zeroing it, which the run's threads share from
-    ``parallel_from`` bytes on (:data:`PARALLEL_PAGES_BYTES`), each in its own runs of
-    whole huge pages; below that one thread costs under a millisecond.
+    mostly the system zeroing it, which the threads share from ``parallel_from`` bytes on
+    (:data:`PARALLEL_PAGES_BYTES`), each in its own runs of whole huge pages; below that
+    one thread costs under a millisecond.
     """
     parallel_from = PARALLEL_PAGES_BYTES if parallel_from is None else parallel_from
-    workers = _threads()
-    if out.nbytes >= parallel_from and (workers > 1 or parallel_from == 0):
+    workers = _threads() if workers is None else workers
+    if workers > 1 and out.nbytes >= parallel_from:
         raw = out.reshape(-1).view(np.uint8)
         first = -out.ctypes.data % HUGE_PAGE_BYTES
         _kernels().map_pages(raw, mmap.PAGESIZE, HUGE_PAGE_BYTES, first, workers)

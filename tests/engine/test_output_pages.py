@@ -27,25 +27,21 @@ def test_every_page_gets_a_write_and_few_others(n, workers):
                 raw = np.ones(n, dtype=np.uint8)
                 kern.map_pages(raw, page, span, first, workers)
                 assert _windows_without_a_write(raw, page, first) == []
-                # One write per page and run (a run's first write may share a page with the
-                # last of the run before it), and the last byte.
-                assert (raw == 0).sum() <= -(-n // page) + workers + 1
+                # One write per page and job (a job's first write may share a page with the
+                # last of the job before it), and the last byte.
+                jobs = 1 + max(0, -(-(n - first) // span))
+                assert (raw == 0).sum() <= -(-n // page) + jobs + 1
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4, 9, 16])
 def test_runs_are_cut_at_span_boundaries(workers):
-    """Each thread's run starts at the array's start or where a ``span``-aligned page starts
+    """Each job starts at the array's start or where a ``span``-aligned page starts
     (``first + k * span``), so no such page is written by two threads."""
     kern = _numba_env.kernels()
-    span, first, n = 64, 24, 24 + 64 * 7 + 10   # 9 pieces: [0, 24), 7 whole spans, 10 bytes
+    span, first, n = 64, 24, 24 + 64 * 7 + 10   # 9 jobs: [0, 24), 7 whole spans, 10 bytes
     raw = np.ones(n, dtype=np.uint8)
-    kern.map_pages(raw, span, span, first, workers)   # one write per span from each run's start
-    writes = set(np.flatnonzero(raw == 0).tolist()) - {n - 1}
-    # The first run writes at multiples of span from 0; the others from a cut.
-    first_run = {i for i in writes if i % span == 0 and i < first + span * (9 // min(workers, 9) - 1)}
-    assert 0 in writes and all((i - first) % span == 0 for i in writes - first_run)
-    if workers >= 9:  # one piece per run: every cut point is written
-        assert writes == {0} | set(range(first, n, span))
+    kern.map_pages(raw, span, span, first, workers)   # page == span: one write per job, at its start
+    assert set(np.flatnonzero(raw == 0).tolist()) == {0, n - 1} | set(range(first, n, span))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -83,6 +79,23 @@ def test_large_outputs_take_the_threaded_mapping_and_small_ones_do_not(monkeypat
     monkeypatch.setattr(_layer, "_threads", lambda: 1)
     _layer._fault_in(large)
     assert len(calls) == 1  # one thread: mapped in order from this thread
+
+
+def test_the_numpy_path_maps_pages_without_numba_kernels(monkeypatch):
+    """The ``columns`` path (NumPy alone, which never loads Numba) maps a large output
+    from the calling thread; a Numba path on the same layer uses ``map_pages``."""
+    calls = []
+    kern = _numba_env.kernels()
+    monkeypatch.setattr(_layer, "PARALLEL_PAGES_BYTES", 0)
+    monkeypatch.setattr(_layer, "_kernels", lambda: _Spy(kern, calls))
+    x = np.random.default_rng(1).standard_normal((1, 1, 6, 7, 8)).astype(np.float32)
+    w = np.random.default_rng(2).standard_normal((1, 1, 4, 4, 4)).astype(np.float32)
+    want = conv_transpose3d_ref(x.astype(np.float64), w.astype(np.float64), None, stride=2, padding=1)
+    got = conv_transpose3d(x, w, stride=2, padding=1, threads=2, path="columns")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert calls == []
+    conv_transpose3d(x, w, stride=2, padding=1, threads=2, path="fir")
+    assert len(calls) == 1
 
 
 class _Spy:

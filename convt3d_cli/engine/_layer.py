@@ -555,7 +555,7 @@ class PreparedLayer:
             Called with the number of output planes (N * D) finished since the last call.
         """
         path = self.path
-        # The NumPy-only path maps them from this thread: it never loads Numba.
+        # The NumPy-only path maps its output's pages from this thread: it never loads Numba.
         _fault_in(out, workers=1 if path == "columns" else None)
         if path in ("fir", "subpixel") and not _all_finite(x_slab):
             # The FIR, sub-pixel and paired kernels multiply some inputs by zeros (a window

@@ -18,6 +18,7 @@ work holds the others up.
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -25,6 +26,9 @@ from numba.extending import intrinsic
 from ._plan import REGISTER_BLOCKS, WIDE_VECTOR_BLOCKS
 
 _JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+#: Bytes one ``_store_pairs`` writes: a 512-bit vector (two 256-bit or four 128-bit ones
+#: where the CPU has no wider registers).
+PAIR_BYTES = 64
 
 
 @intrinsic
@@ -40,6 +44,89 @@ def _fetch_add(typingctx, counters, i):
         one = context.get_constant(types.int64, 1)
         return builder.atomic_rmw("add", builder.gep(array.data, [index]), one, "monotonic")
     return types.int64(counters, i), codegen
+
+
+def _pairs_codegen(add):
+    """The code of ``_store_pairs`` (``add``: with a value added to every element)."""
+    def codegen(context, builder, sig, args):
+        element = context.get_value_type(sig.args[0].dtype)
+        size = context.get_abi_sizeof(element)
+        lanes = PAIR_BYTES // size
+        half = ir.VectorType(element, lanes // 2)
+
+        def address(k):
+            array = context.make_array(sig.args[k])(context, builder, args[k])
+            return builder.gep(array.data, [context.cast(builder, args[k + 1], sig.args[k + 1], types.intp)])
+
+        first = builder.load(builder.bitcast(address(2), half.as_pointer()), align=size)
+        second = builder.load(builder.bitcast(address(4), half.as_pointer()), align=size)
+        if add:
+            value = context.cast(builder, args[6], sig.args[6], sig.args[0].dtype)
+            splat = builder.insert_element(ir.Constant(half, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(splat, ir.Constant(half, ir.Undefined),
+                                           ir.Constant(ir.VectorType(ir.IntType(32), lanes // 2), [0] * (lanes // 2)))
+            first = builder.fadd(first, splat)
+            second = builder.fadd(second, splat)
+        order = [i // 2 + (lanes // 2) * (i % 2) for i in range(lanes)]
+        pairs = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(ir.IntType(32), lanes), order))
+        builder.store(pairs, builder.bitcast(address(0), ir.VectorType(element, lanes).as_pointer()), align=size)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _pairs_arguments(dst, dst_index, a, a_index, b, b_index):
+    return (all(isinstance(v, types.Array) and v.ndim == 1 for v in (dst, a, b))
+            and dst.dtype == a.dtype == b.dtype and isinstance(dst.dtype, types.Float)
+            and all(isinstance(i, types.Integer) for i in (dst_index, a_index, b_index)))
+
+
+@intrinsic
+def _store_pairs(typingctx, dst, dst_index, a, a_index, b, b_index):
+    """``dst[dst_index + 2t] = a[a_index + t]`` and ``dst[dst_index + 2t + 1] = b[b_index + t]``
+    for the ``PAIR_BYTES`` of ``dst`` from ``dst_index``: two vector loads interleaved in
+    registers and one vector store. The three arrays must have unit strides (``_interleave``
+    checks); nothing is bounds-checked."""
+    if not _pairs_arguments(dst, dst_index, a, a_index, b, b_index):
+        return None
+    return types.none(dst, dst_index, a, a_index, b, b_index), _pairs_codegen(False)
+
+
+@intrinsic
+def _store_pairs_plus(typingctx, dst, dst_index, a, a_index, b, b_index, value):
+    """``_store_pairs`` with ``value`` added to every element."""
+    if not (_pairs_arguments(dst, dst_index, a, a_index, b, b_index) and isinstance(value, types.Float)):
+        return None
+    return types.none(dst, dst_index, a, a_index, b, b_index, value), _pairs_codegen(True)
+
+
+@njit(inline="always", **_JIT)
+def _interleave(dst, a, b, count):
+    """``dst[2t] = a[t]`` and ``dst[2t + 1] = b[t]`` for ``t < count``: the stride-2 store
+    of two W phases. Whole vectors go through ``_store_pairs``: LLVM vectorises such a loop
+    only when it runs for several vector widths, and output rows are often shorter."""
+    t = 0
+    if dst.strides[0] == dst.itemsize and a.strides[0] == a.itemsize and b.strides[0] == b.itemsize:
+        pairs = PAIR_BYTES // (2 * dst.itemsize)
+        while t + pairs <= count:
+            _store_pairs(dst, 2 * t, a, t, b, t)
+            t += pairs
+    for u in range(t, count):
+        dst[2 * u] = a[u]
+        dst[2 * u + 1] = b[u]
+
+
+@njit(inline="always", **_JIT)
+def _interleave_plus(dst, a, b, count, value):
+    """``_interleave`` with ``value`` added to every element."""
+    t = 0
+    if dst.strides[0] == dst.itemsize and a.strides[0] == a.itemsize and b.strides[0] == b.itemsize:
+        pairs = PAIR_BYTES // (2 * dst.itemsize)
+        while t + pairs <= count:
+            _store_pairs_plus(dst, 2 * t, a, t, b, t, value)
+            t += pairs
+    for u in range(t, count):
+        dst[2 * u] = a[u] + value
+        dst[2 * u + 1] = b[u] + value
 
 
 @njit(**_JIT)
@@ -219,18 +306,14 @@ def _channel_job(job, n_chunks, c_out, cout_g):
 def _repeat_row_twice(src, dst, off):
     """dst[2 i + off] = dst[2 i + off + 1] = src[i] where inside dst (the stride-2 repeat).
 
-    The main run is one loop with a run-time trip count, which LLVM vectorises as an
-    interleaved store; the two edge values are done one by one.
+    The main run is one ``_interleave``; the two edge values are done one by one.
     """
     n_src = src.shape[0]
     n_dst = dst.shape[0]
     i_lo = min(n_src, max(0, (1 - off) // 2))              # 2 i + off >= 0
     i_hi = max(i_lo, min(n_src, (n_dst - 1 - off) // 2))  # 2 i + off + 1 <= n_dst - 1
-    seg = dst[2 * i_lo + off:2 * i_hi + off]
     run = src[i_lo:i_hi]
-    for i in range(i_hi - i_lo):
-        seg[2 * i] = run[i]
-        seg[2 * i + 1] = run[i]
+    _interleave(dst[2 * i_lo + off:2 * i_hi + off], run, run, i_hi - i_lo)
     for i in (i_lo - 1, i_hi):
         if 0 <= i < n_src:
             for j in (2 * i + off, 2 * i + off + 1):
@@ -640,10 +723,7 @@ def _store_subpixel_row(out, row_buf, n_vw, n, co_base, c0, n_c, vd, vh, shuffle
                 t1 = min(hi, (wb + 1) * pb)
                 src_a = row_buf[wb * _ACC_WIDE + cb_a * pb + t0 - wb * pb:]
                 src_b = row_buf[wb * _ACC_WIDE + cb_b * pb + t0 - wb * pb:]
-                seg = row[col + 2 * t0:col + 2 * t1]
-                for t in range(t1 - t0):
-                    seg[2 * t] = src_a[t]
-                    seg[2 * t + 1] = src_b[t]
+                _interleave(row[col + 2 * t0:col + 2 * t1], src_a, src_b, t1 - t0)
             # The ends where only one of the two phases has an output (a position or two).
             for v in range(lo_a, min(hi_a, lo)):
                 row[col + 2 * v] = row_buf[(v // pb) * _ACC_WIDE + cb_a * pb + v % pb]
@@ -848,13 +928,9 @@ def _store_shuffled(out, seg_buf, n, co_base, v0, n_v, p, n_pos, plane_len, n_iw
                     src = seg_buf[(tt // pb) * _ACC_WIDE + cb * pb + tt % pb:]
                     col = iw + u0
                     if paired:
-                        # Phase kw = 1 is the next virtual channel: one interleaved run. A
-                        # run-time trip count lets LLVM vectorise it as an interleaved store.
+                        # Phase kw = 1 is the next virtual channel: one interleaved run.
                         src_b = seg_buf[(tt // pb) * _ACC_WIDE + (cb + 1) * pb + tt % pb:]
-                        dst = row[2 * col:2 * (col + m)]
-                        for u in range(m):
-                            dst[2 * u] = src[u]
-                            dst[2 * u + 1] = src_b[u]
+                        _interleave(row[2 * col:2 * (col + m)], src, src_b, m)
                     elif stride_w == 1:
                         dst = row[col:col + m]
                         for u in range(m):
@@ -902,9 +978,7 @@ def gemm_scatter(prod, bias, out, n, co_base, stride_d, stride_h, stride_w, chun
                         row = out_c[od, ih * stride_h + kh]
                         base = dl * plane + ih * n_iw
                         if stride_w == 2:
-                            for iw in range(half):
-                                row[2 * iw] = prod[r0, base + iw] + value
-                                row[2 * iw + 1] = prod[r0 + 1, base + iw] + value
+                            _interleave_plus(row, prod[r0, base:], prod[r0 + 1, base:], half, value)
                             if w_n > 2 * half:
                                 row[2 * half] = prod[r0, base + half] + value
                         else:
@@ -978,9 +1052,7 @@ def col2im_sum(ring, ring_len, guard, bias, out, n, co_base, n_co, od_local, d_c
                     acc = sums[rh, even, qh * pitch:]
                     odd = sums[rh, 1 - even, qh * pitch:]
                     pairs = w_count[1 - even]
-                    for q in range(pairs):
-                        row[2 * q] = acc[q]
-                        row[2 * q + 1] = odd[q]
+                    _interleave(row, acc, odd, pairs)
                     if w_count[even] > pairs:
                         row[2 * pairs] = acc[pairs]
                 else:
@@ -1074,9 +1146,7 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
                 count_w, stride_w, position_block):
     """Copy one row's share of the W-phase blocks (bias included) to the output row ``oh``."""
     if stride_w == 2:
-        # The two W phases fill one contiguous output run. The pair loop has a run-time trip
-        # count so that LLVM vectorises it as an interleaved store (a constant count gets it
-        # unrolled into scalar stores first).
+        # The two W phases fill one contiguous output run.
         even = 0 if first_w[0] == 0 else 1
         odd = 1 - even
         n_even = max(0, min(row_len, count_w[even] - qw0))
@@ -1085,9 +1155,7 @@ def _store_rows(out, blocks, n, co0, n_co, od_local, oh, pos0, qw0, row_len, fir
             src_even = blocks[even, cb * position_block + pos0:]
             src_odd = blocks[odd, cb * position_block + pos0:]
             seg = out[n, co0 + cb, od_local, oh, 2 * qw0:2 * qw0 + n_even + n_odd]
-            for t in range(n_odd):
-                seg[2 * t] = src_even[t]
-                seg[2 * t + 1] = src_odd[t]
+            _interleave(seg, src_even, src_odd, n_odd)
             if n_even > n_odd:
                 seg[2 * n_odd] = src_even[n_odd]
         return

@@ -111,25 +111,62 @@ def _workers(threads):
 
 
 def run_jobs(jobs, job, threads, done):
-    """Run ``job(*args)`` for every ``args`` in ``jobs`` on ``threads`` threads (a kept
-    pool), with BLAS limited to one thread, and call ``done(i)`` once job ``i`` and every
-    job before it have finished. A job's error cancels those not started and is raised."""
+    """Run ``job(*args)`` for every ``args`` in ``jobs`` on ``threads`` threads, with BLAS
+    limited to one thread, and call ``done(i)`` (on the calling thread) once job ``i`` and
+    every job before it have finished. A job's error stops the jobs not yet started and
+    is raised.
+
+    The calling thread works too, and every thread claims the next job when it is free:
+    a kept pool's worker can take a millisecond or more to wake on a busy VM, and a
+    fixed share per thread would make the run wait for it.
+    """
     with _blas_limits().limit(limits=1, user_api="blas"):
         if threads <= 1 or len(jobs) < 2:
             for i, args in enumerate(jobs):
                 job(*args)
                 done(i)
             return
-        futures = [_workers(threads).submit(job, *args) for args in jobs]
-        try:
-            for i, future in enumerate(futures):
-                future.result()
-                done(i)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        n_jobs = len(jobs)
+        finished = [threading.Event() for _ in jobs]
+        claim_lock = threading.Lock()
+        state = {"next": 0, "error": None}
 
+        def work(report):
+            while True:
+                with claim_lock:
+                    i = state["next"]
+                    if i >= n_jobs or state["error"] is not None:
+                        return
+                    state["next"] = i + 1
+                try:
+                    job(*jobs[i])
+                except BaseException as error:  # noqa: B036 - handed to the calling thread
+                    with claim_lock:
+                        if state["error"] is None:
+                            state["error"] = error
+                    return
+                finally:
+                    finished[i].set()
+                report()
+
+        reported = 0
+
+        def report_finished():
+            nonlocal reported
+            while reported < n_jobs and finished[reported].is_set() and state["error"] is None:
+                done(reported)
+                reported += 1
+
+        helpers = [_workers(threads - 1).submit(work, lambda: None) for _ in range(min(threads, n_jobs) - 1)]
+        try:
+            work(report_finished)
+        finally:
+            for helper in helpers:
+                helper.result()
+        if state["error"] is not None:
+            raise state["error"]
+        for i in range(reported, n_jobs):
+            done(i)
 
 def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, out, threads, scatter,
         progress=None):

@@ -16,10 +16,19 @@ from contextlib import contextmanager
 _local = threading.local()
 
 
+def _numba():
+    """Numba's module once it is fully imported, else None: while one thread imports it,
+    ``sys.modules`` already holds the half-initialised module for every other thread."""
+    numba = sys.modules.get("numba")
+    if numba is None or getattr(getattr(numba, "__spec__", None), "_initializing", False):
+        return None
+    return numba
+
+
 def available():
     """The most threads a run may use: ``NUMBA_NUM_THREADS`` when set, else the usable cores
     (what Numba sizes its pool by)."""
-    numba = sys.modules.get("numba")
+    numba = _numba()
     if numba is not None:
         return int(numba.config.NUMBA_NUM_THREADS)
     try:
@@ -44,7 +53,7 @@ def cores():
 
 def current():
     """The current thread setting of the calling thread."""
-    numba = sys.modules.get("numba")
+    numba = _numba()
     if numba is not None:
         try:
             return max(1, int(numba.get_num_threads()))
@@ -58,7 +67,7 @@ def use(threads):
     return the previous setting."""
     previous = current()
     value = max(1, min(int(threads), available()))
-    numba = sys.modules.get("numba")
+    numba = _numba()
     if numba is not None:
         numba.set_num_threads(value)
     _local.threads = value

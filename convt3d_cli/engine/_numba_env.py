@@ -20,6 +20,7 @@ COMPILE_NOTICE = "compiling kernels for this CPU (first run only)"
 _notice = {"cli": False, "quiet": True, "shown": False}
 _compiles = []
 _compiles_lock = threading.Lock()
+_load_lock = threading.RLock()
 
 
 def cache_dir():
@@ -34,26 +35,38 @@ def _package_dir_writable():
 
 
 def kernels():
-    """Return the ``_kernels`` module, importing numba on first use."""
-    global _kernels
+    """Return the ``_kernels`` module, importing numba on first use.
+
+    Thread-safe: the first calls of several threads load it once (Numba's own first
+    import is not safe to run twice at the same time).
+    """
     if _kernels is None:
-        if "NUMBA_CACHE_DIR" not in os.environ and "numba" not in sys.modules and not _package_dir_writable():
-            folder = cache_dir()
-            try:
-                os.makedirs(folder, exist_ok=True)
-                os.environ["NUMBA_CACHE_DIR"] = folder
-            except OSError:
-                pass  # numba then falls back to its own user-wide locator
-        _note_cli()
-        _install_listener()
-        if _notice["cli"]:
-            _skip_scipy_blas()
-        from . import _kernels as module
-        _kernels = module
-        threads.apply_to_numba()
-    else:
-        _note_cli()
+        with _load_lock:
+            if _kernels is None:
+                _load()
+                return _kernels
+        threads.apply_to_numba()  # another thread loaded it meanwhile: this thread's setting
+    _note_cli()
     return _kernels
+
+
+def _load():
+    """Point Numba at a writable cache, count compilations and import the kernels."""
+    global _kernels
+    if "NUMBA_CACHE_DIR" not in os.environ and "numba" not in sys.modules and not _package_dir_writable():
+        folder = cache_dir()
+        try:
+            os.makedirs(folder, exist_ok=True)
+            os.environ["NUMBA_CACHE_DIR"] = folder
+        except OSError:
+            pass  # numba then falls back to its own user-wide locator
+    _note_cli()
+    _install_listener()
+    if _notice["cli"]:
+        _skip_scipy_blas()
+    from . import _kernels as module
+    threads.apply_to_numba()
+    _kernels = module
 
 
 def _skip_scipy_blas():

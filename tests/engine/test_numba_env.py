@@ -33,3 +33,39 @@ def test_user_choice_is_kept(tmp_path):
 def test_writable_package_keeps_numba_default(tmp_path):
     cache, _, _ = _run(tmp_path, writable=True)
     assert cache == ""
+
+
+RACE = """
+import threading
+import numpy as np
+from convt3d_cli.engine import conv_transpose3d
+x = np.ones((1, 1, 6, 6, 6), np.float32)
+w = np.ones((1, 1, 3, 3, 3), np.float32)
+start = threading.Barrier(4)
+errors, results = [], []
+
+def call(threads):
+    start.wait()
+    try:
+        results.append(conv_transpose3d(x, w, stride=2, path="paired", threads=threads))
+    except BaseException as error:
+        errors.append(repr(error))
+
+workers = [threading.Thread(target=call, args=(1 + i % 2,)) for i in range(4)]
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join()
+assert not errors, errors
+assert len(results) == 4 and all(np.array_equal(r, results[0]) for r in results)
+print("ok")
+"""
+
+
+def test_first_calls_from_several_threads_load_numba_once(tmp_path):
+    """Four threads reach the compiled kernels at once in a fresh process: Numba's first
+    import must happen once, not four times side by side."""
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", RACE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

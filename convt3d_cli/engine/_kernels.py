@@ -129,6 +129,40 @@ def _interleave_plus(dst, a, b, count, value):
         dst[2 * u + 1] = b[u] + value
 
 
+@intrinsic
+def _prefetch_for_write(typingctx, array, index):
+    """Ask for the cache line of ``array.flat[index]`` ahead of a store to it (LLVM's
+    ``prefetch``, write, keep in all levels). A hint: any address is safe."""
+    if not (isinstance(array, types.Array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        # Named by llvmlite for its pointer kind (llvm.prefetch.p0i8 or .p0).
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p],
+                                              ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.bitcast(at, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(array, index), codegen
+
+
+@njit(inline="always", **_JIT)
+def _prefetch_row(out, n, co0, n_co, od_local, oh, start, count):
+    """``_prefetch_for_write`` the lines of ``out[n, co0:co0 + n_co, od_local, oh,
+    start:start + count]`` (clipped to the row)."""
+    stop = min(out.shape[4], start + count)
+    if start >= stop:
+        return
+    line = 64 // out.itemsize
+    for cb in range(n_co):
+        row = out[n, co0 + cb, od_local, oh]
+        for e in range(start, stop + line - 1, line):
+            _prefetch_for_write(row, min(e, stop - 1))
+
+
 @njit(**_JIT)
 def _job_claims(n_jobs, workers):
     """The claim counters of ``n_jobs`` jobs on ``workers`` threads (one per worker, at most
@@ -492,6 +526,14 @@ def blocked_kernel(channel_block, position_block, unsigned_index=True, wide_vect
                                         continue
                                     for qw0 in range(0, n_qw, block_w):
                                         xbase = ((qd - q0) * n_hp + qh - qh0) * n_wp + qw0
+                                        # The block's output lines, asked for before its terms are summed:
+                                        # its stores then find them in cache instead of waiting for memory.
+                                        for r in range(rows_per_block):
+                                            if qh + r < qh1 and qh + r < count_h[rh]:
+                                                _prefetch_row(out, n, g * cout_g + cob * channel_block, n_co,
+                                                              plane0 + od - out_start,
+                                                              first_h[rh] + (qh + r) * stride_h,
+                                                              stride_w * qw0, stride_w * row_len)
                                         for rw in range(stride_w):
                                             if count_w[rw] <= qw0:
                                                 continue

@@ -4,8 +4,9 @@
 large enough for the choice to matter, :func:`tuned_path` times every path that can
 run it on a probe slab of the real layer, once per machine, and stores the winner
 in ``tuning.json`` beside the compiled kernels. The key holds the CPU model and its
-vector features, the Numba and NumPy versions and the thread count, so another CPU
-or library measures again. A missing, corrupt or stale file is ignored and rewritten.
+vector features, the Numba and NumPy versions, a digest of the engine's kernel code and
+the thread count, so another CPU, library or kernel version measures again. A missing,
+corrupt or stale file is ignored and rewritten.
 
 The choice is one per layer (never per slab), so streamed runs stay bitwise equal to
 whole runs; ``CONVT3D_PATH`` or ``PreparedLayer(path=...)`` pins a path and
@@ -15,6 +16,8 @@ whole runs; ``CONVT3D_PATH`` or ``PreparedLayer(path=...)`` pins a path and
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -69,12 +72,33 @@ def enabled():
     return os.environ.get("CONVT3D_TUNE", "1").strip() not in ("0", "", "off", "no", "false")
 
 
+#: The modules whose code decides how fast each path runs: a change to any of them (a
+#: new kernel version) makes earlier measurements stale.
+CODE_MODULES = ("_kernels.py", "_plan.py", "_layer.py", "_gemm.py", "_col2im.py", "_columns.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest():
+    """A short digest of :data:`CODE_MODULES`' source ("unknown" where it cannot be read)."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        for name in CODE_MODULES:
+            with open(os.path.join(here, name), "rb") as handle:
+                digest.update(handle.read())
+    except OSError:
+        return "unknown"
+    return digest.hexdigest()[:12]
+
+
 def machine_key(threads):
-    """CPU model, vector features, library versions and threads: what a stored choice is valid for."""
+    """CPU model, vector features, library versions, the engine's code and threads: what a
+    stored choice is valid for."""
     import numba
 
     model, flags = _cpu.model_and_features()
-    return f"{model} [{' '.join(sorted(flags))}] numba {numba.__version__} numpy {np.__version__} threads {threads}"
+    return (f"{model} [{' '.join(sorted(flags))}] numba {numba.__version__} numpy {np.__version__} "
+            f"kernels {code_digest()} threads {threads}")
 
 
 def layer_key(layer):

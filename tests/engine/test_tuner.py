@@ -331,3 +331,30 @@ def test_a_blas_path_is_not_timed_beside_the_previous_kernels_spinning_workers(m
     times = _tuner.measure(layer, ["blocked", "gemm"])
     assert min(times, key=times.get) == "gemm"
     assert times["gemm"] / times["blocked"] == pytest.approx(0.8, rel=0.01)
+
+
+def test_a_choice_made_by_other_kernel_code_is_measured_again(store, monkeypatch):
+    """After an upgrade that changes the kernels, a stored choice is stale: the digest of
+    the engine's code is part of the machine's key."""
+    x, w, b, kwargs = layer_data()
+    PreparedLayer(x.shape, w, b, **kwargs)
+    measured = []
+    real = _tuner.measure
+
+    def counting(*args):
+        measured.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(_tuner, "measure", counting)
+    PreparedLayer(x.shape, w, b, **kwargs)
+    assert not measured                                  # same code: the stored choice
+    monkeypatch.setattr(_tuner, "code_digest", lambda: "0123456789ab")
+    PreparedLayer(x.shape, w, b, **kwargs)
+    assert measured == [1]                               # other code: measured again
+    assert len(json.loads(store.read_text())["machines"]) == 2
+
+
+def test_the_code_digest_follows_the_kernel_sources():
+    digest = _tuner.code_digest()
+    assert len(digest) == 12 and digest != "unknown"
+    assert f"kernels {digest}" in _tuner.machine_key(2)

@@ -168,6 +168,7 @@ def run_jobs(jobs, job, threads, done):
         for i in range(reported, n_jobs):
             done(i)
 
+
 def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, out, threads, scatter,
         progress=None):
     """Compute output planes ``[out_start, out_stop)`` of a kernel == stride layer into ``out``.

@@ -557,7 +557,8 @@ def blocked_kernel(channel_block, position_block, unsigned_index=True, wide_vect
 
 
 #: The 8 x 16 block as first tuned (on AVX-512): sliced inputs and weights.
-blocked_phases = blocked_kernel(CHANNEL_BLOCK, POSITION_BLOCK, unsigned_index=False)
+blocked_phases = blocked_kernel(CHANNEL_BLOCK, POSITION_BLOCK, unsigned_index=False,
+                                wide_vectors="8x16" in WIDE_VECTOR_BLOCKS)
 
 #: The blocked kernel of each register block.
 BLOCKED_KERNELS = {name: blocked_phases if size == (CHANNEL_BLOCK, POSITION_BLOCK)
@@ -694,6 +695,7 @@ def subpixel_blocked(x, w_packed, terms, bias_blocks, out, n_vd, n_vh, n_vw, d_c
             n, g, v0, v1, vh0, vh1, xp = _job_block(job, x, out.dtype, groups, n_chunks, n_tiles, v_lo, v_hi, d_chunk,
                                                     n_vh, h_tile, shift_d_min, n_dp, shift_h_min, n_hp, shift_w_min,
                                                     n_wp, WIDE_POSITION_BLOCK, in_start, n_id)
+            _prefer_512_bit()
             acc = numba.carray(_stack_block_wide(out.dtype), _ACC_WIDE)
             row_buf = np.empty(n_wblocks * _ACC_WIDE, dtype=out.dtype)
             for cob in range(n_cob):
@@ -846,6 +848,7 @@ def shuffle_gemm(x, w, bias, out, stride_d, stride_h, stride_w, seg_len, chunk, 
     for worker in prange(claims.shape[0]):
         job, victim = _claim(claims, n_jobs, worker, worker)
         while job >= 0:
+            _prefer_512_bit()
             vr = job % n_ranges
             rest = job // n_ranges
             c0 = p_lo + (rest % n_chunks) * chunk

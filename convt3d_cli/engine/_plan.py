@@ -51,7 +51,7 @@ def gather_table(o_start, o_stop, n_in, k, s, p, d):
 REGISTER_BLOCKS = {"8x16": (8, 16), "5x16": (5, 16), "3x32": (3, 32), "8x32": (8, 32), "12x16": (12, 16)}
 #: Blocks compiled for 512-bit vectors where the CPU has them (``_kernels._prefer_512_bit``): 16 and
 #: 12 accumulators of 16 floats, enough independent FMAs for two 512-bit FMA ports.
-WIDE_VECTOR_BLOCKS = ("8x32", "12x16")
+WIDE_VECTOR_BLOCKS = ("8x16", "8x32", "12x16")
 
 
 @dataclass(frozen=True)

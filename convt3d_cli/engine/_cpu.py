@@ -17,10 +17,52 @@ CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
 FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
+#: LLVM's names of :data:`FEATURES` where they differ from /proc/cpuinfo's.
+_LLVM_NAMES = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "amx-tile": "amx_tile"}
+#: What turning off a feature in LLVM turns off with it (among :data:`FEATURES`).
+_IMPLIED_OFF = {"avx2": ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"),
+                "avx512f": ("avx512_vnni", "avx512_bf16")}
+#: The features of LLVM's generic x86 targets.
+_BASELINES = {"generic": (), "x86-64": (), "x86-64-v2": (), "x86-64-v3": ("avx2", "fma"),
+              "x86-64-v4": ("avx2", "avx512f", "fma")}
+
+
+def compiled_features(flags, cpu_name=None, feature_text=None):
+    """The subset of :data:`FEATURES` the kernels are compiled with, from the CPU's
+    /proc/cpuinfo ``flags`` and Numba's ``NUMBA_CPU_NAME`` and ``NUMBA_CPU_FEATURES``
+    (``cpu_name`` and ``feature_text``; read from the environment when None).
+
+    Numba compiles for the host unless these name another target (a cache shared by
+    several kinds of nodes is built for ``generic``, or with AVX-512 turned off): the
+    register blocks must follow what the code uses, not what the CPU could run. The
+    features start from the host's flags, or from :data:`_BASELINES` for a generic target,
+    and ``NUMBA_CPU_FEATURES``' ``+name`` and ``-name`` apply on top (another named CPU is
+    taken to have the host's).
+    """
+    if cpu_name is None:
+        cpu_name = os.environ.get("NUMBA_CPU_NAME", "")
+    if feature_text is None:
+        feature_text = os.environ.get("NUMBA_CPU_FEATURES", "")
+    found = set(_BASELINES.get(cpu_name.strip(), flags))
+    for token in feature_text.split(","):
+        token = token.strip()
+        if len(token) < 2 or token[0] not in "+-":
+            continue
+        name = _LLVM_NAMES.get(token[1:], token[1:])
+        if token[0] == "+":
+            found.add(name)
+        else:
+            found.discard(name)
+            found.difference_update(_IMPLIED_OFF.get(name, ()))
+    return tuple(sorted(found & set(FEATURES)))
+
+
 @functools.lru_cache(maxsize=1)
 def model_and_features():
     """``(model, features)``: the first CPU's model name (``"unknown CPU"`` when not
-    known) and the sorted subset of :data:`FEATURES` it has (empty off x86 Linux)."""
+    known) and the sorted subset of :data:`FEATURES` the kernels are compiled with
+    (:func:`compiled_features`: the CPU's own unless Numba is told otherwise; empty off
+    x86 Linux)."""
     model, flags = "unknown CPU", []
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
@@ -33,7 +75,7 @@ def model_and_features():
                     flags = [f for f in value.split() if f in FEATURES]
     except OSError:
         pass
-    return model, tuple(sorted(set(flags)))
+    return model, compiled_features(flags)
 
 
 def _parse_size(text):

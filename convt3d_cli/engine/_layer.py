@@ -65,7 +65,13 @@ SHUFFLE_CHUNK_BYTES = 512 * 1024
 # - or, with one input channel, the shared window has at least 8 taps of which at least
 #   3/4 are real, because with one channel the window's zero taps cost as much as its real
 #   ones (k3 s2, with 42 % real taps, and k2, with one tap, stay FIR).
+# Its block is 8 virtual channels x 32 positions, so only where the registers hold that
+# (AVX-512), as for the shuffle GEMM. With AVX2 alone LLVM spills it (49 stack loads and
+# stores per term, ``benchmarks/inspect_codegen.py``), and the blocked kernel's AVX2 blocks
+# were faster on every few-channel layer measured, FIR too where sub-pixel would replace it
+# (benchmarks/README.md): those layers take the blocked kernel there.
 SUBPIXEL_MAX_VIRTUAL_CHANNELS = 32
+SUBPIXEL_BLOCK = "8x32"
 SUBPIXEL_MIN_TAPS_ONE_INPUT = 8
 SUBPIXEL_MIN_REAL_SHARE_ONE_INPUT = 0.75
 # Columns (NumPy alone, no compiled kernel: ``_columns``) for layers of fewer multiply-adds
@@ -320,7 +326,7 @@ def choose_path(cin_g, cout_g, phases=None, macs=None):
             and _plan.shuffle_fits(phases) and SHUFFLE_BLOCK in fitting_blocks()):
         return "shuffle"
     if phases is not None and _subpixel_pays(cin_g, cout_g, phases):
-        return "subpixel"
+        return "subpixel" if SUBPIXEL_BLOCK in fitting_blocks() else "blocked"
     if product >= BLOCKED_MIN_CHANNEL_PRODUCT or (
             product >= BLOCKED_MIN_PRODUCT_FEW and cin_g >= BLOCKED_MIN_IN_CHANNELS_FEW):
         return "blocked"

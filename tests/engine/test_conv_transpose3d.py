@@ -375,9 +375,13 @@ def test_path_choice(monkeypatch):
     assert _layer.choose_path(64, 32, phases(2, 2, 1)) == "blocked"         # padded: taps move
     # With AVX2 alone the shuffle kernel's accumulators spill: the blocked kernel instead.
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
-    for cin, cout in ((2, 32), (8, 8), (320, 256), (3, 64)):
+    for cin, cout in ((2, 32), (8, 8), (320, 256), (3, 64), (4, 4)):
         assert _layer.choose_path(cin, cout, phases(2, 2, 0)) == "blocked"
     assert _layer.choose_path(2, 16, phases(2, 2, 0)) == "paired"
+    # So do the sub-pixel kernel's, FIR's layers among them (5 taps: no paired rows).
+    for cin, cout, k, p, op in ((8, 1, 3, 1, 1), (4, 4, 3, 1, 1), (32, 2, 3, 1, 1), (2, 3, 5, 2, 1)):
+        assert _layer.choose_path(cin, cout, phases(k, 2, p, op)) == "blocked"
+    assert _layer.choose_path(1, 1, phases(4, 2, 1)) == "paired"
 
 
 def test_out_buffer_and_progress():

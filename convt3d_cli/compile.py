@@ -56,10 +56,11 @@ def compile_kernels(dtypes=DTYPES, echo=None):
     cache = _numba_env.cache_folder()
     steps = []
     t_start = time.perf_counter()
-    layers = dict(LAYERS)
-    blocked = layers.pop("blocked")
-    layers.update(("blocked-" + block, blocked) for block in _layer.fitting_blocks())
     for dtype in dtypes:
+        # Every block the tuner measures for this dtype (``_layer.fitting_blocks``).
+        layers = dict(LAYERS)
+        blocked = layers.pop("blocked")
+        layers.update(("blocked-" + block, blocked) for block in _layer.fitting_blocks(np.dtype(dtype).itemsize))
         for path, (cin, cout, k, s, p) in layers.items():
             before = len(_numba_env.compiled_so_far())
             t0 = time.perf_counter()

@@ -187,26 +187,26 @@ def register_block(path):
     return path.partition("-")[2] or default_register_block()
 
 
-def fitting_blocks():
-    """The register blocks whose accumulators fit this CPU's vector registers with three to
-    spare for the loads (32 registers with AVX-512, of 16 floats for the blocks compiled for
-    512-bit vectors; else 16 of 8 floats): the ones worth measuring. A block that spills
-    never wins and costs its compilation."""
+def fitting_blocks(itemsize=4):
+    """The register blocks whose accumulators of ``itemsize``-byte floats fit this CPU's
+    vector registers with three to spare for the loads (32 registers with AVX-512, of 64
+    bytes for the blocks compiled for 512-bit vectors; else 16 of 32 bytes): the ones worth
+    measuring. A block that spills never wins and costs its compilation."""
     _, features = _cpu.model_and_features()
     registers = 32 if "avx512f" in features else 16
     found = []
     for block, (channels, positions) in _plan.REGISTER_BLOCKS.items():
-        width = 16 if "avx512f" in features and block in _plan.WIDE_VECTOR_BLOCKS else 8
+        width = (64 if "avx512f" in features and block in _plan.WIDE_VECTOR_BLOCKS else 32) // itemsize
         if channels * -(-positions // width) + 3 <= registers:
             found.append(block)
     return tuple(found)
 
 
-def measured_blocked_paths(default=None):
+def measured_blocked_paths(default=None, itemsize=4):
     """The blocked paths the tuner measures on this CPU: ``blocked`` (a layer's block,
     ``default``, else this CPU's) and every other block of :func:`fitting_blocks`."""
     default = default or default_register_block()
-    return ("blocked",) + tuple("blocked-" + block for block in fitting_blocks() if block != default)
+    return ("blocked",) + tuple("blocked-" + block for block in fitting_blocks(itemsize) if block != default)
 
 
 def lane_share(cout_g, phases_w, block):
@@ -421,7 +421,7 @@ class PreparedLayer:
         """The paths that can run this layer, the rule's choice first."""
         phases = self._phases()
         found = [self.path]
-        blocked = measured_blocked_paths(self.block)
+        blocked = measured_blocked_paths(self.block, self.dtype.itemsize)
         for path in blocked[:1] + ("subpixel", "fir", "paired", "shuffle", "gemm", "col2im") + blocked[1:]:
             if path == "paired" and not _plan.paired_fits(phases[2]):
                 continue

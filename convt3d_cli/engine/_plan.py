@@ -48,10 +48,14 @@ def gather_table(o_start, o_stop, n_in, k, s, p, d):
 #: spills them; ``5x16`` and ``3x32`` hold 10 and 12 and leave registers for the loads.
 #: Which one is fastest depends on the CPU and on the layer (the tuner measures those that
 #: fit this CPU's registers; ``_layer`` has the rule).
-REGISTER_BLOCKS = {"8x16": (8, 16), "5x16": (5, 16), "3x32": (3, 32), "8x32": (8, 32), "12x16": (12, 16)}
-#: Blocks compiled for 512-bit vectors where the CPU has them (``_kernels._prefer_512_bit``): 16 and
-#: 12 accumulators of 16 floats, enough independent FMAs for two 512-bit FMA ports.
-WIDE_VECTOR_BLOCKS = ("8x16", "8x32", "12x16")
+REGISTER_BLOCKS = {"8x16": (8, 16), "5x16": (5, 16), "3x32": (3, 32), "8x32": (8, 32), "12x16": (12, 16),
+                   "16x16": (16, 16)}
+#: Blocks compiled for 512-bit vectors where the CPU has them (``_kernels._prefer_512_bit``): 8, 16,
+#: 12 and 16 accumulators of 16 floats. LLVM's tuning for Intel's AVX-512 CPUs would otherwise
+#: compile 256-bit code, at half the rate of their two 512-bit FMA ports; ``16x16`` is the
+#: block for rows of 16 outputs with enough independent FMAs for two such ports
+#: (benchmarks/README.md, "Intel's AVX-512 CPUs, read from the assembly").
+WIDE_VECTOR_BLOCKS = ("8x16", "8x32", "12x16", "16x16")
 
 
 @dataclass(frozen=True)

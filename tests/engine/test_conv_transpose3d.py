@@ -86,9 +86,9 @@ def shuffle_config(cfg, rng):
 
 
 # "blocked" runs this CPU's default register block; 8x16 is the default on AVX-512 CPUs, 3x32
-# the other block measured on AVX2 ones, 12x16 one compiled for 512-bit vectors.
+# the other block measured on AVX2 ones, 12x16 and 16x16 compiled for 512-bit vectors.
 @pytest.fixture(params=["fir", "blocked", "subpixel", "paired", "shuffle", "gemm", "col2im", "columns",
-                        "blocked-8x16", "blocked-3x32", "blocked-12x16"])
+                        "blocked-8x16", "blocked-3x32", "blocked-12x16", "blocked-16x16"])
 def path(request, monkeypatch):
     """Run a test once through each compute path, whatever the channel counts (``paired``
     serves W stride 2 only: other layers then take the FIR kernel; ``shuffle`` serves

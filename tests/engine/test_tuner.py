@@ -177,9 +177,16 @@ def test_only_blocks_that_fit_the_registers_are_measured(monkeypatch):
     assert _layer.measured_blocked_paths() == ("blocked", "blocked-3x32")
     assert _layer.measured_blocked_paths("3x32") == ("blocked", "blocked-5x16")
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
-    # 32 registers: every block (8x16 is the default), 8x32 and 12x16 as 16 and 12 zmm
+    # 32 registers: every block (8x16 is the default), 8x32, 12x16 and 16x16 as 16, 12 and 16 zmm
     assert _layer.measured_blocked_paths() == ("blocked", "blocked-5x16", "blocked-3x32", "blocked-8x32",
-                                               "blocked-12x16")
+                                               "blocked-12x16", "blocked-16x16")
+    # float64: half the lanes per register, so 8x32 and 16x16 (32 zmm) would spill
+    assert _layer.fitting_blocks(8) == ("8x16", "5x16", "3x32", "12x16")
+    assert _layer.measured_blocked_paths(itemsize=8) == ("blocked", "blocked-5x16", "blocked-3x32",
+                                                         "blocked-12x16")
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
+    assert _layer.fitting_blocks(8) == ()               # AVX2: even 5x16 needs 20 ymm of doubles
+    assert _layer.measured_blocked_paths(itemsize=8) == ("blocked",)
 
 
 @pytest.mark.parametrize("path", _layer.BLOCKED_VARIANTS)

@@ -37,10 +37,13 @@ TUNE_MIN_MACS = 2e8
 PROBE_PLANES = 4
 #: Rounds of timed runs after one untimed run per candidate (compiling, warming caches).
 #: A round times every candidate :data:`PROBE_RUNS` times in a row, in an order that
-#: rotates from round to round, and a candidate's best run counts. On a shared machine
+#: rotates from round to round, and a candidate's median run counts. On a shared machine
 #: the host's load comes in bursts that can slow a run down by half; rounds spread a
-#: burst over all candidates instead of charging it to the one being timed then. Runs in
-#: a row: the first may share the cores with the previous candidate's workers, which
+#: burst over all candidates instead of charging it to the one being timed then. The
+#: median, not the best run: a path whose runs vary on their own (the ``gemm`` path's
+#: concurrent BLAS products on a 2-vCPU VM: 5.9 ms best, 10.6 ms median, where the
+#: blocked kernel ran 6.3 / 7.2 ms) would win on a lucky run and be slower in use. Runs
+#: in a row: the first may share the cores with the previous candidate's workers, which
 #: keep spinning for a while (OpenMP's and BLAS's wait policies).
 PROBE_ROUNDS = 3
 PROBE_RUNS = 2
@@ -60,7 +63,8 @@ FILE_NAME = "tuning.json"
 #: 4 since the idle pause (:data:`PROBE_SETTLE`): earlier choices, which could charge a BLAS
 #: path for the previous candidate's spinning workers, are measured again. 5 since the
 #: blocked kernel's input blocks follow the L2 cache's size (``_layer.blocked_block_bytes``).
-FORMAT_VERSION = 5
+#: 6 since a candidate's median run counts, not its best.
+FORMAT_VERSION = 6
 #: A larger file is ignored (and replaced on the next measurement): thousands of layers
 #: take a few MB.
 MAX_FILE_BYTES = 64 << 20
@@ -159,7 +163,7 @@ def save(store, path=None):
 
 def measure(layer, candidates):
     """Estimated seconds of the whole layer for each candidate path: its preparation (packed
-    weights, tables: once per layer) plus its best run of the probe slab (see
+    weights, tables: once per layer) plus its median run of the probe slab (see
     :data:`PROBE_ROUNDS`), scaled to all output planes."""
     n_out = layer.out_spatial[0]
     planes = max(PROBE_PLANES, 2 * layer.params.stride[0])
@@ -185,7 +189,7 @@ def measure(layer, candidates):
     out = np.empty(layer.output_shape[:2] + (planes,) + layer.output_shape[3:], dtype=layer.dtype)
     chosen = layer.path
     candidates = list(candidates)
-    prepare, best = {}, {path: np.inf for path in candidates}
+    prepare, runs = {}, {path: [] for path in candidates}
     try:
         for path in candidates:
             layer.path = path
@@ -202,8 +206,8 @@ def measure(layer, candidates):
                 for _ in range(PROBE_RUNS):
                     start = time.perf_counter()
                     layer.run_slab(x, i0, o0, o1, out)
-                    best[path] = min(best[path], time.perf_counter() - start)
-            times = {path: prepare[path] + best[path] * n_out / planes for path in candidates}
+                    runs[path].append(time.perf_counter() - start)
+            times = {path: prepare[path] + float(np.median(runs[path])) * n_out / planes for path in candidates}
             fastest = min(times.values())
             timed = [path for path in timed if times[path] <= fastest * PROBE_DROP]
             close = sorted(times[path] for path in timed)

@@ -618,7 +618,7 @@ def _prefer_512_bit(typingctx):
 
     LLVM's tuning for most AVX-512 CPUs (Intel's among them) prefers 256-bit vectors, so
     a loop compiles to ymm registers and runs at half the rate of two 512-bit FMA ports.
-    This function attribute lifts that preference for the one kernel that asks; on a CPU
+    This function attribute lifts that preference for the kernels that ask; on a CPU
     without AVX-512 it changes nothing. (llvmlite's attribute set knows no string
     attributes, hence ``set.add``.)
     """

@@ -226,19 +226,30 @@ def lane_share(cout_g, phases_w, block):
     return cout_g / (-(-cout_g // channels) * channels) * rows
 
 
-def layer_register_block(cout_g, phases_w):
-    """The register block of a layer's ``blocked`` path.
+#: The AVX-512 block for layers whose output channels fill it (:func:`layer_register_block`).
+WIDE_BLOCK = "16x16"
+
+
+def layer_register_block(cout_g, phases_w, itemsize=4):
+    """The register block of a layer's ``blocked`` path (``itemsize``: of its dtype).
 
     On AVX2 alone, of ``5x16`` and ``3x32`` the one that wastes fewer lanes
     (:func:`lane_share`; ``5x16`` on a tie). In the sweep of ``benchmarks/bench_paths.py``
     on Zen 3 this picked the faster of the two wherever they differed by more than the
     noise: ``3x32`` for few output channels or 32-output phase rows, ``5x16`` for N4's
-    16-output rows. Elsewhere :func:`default_register_block`.
+    16-output rows. With AVX-512, ``16x16`` where it fits the registers (float32) and its
+    16-channel blocks waste no more lanes than ``8x16``'s: twice the independent FMAs, 84 %
+    of the FMA peak against 72 % in LLVM's model of Intel's two 512-bit ports, and 2-9 %
+    faster than ``8x16`` on five small layers on Zen 4 (benchmarks/README.md). Elsewhere
+    :func:`default_register_block`.
     """
     default = default_register_block()
-    if default != "5x16":
-        return default
-    return max(("5x16", "3x32"), key=lambda block: lane_share(cout_g, phases_w, block))
+    if default == "5x16":
+        return max(("5x16", "3x32"), key=lambda block: lane_share(cout_g, phases_w, block))
+    if (default == "8x16" and WIDE_BLOCK in fitting_blocks(itemsize)
+            and lane_share(cout_g, phases_w, WIDE_BLOCK) >= lane_share(cout_g, phases_w, default)):
+        return WIDE_BLOCK
+    return default
 
 
 def is_blocked(path):
@@ -398,7 +409,7 @@ class PreparedLayer:
         self._col2im_plan = None
         self._finite_weights = None
         #: The register block of the ``blocked`` path (:func:`layer_register_block`).
-        self.block = layer_register_block(self.cout_g, self._phases()[2])
+        self.block = layer_register_block(self.cout_g, self._phases()[2], self.dtype.itemsize)
         self._static = None
         pinned = path if path is not None else (os.environ.get("CONVT3D_PATH") or None)
         if pinned is not None and pinned not in PATHS:

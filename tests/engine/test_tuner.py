@@ -204,20 +204,25 @@ def test_each_register_block_matches_the_reference_on_ragged_channels(path, monk
     np.testing.assert_allclose(out, conv_transpose3d_ref(x, w, b, **kwargs), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("batch, cin, cout, n, k, s, p, block", [
-    (4, 64, 32, 16, 4, 2, 1, "5x16"),     # N4: 16 outputs per phase row fill half of 3x32's 32
-    (2, 16, 16, 32, 3, 1, 1, "3x32"),     # N2: rows of 32; 16 channels pad to 18, not 20
-    (1, 32, 2, 20, 3, 2, 1, "3x32"),      # two output channels: 2 of 3 lanes, not 2 of 5
-    (1, 64, 35, 20, 3, 2, 1, "5x16"),     # 35 channels: 7 full blocks of 5
-    (1, 320, 256, 8, 2, 2, 0, "3x32"),    # rows of 8 packed 4 to a 32-wide block, 256 of 258
+@pytest.mark.parametrize("batch, cin, cout, n, k, s, p, block, wide", [
+    (4, 64, 32, 16, 4, 2, 1, "5x16", "16x16"),    # N4: 16 outputs per phase row fill half of 3x32's 32
+    (2, 16, 16, 32, 3, 1, 1, "3x32", "16x16"),    # N2: rows of 32; 16 channels pad to 18, not 20
+    (1, 32, 2, 20, 3, 2, 1, "3x32", "8x16"),      # two output channels: 2 of 3 lanes, not 2 of 5
+    (1, 64, 35, 20, 3, 2, 1, "5x16", "8x16"),     # 35 channels: 7 full blocks of 5; 40 of 8, 48 of 16
+    (1, 320, 256, 8, 2, 2, 0, "3x32", "16x16"),   # rows of 8 packed 4 to a 32-wide block, 256 of 258
+    (1, 16, 24, 20, 3, 2, 1, "3x32", "8x16"),     # 24 channels: 8 blocks of 3; 3 of 8, not 2 of 16
 ])
-def test_on_avx2_a_layer_runs_the_block_that_wastes_fewer_lanes(monkeypatch, batch, cin, cout, n, k, s, p, block):
+def test_a_layer_runs_the_block_that_wastes_fewer_lanes(monkeypatch, batch, cin, cout, n, k, s, p, block, wide):
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
     layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
     assert layer.block == block and layer.block_of("blocked") == block
+    # AVX-512: 16x16 where its 16-channel blocks waste no more lanes than 8x16's, for float32
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
     layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
-    assert layer.block == "8x16"                                   # AVX-512: the block tuned there
+    assert layer.block == wide and layer.block_of("blocked") == wide
+    layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p,
+                          dtype=np.float64)
+    assert layer.block == "8x16"                                   # 16x16 of doubles would spill
 
 
 def test_the_gemm_path_is_probed_on_whole_chunks(store, monkeypatch):

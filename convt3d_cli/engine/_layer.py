@@ -227,7 +227,7 @@ def lane_share(cout_g, phases_w, block):
 
 
 #: The AVX-512 block for layers whose output channels fill it (:func:`layer_register_block`).
-WIDE_BLOCK = "16x16"
+SIXTEEN_CHANNEL_BLOCK = "16x16"
 
 
 def layer_register_block(cout_g, phases_w, itemsize=4):
@@ -238,17 +238,16 @@ def layer_register_block(cout_g, phases_w, itemsize=4):
     on Zen 3 this picked the faster of the two wherever they differed by more than the
     noise: ``3x32`` for few output channels or 32-output phase rows, ``5x16`` for N4's
     16-output rows. With AVX-512, ``16x16`` where it fits the registers (float32) and its
-    16-channel blocks waste no more lanes than ``8x16``'s: twice the independent FMAs, 84 %
-    of the FMA peak against 72 % in LLVM's model of Intel's two 512-bit ports, and 2-9 %
-    faster than ``8x16`` on five small layers on Zen 4 (benchmarks/README.md). Elsewhere
+    16-channel blocks waste no more lanes than ``8x16``'s: twice the independent FMAs, which
+    two 512-bit FMA ports need (benchmarks/README.md, "A 16 x 16 block"). Elsewhere
     :func:`default_register_block`.
     """
     default = default_register_block()
     if default == "5x16":
         return max(("5x16", "3x32"), key=lambda block: lane_share(cout_g, phases_w, block))
-    if (default == "8x16" and WIDE_BLOCK in fitting_blocks(itemsize)
-            and lane_share(cout_g, phases_w, WIDE_BLOCK) >= lane_share(cout_g, phases_w, default)):
-        return WIDE_BLOCK
+    if (default == "8x16" and SIXTEEN_CHANNEL_BLOCK in fitting_blocks(itemsize)
+            and lane_share(cout_g, phases_w, SIXTEEN_CHANNEL_BLOCK) >= lane_share(cout_g, phases_w, default)):
+        return SIXTEEN_CHANNEL_BLOCK
     return default
 
 

@@ -41,10 +41,10 @@ PROBE_PLANES = 4
 #: the host's load comes in bursts that can slow a run down by half; rounds spread a
 #: burst over all candidates instead of charging it to the one being timed then. The
 #: median, not the best run: a path whose runs vary on their own (the ``gemm`` path's
-#: concurrent BLAS products on a 2-vCPU VM: 5.9 ms best, 10.6 ms median, where the
-#: blocked kernel ran 6.3 / 7.2 ms) would win on a lucky run and be slower in use. Runs
-#: in a row: the first may share the cores with the previous candidate's workers, which
-#: keep spinning for a while (OpenMP's and BLAS's wait policies).
+#: concurrent BLAS products on a 2-vCPU VM, benchmarks/README.md) would win on a lucky
+#: run and be slower in use. Runs in a row: the first may share the cores with the
+#: previous candidate's workers, which keep spinning for a while (OpenMP's and BLAS's
+#: wait policies).
 PROBE_ROUNDS = 3
 PROBE_RUNS = 2
 #: Seconds the machine is left idle before each candidate's runs in a round. After a

@@ -102,3 +102,67 @@ def limited(threads):
             yield
     finally:
         use(previous)
+
+
+_sched_getcpu = None
+
+
+def current_cpu():
+    """The CPU the calling thread runs on, or None where the C library cannot say."""
+    global _sched_getcpu
+    if _sched_getcpu is None:
+        try:
+            import ctypes
+
+            _sched_getcpu = ctypes.CDLL(None).sched_getcpu
+            _sched_getcpu.restype = ctypes.c_int
+        except (OSError, AttributeError, TypeError):  # no C library to ask (not glibc/musl)
+            _sched_getcpu = False
+    if not _sched_getcpu:
+        return None
+    cpu = _sched_getcpu()
+    return cpu if cpu >= 0 else None
+
+
+def placement(threads):
+    """One CPU per thread of a run of ``threads`` threads, the calling thread's own CPU first,
+    or None to leave the threads where the system puts them.
+
+    Only a run that uses every CPU this thread may run on gets CPUs: then one thread per CPU
+    is the only sensible layout, and keeping it spares the run a wait the system's scheduler
+    makes it pay on small VMs. A thread woken to help the calling one is often put on the
+    caller's own CPU, and both share it for several milliseconds before one moves to the
+    idle CPU (benchmarks/README.md, "Threads that call BLAS share a CPU"). A run given fewer
+    threads than CPUs leaves the choice to the system, as do other processes' threads.
+    """
+    if threads < 2:
+        return None
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return None
+    here = current_cpu()
+    if len(allowed) != threads or here not in allowed:
+        return None
+    return [here] + sorted(allowed - {here})
+
+
+@contextmanager
+def kept_on(cpu):
+    """Keep the calling thread on ``cpu`` for the block (nothing when ``cpu`` is None); its
+    own set of CPUs is given back after, whatever happens in the block."""
+    saved = None
+    if cpu is not None:
+        try:
+            saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {cpu})
+        except (AttributeError, OSError, ValueError):  # not Linux, or the CPU was taken away
+            saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            try:
+                os.sched_setaffinity(0, saved)
+            except OSError:  # pragma: no cover - the process's CPUs changed meanwhile
+                pass

@@ -10,7 +10,9 @@ thread and scatters its product, still in cache, with the bias added
 
 One thread per product, rather than BLAS's own pool followed by a parallel scatter:
 Numba's OpenMP workers keep spinning for a while after each parallel kernel, and a BLAS
-call made meanwhile runs at a fraction of its rate on a machine with few cores.
+call made meanwhile runs at a fraction of its rate on a machine with few cores. A run that
+takes every CPU the process may use keeps each of its threads on its own CPU until it
+ends (:func:`convt3d_cli.threads.placement`).
 
 Bits. OpenBLAS's sums depend on the shape of the product and on its thread count (on
 the Zen 3 VM a row of a 2048 x 320 @ 320 x 512 product differs from the same row of its
@@ -30,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
+
+from ..threads import kept_on, placement
 
 #: One job's product (``n_co * sD * sH * sW`` rows by ``kp * H * W`` columns) stays near
 #: this size, so it is scattered from cache. Single-threaded sgemm runs within a few per
@@ -118,7 +122,9 @@ def run_jobs(jobs, job, threads, done):
 
     The calling thread works too, and every thread claims the next job when it is free:
     a kept pool's worker can take a millisecond or more to wake on a busy VM, and a
-    fixed share per thread would make the run wait for it.
+    fixed share per thread would make the run wait for it. When ``threads`` is every CPU
+    the process may use, each thread stays on its own CPU for the run and gets its CPUs
+    back after.
     """
     with _blas_limits().limit(limits=1, user_api="blas"):
         if threads <= 1 or len(jobs) < 2:
@@ -157,9 +163,18 @@ def run_jobs(jobs, job, threads, done):
                 done(reported)
                 reported += 1
 
-        helpers = [_workers(threads - 1).submit(work, lambda: None) for _ in range(min(threads, n_jobs) - 1)]
+        # One CPU per thread when the run takes them all (threads.placement): a helper
+        # woken onto the caller's CPU would run its BLAS products at half speed or less.
+        cpus = placement(threads) or [None] * threads
+
+        def help_on(cpu):
+            with kept_on(cpu):
+                work(lambda: None)
+
+        helpers = [_workers(threads - 1).submit(help_on, cpus[k + 1]) for k in range(min(threads, n_jobs) - 1)]
         try:
-            work(report_finished)
+            with kept_on(cpus[0]):
+                work(report_finished)
         finally:
             for helper in helpers:
                 helper.result()

@@ -8,9 +8,10 @@ Usage::
 The run uses every CPU the process may use (placement applies only then; run it under
 ``taskset -c 0,1`` on a larger machine). Per layer and path it prints the best and median
 of ``--repeat`` calls of ``conv_transpose3d`` with placement and without, interleaved,
-with PyTorch's median in the same run when it is installed. Then, for the first case, the
-CPU each of two threads ran a single-threaded BLAS product on when placement was off:
-"shared" counts the runs in which both ran on one CPU for the whole product. The CPU model,
+with PyTorch's median in the same run when it is installed. Then the U-Net 320->256 layer
+after rests of 0 to 100 ms (how long the threads take to start again once idle), and how
+often two threads, each running single-threaded BLAS products right after one woke the
+other, ran on one CPU throughout when placement was off. The CPU model,
 its vector features and NumPy's sgemm rate head the table. Nothing here is a pass/fail test.
 """
 
@@ -70,6 +71,49 @@ def shared_cpu_runs(runs=40):
             shared += same
             (together if same else alone).extend([mine[2], theirs[2]])
     return shared, runs, alone, together
+
+
+#: Rest before each call of the idle table (seconds).
+PAUSES = (0.0, 0.001, 0.005, 0.02, 0.1)
+
+
+def idle_table(torch, n_threads, repeat=15):
+    """U-Net 320->256 8^3 k2 s2 after each rest of :data:`PAUSES`: medians (ms) of the blocked
+    kernel (its widest blocks that fit this CPU), ``gemm`` and PyTorch. How long a run's threads take to
+    start again after they went idle shows here."""
+    from convt3d_cli.engine import PreparedLayer, _layer
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 320, 8, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((320, 256, 2, 2, 2)).astype(np.float32)
+    print(f"\n# U-Net 320->256 8^3 k2 s2 after a rest: medians of {repeat} calls (ms), {n_threads} threads")
+    print(f"{'path':14s} " + " ".join(f"{f'{p * 1e3:g} ms':>9s}" for p in PAUSES))
+    runs = {}
+    blocks = [b for b in _layer.fitting_blocks() if b in ("8x32", "16x16", "5x16", "3x32")]
+    for path in ["blocked-" + block for block in blocks] + ["gemm"]:
+        layer = PreparedLayer(x.shape, w, None, 2, path=path)
+        out = np.empty(layer.output_shape, np.float32)
+        runs[path] = (lambda layer=layer, out=out: layer.run_slab(x, 0, 0, layer.output_shape[2], out))
+    if torch is not None:
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+
+        def run_torch():
+            with torch.no_grad():
+                torch.nn.functional.conv_transpose3d(tx, tw, stride=2)
+        runs["torch"] = run_torch
+    for path, run in runs.items():
+        run()
+        run()
+        cells = []
+        for pause in PAUSES:
+            times = []
+            for _ in range(repeat if pause < 0.1 else max(3, repeat // 2)):
+                time.sleep(pause)
+                t = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t)
+            cells.append(f"{float(np.median(times)) * 1e3:9.2f}")
+        print(f"{path:14s} " + " ".join(cells), flush=True)
 
 
 def main():
@@ -133,6 +177,7 @@ def main():
             med = {m: float(np.median(v)) for m, v in times.items()}
             cells = " ".join(f"{best[m]:7.2f}/{med[m]:7.2f}" for m in ("placed", "free"))
             print(f"{name:22s} {path:7s} {cells} {med['free'] / med['placed']:18.2f}x {torch_ms:8.2f}", flush=True)
+    idle_table(torch, n_threads)
     found = shared_cpu_runs()
     if found is None:
         print("\n# the C library cannot tell a thread's CPU: no count of shared CPUs")

@@ -45,13 +45,16 @@ MIN_COLUMNS = 512
 _controller = None
 _pools = {}
 _pool_lock = threading.Lock()
+#: Runs of :func:`run_jobs` whose threads are kept on CPUs now (at most one at a time).
+_placed_runs = 0
 
 
 def _forget_pools():
     """A forked child has none of its parent's threads: its pools start afresh."""
-    global _pool_lock
+    global _pool_lock, _placed_runs
     _pools.clear()
     _pool_lock = threading.Lock()
+    _placed_runs = 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -165,7 +168,13 @@ def run_jobs(jobs, job, threads, done):
 
         # One CPU per thread when the run takes them all (threads.placement): a helper
         # woken onto the caller's CPU would run its BLAS products at half speed or less.
-        cpus = placement(threads) or [None] * threads
+        # Runs side by side in one process (a Dask worker's threads) are left to the
+        # system: each would place its own calling thread without knowing of the others.
+        global _placed_runs
+        with _pool_lock:
+            cpus = placement(threads) if _placed_runs == 0 else None
+            _placed_runs += cpus is not None
+        cpus = cpus or [None] * threads
 
         def help_on(cpu):
             with kept_on(cpu):
@@ -178,6 +187,9 @@ def run_jobs(jobs, job, threads, done):
         finally:
             for helper in helpers:
                 helper.result()
+            if cpus[0] is not None:
+                with _pool_lock:
+                    _placed_runs -= 1
         if state["error"] is not None:
             raise state["error"]
         for i in range(reported, n_jobs):

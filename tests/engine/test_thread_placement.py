@@ -159,6 +159,34 @@ def test_a_blas_run_with_fewer_threads_than_cpus_is_not_placed():
     assert {mask for _, mask in _masks_seen(2)} == {frozenset(allowed)}
 
 
+@linux
+def test_a_run_beside_a_placed_one_is_not_placed(monkeypatch):
+    """Two runs at once in one process (a Dask worker's threads) would each keep their
+    calling thread where it is, perhaps on the same CPU: the second is left to the system."""
+    allowed = _allowed()
+    if not 2 <= len(allowed) <= 16 or threads.current_cpu() is None:
+        pytest.skip("needs 2 to 16 usable CPUs and sched_getcpu")
+    monkeypatch.setattr(_gemm, "_placed_runs", 1)
+    assert {mask for _, mask in _masks_seen(len(allowed))} == {frozenset(allowed)}
+    assert _gemm._placed_runs == 1
+
+
+@linux
+def test_the_count_of_placed_runs_comes_back_to_zero_after_a_failed_job():
+    allowed = _allowed()
+    if not 2 <= len(allowed) <= 16:
+        pytest.skip("needs 2 to 16 usable CPUs")
+
+    def job(i):
+        if i == 3:
+            raise ValueError("bad job")
+
+    with pytest.raises(ValueError, match="bad job"):
+        _gemm.run_jobs([(i,) for i in range(8)], job, len(allowed), lambda i: None)
+    assert _gemm._placed_runs == 0
+    assert _allowed() == allowed
+
+
 @pytest.mark.parametrize("path", ["gemm", "col2im"])
 def test_placement_never_changes_a_result(monkeypatch, path):
     rng = np.random.default_rng(3)

@@ -165,7 +165,9 @@ def test_the_tuner_measures_every_register_block(store):
     x, w, b, kwargs = layer_data()
     layer = PreparedLayer(x.shape, w, b, **kwargs)
     candidates = layer.candidate_paths()
-    assert {layer.block_of(p) for p in candidates if _layer.is_blocked(p)} == set(_layer.fitting_blocks())
+    measured = {layer.block_of(p) for p in candidates if _layer.is_blocked(p)}
+    # every block that fits, and the layer's own (8x16 on a CPU without AVX2, where none fits)
+    assert measured == set(_layer.fitting_blocks()) | {layer.block}
     # the layer's own block is measured once, as "blocked"
     assert "blocked" in candidates and "blocked-" + layer.block not in candidates
 

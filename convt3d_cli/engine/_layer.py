@@ -191,7 +191,10 @@ def fitting_blocks(itemsize=4):
     """The register blocks whose accumulators of ``itemsize``-byte floats fit this CPU's
     vector registers with three to spare for the loads (32 registers with AVX-512, of 64
     bytes for the blocks compiled for 512-bit vectors; else 16 of 32 bytes): the ones worth
-    measuring. A block that spills never wins and costs its compilation."""
+    measuring. A block that spills never wins and costs its compilation. Code compiled
+    without AVX2 is counted as AVX2's: with SSE's 16-byte registers no block fits, and the
+    rule's ``8x16`` was the fastest block there on most layers (benchmarks/README.md,
+    "Code for CPUs without AVX2"), so the tuner measures it beside these."""
     _, features = _cpu.model_and_features()
     registers = 32 if "avx512f" in features else 16
     found = []

@@ -229,8 +229,9 @@ def lane_share(cout_g, phases_w, block):
     return cout_g / (-(-cout_g // channels) * channels) * rows
 
 
-#: The AVX-512 block for layers whose output channels fill it (:func:`layer_register_block`).
-SIXTEEN_CHANNEL_BLOCK = "16x16"
+#: The AVX-512 blocks a layer's rule chooses from, in the order that settles a tie in
+#: :func:`lane_share` (:func:`layer_register_block`).
+AVX512_RULE_BLOCKS = ("8x32", "16x16", "8x16")
 
 
 def layer_register_block(cout_g, phases_w, itemsize=4):
@@ -240,17 +241,20 @@ def layer_register_block(cout_g, phases_w, itemsize=4):
     (:func:`lane_share`; ``5x16`` on a tie). In the sweep of ``benchmarks/bench_paths.py``
     on Zen 3 this picked the faster of the two wherever they differed by more than the
     noise: ``3x32`` for few output channels or 32-output phase rows, ``5x16`` for N4's
-    16-output rows. With AVX-512, ``16x16`` where it fits the registers (float32) and its
-    16-channel blocks waste no more lanes than ``8x16``'s: twice the independent FMAs, which
-    two 512-bit FMA ports need (benchmarks/README.md, "A 16 x 16 block"). Elsewhere
-    :func:`default_register_block`.
+    16-output rows. With AVX-512, of :data:`AVX512_RULE_BLOCKS` that fit the registers in
+    the layer's dtype, the one that wastes fewest lanes, ``8x32`` then ``16x16`` on a tie:
+    both have twice ``8x16``'s independent FMAs, which two 512-bit FMA ports need, and on
+    Zen 4 each was the fastest of the three wherever it wasted fewest lanes, ``8x32`` by
+    0-8 % on a tie with ``16x16`` (benchmarks/README.md, "The rule's AVX-512 block").
+    Elsewhere :func:`default_register_block`.
     """
     default = default_register_block()
     if default == "5x16":
         return max(("5x16", "3x32"), key=lambda block: lane_share(cout_g, phases_w, block))
-    if (default == "8x16" and SIXTEEN_CHANNEL_BLOCK in fitting_blocks(itemsize)
-            and lane_share(cout_g, phases_w, SIXTEEN_CHANNEL_BLOCK) >= lane_share(cout_g, phases_w, default)):
-        return SIXTEEN_CHANNEL_BLOCK
+    if "avx512f" in _cpu.model_and_features()[1]:
+        fitting = fitting_blocks(itemsize)
+        options = [block for block in AVX512_RULE_BLOCKS if block == default or block in fitting]
+        return max(options, key=lambda block: lane_share(cout_g, phases_w, block))   # the first of equals
     return default
 
 

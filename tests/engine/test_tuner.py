@@ -208,23 +208,28 @@ def test_each_register_block_matches_the_reference_on_ragged_channels(path, monk
 
 @pytest.mark.parametrize("batch, cin, cout, n, k, s, p, block, wide", [
     (4, 64, 32, 16, 4, 2, 1, "5x16", "16x16"),    # N4: 16 outputs per phase row fill half of 3x32's 32
-    (2, 16, 16, 32, 3, 1, 1, "3x32", "16x16"),    # N2: rows of 32; 16 channels pad to 18, not 20
-    (1, 32, 2, 20, 3, 2, 1, "3x32", "8x16"),      # two output channels: 2 of 3 lanes, not 2 of 5
-    (1, 64, 35, 20, 3, 2, 1, "5x16", "8x16"),     # 35 channels: 7 full blocks of 5; 40 of 8, 48 of 16
-    (1, 320, 256, 8, 2, 2, 0, "3x32", "16x16"),   # rows of 8 packed 4 to a 32-wide block, 256 of 258
-    (1, 16, 24, 20, 3, 2, 1, "3x32", "8x16"),     # 24 channels: 8 blocks of 3; 3 of 8, not 2 of 16
+    (2, 16, 16, 32, 3, 1, 1, "3x32", "8x32"),     # N2: rows of 32; 16 channels pad to 18, not 20
+    (1, 32, 2, 20, 3, 2, 1, "3x32", "8x32"),      # two output channels: 2 of 3 lanes, not 2 of 5
+    (1, 64, 35, 20, 3, 2, 1, "5x16", "8x32"),     # 35 channels: 7 full blocks of 5; 40 of 8, 48 of 16
+    (1, 320, 256, 8, 2, 2, 0, "3x32", "8x32"),    # rows of 8 packed 4 to a 32-wide block, 256 of 258
+    (1, 16, 24, 20, 3, 2, 1, "3x32", "8x32"),     # 24 channels: 8 blocks of 3; 3 of 8, not 2 of 16
+    (1, 16, 8, 48, 3, 2, 1, "5x16", "8x16"),      # rows of 48: 3 blocks of 16, not 2 of 32
+    (1, 48, 48, 16, 3, 2, 1, "5x16", "16x16"),    # rows of 16: half of 8x32's lanes empty
 ])
 def test_a_layer_runs_the_block_that_wastes_fewer_lanes(monkeypatch, batch, cin, cout, n, k, s, p, block, wide):
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "fma")))
     layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
     assert layer.block == block and layer.block_of("blocked") == block
-    # AVX-512: 16x16 where its 16-channel blocks waste no more lanes than 8x16's, for float32
+    # AVX-512, float32: of 8x32, 16x16 and 8x16 the one that wastes fewest lanes (that order on a tie)
     monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ("avx2", "avx512f", "fma")))
     layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
     assert layer.block == wide and layer.block_of("blocked") == wide
     layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p,
                           dtype=np.float64)
-    assert layer.block == "8x16"                                   # 16x16 of doubles would spill
+    assert layer.block == "8x16"                                   # 8x32 and 16x16 of doubles would spill
+    monkeypatch.setattr(_layer._cpu, "model_and_features", lambda: ("a CPU", ()))
+    layer = PreparedLayer((batch, cin, n, n, n), np.zeros((cin, cout, k, k, k), np.float32), stride=s, padding=p)
+    assert layer.block == "8x16"                                   # no AVX2: the AVX-512 default
 
 
 def test_the_gemm_path_is_probed_on_whole_chunks(store, monkeypatch):

@@ -4,6 +4,9 @@ Runs whose layer is small never load Numba (the ``columns`` path is NumPy alone)
 the thread setting cannot live in Numba alone: until Numba is loaded it is kept here,
 per calling thread as Numba keeps its own, and handed to Numba when the kernels load
 (:func:`apply_to_numba`). Once Numba is loaded, Numba's setting is the setting.
+
+Where a run's threads run: :func:`placement` and :func:`kept_on` keep the threads of a
+run that takes every usable CPU one to a CPU (the BLAS paths use them).
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def placement(threads):
     makes it pay on small VMs. A thread woken to help the calling one is often put on the
     caller's own CPU, and both share it for several milliseconds before one moves to the
     idle CPU (benchmarks/README.md, "Threads that call BLAS share a CPU"). A run given fewer
-    threads than CPUs leaves the choice to the system, as do other processes' threads.
+    threads than CPUs is left to the system.
     """
     if threads < 2:
         return None
@@ -156,7 +159,7 @@ def kept_on(cpu):
         try:
             saved = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {cpu})
-        except (AttributeError, OSError, ValueError):  # not Linux, or the CPU was taken away
+        except (AttributeError, OSError, ValueError, OverflowError):  # not Linux, or no such CPU
             saved = None
     try:
         yield

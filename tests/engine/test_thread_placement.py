@@ -98,7 +98,7 @@ def test_kept_on_gives_the_cpus_back_when_the_block_fails():
 
 
 @linux
-@pytest.mark.parametrize("cpu", [None, 1 << 20, -1])
+@pytest.mark.parametrize("cpu", [None, 1 << 20, -1, 1 << 70])
 def test_kept_on_without_a_usable_cpu_changes_nothing(cpu):
     allowed = _allowed()
 

@@ -9,8 +9,9 @@ The run uses every CPU the process may use (placement applies only then; run it 
 ``taskset -c 0,1`` on a larger machine). Per layer and path it prints the best and median
 of ``--repeat`` calls of ``conv_transpose3d`` with placement and without, interleaved,
 with PyTorch's median in the same run when it is installed. Then the U-Net 320->256 layer
-after rests of 0 to 100 ms (how long the threads take to start again once idle), and how
-often two threads, each running single-threaded BLAS products right after one woke the
+after rests of 0 to 100 ms (how long the threads take to start again once idle), a short
+run right after a parallel Numba kernel placed and free (why short runs are not placed),
+and how often two threads, each running single-threaded BLAS products right after one woke the
 other, ran on one CPU throughout when placement was off. The CPU model,
 its vector features and NumPy's sgemm rate head the table. Nothing here is a pass/fail test.
 """
@@ -116,6 +117,37 @@ def idle_table(torch, n_threads, repeat=15):
         print(f"{path:14s} " + " ".join(cells), flush=True)
 
 
+def short_table(rounds=8, calls=100):
+    """A short ``col2im`` run (0.6 M multiply-adds) right after a parallel Numba kernel, with
+    its threads placed regardless of ``_gemm.PLACE_MIN_MACS_PER_THREAD`` and left free:
+    ms per pair of calls, medians of ``rounds`` rounds of ``calls`` pairs."""
+    from convt3d_cli.engine import _gemm, conv_transpose3d
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 24, 6, 5, 7)).astype(np.float32)
+    w = rng.standard_normal((24, 16, 2, 2, 2)).astype(np.float32)
+    placement, threshold = _gemm.placement, _gemm.PLACE_MIN_MACS_PER_THREAD
+    for path in ("col2im", "blocked"):
+        conv_transpose3d(x, w, None, 2, path=path)
+    times = {"placed": [], "free": []}
+    try:
+        _gemm.PLACE_MIN_MACS_PER_THREAD = 0
+        for i in range(rounds):
+            for mode in (("placed", "free") if i % 2 else ("free", "placed")):
+                _gemm.placement = placement if mode == "placed" else (lambda count: None)
+                t = time.perf_counter()
+                for _ in range(calls):
+                    conv_transpose3d(x, w, None, 2, path="blocked")
+                    conv_transpose3d(x, w, None, 2, path="col2im")
+                times[mode].append((time.perf_counter() - t) * 1e3 / calls)
+    finally:
+        _gemm.placement, _gemm.PLACE_MIN_MACS_PER_THREAD = placement, threshold
+    print(f"\n# a 24->16 6x5x7 k2 blocked run, then col2im on it (0.6 M multiply-adds), {calls} pairs "
+          f"a round: ms per pair, median of {rounds} rounds")
+    print(f"# col2im placed (threshold ignored) {np.median(times['placed']):.3f}, "
+          f"free {np.median(times['free']):.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=24)
@@ -178,6 +210,7 @@ def main():
             cells = " ".join(f"{best[m]:7.2f}/{med[m]:7.2f}" for m in ("placed", "free"))
             print(f"{name:22s} {path:7s} {cells} {med['free'] / med['placed']:18.2f}x {torch_ms:8.2f}", flush=True)
     idle_table(torch, n_threads)
+    short_table()
     found = shared_cpu_runs()
     if found is None:
         print("\n# the C library cannot tell a thread's CPU: no count of shared CPUs")

@@ -238,4 +238,5 @@ def run(col_plan, weight, bias, params, x_slab, in_start, n_id, out_start, out_s
             a, b = jobs[index][3:]
             progress(share * (first_plane[b - q_lo] - first_plane[a - q_lo]))
 
-    _gemm.run_jobs(jobs, job, threads, done)
+    macs = n_batch * groups * cout_g * taps * cin_g * (q_hi - q_lo) * n_ih * pitch
+    _gemm.run_jobs(jobs, job, threads, done, macs)

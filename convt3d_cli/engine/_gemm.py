@@ -42,6 +42,14 @@ PRODUCT_BYTES = 1 << 20
 #: Columns of one product, at least (whole planes; fewer when the volume has fewer).
 MIN_COLUMNS = 512
 
+#: Multiply-adds per thread from which a run's threads are kept one to a CPU
+#: (:func:`run_jobs`). A kept thread cannot leave a CPU that Numba's OpenMP worker still
+#: spins on after a parallel kernel: a run of 0.6 M multiply-adds right after one took
+#: 2.0-2.6 ms placed against 1.1 left to the scheduler. From about a millisecond of BLAS
+#: per thread on, avoiding a shared CPU for the whole run is worth more
+#: (benchmarks/README.md, "Threads that call BLAS share a CPU").
+PLACE_MIN_MACS_PER_THREAD = 5e7
+
 _controller = None
 _pools = {}
 _pool_lock = threading.Lock()
@@ -117,17 +125,17 @@ def _workers(threads):
         return _pools[threads]
 
 
-def run_jobs(jobs, job, threads, done):
+def run_jobs(jobs, job, threads, done, macs=0):
     """Run ``job(*args)`` for every ``args`` in ``jobs`` on ``threads`` threads, with BLAS
     limited to one thread, and call ``done(i)`` (on the calling thread) once job ``i`` and
     every job before it have finished. A job's error stops the jobs not yet started and
-    is raised.
+    is raised. ``macs``: the multiply-adds of all jobs, about.
 
     The calling thread works too, and every thread claims the next job when it is free:
     a kept pool's worker can take a millisecond or more to wake on a busy VM, and a
     fixed share per thread would make the run wait for it. When ``threads`` is every CPU
-    the process may use, each thread stays on its own CPU for the run and gets its CPUs
-    back after.
+    the process may use and the run has :data:`PLACE_MIN_MACS_PER_THREAD` multiply-adds
+    per thread, each thread stays on its own CPU for the run and gets its CPUs back after.
     """
     with _blas_limits().limit(limits=1, user_api="blas"):
         if threads <= 1 or len(jobs) < 2:
@@ -172,7 +180,8 @@ def run_jobs(jobs, job, threads, done):
         # system: each would place its own calling thread without knowing of the others.
         global _placed_runs
         with _pool_lock:
-            cpus = placement(threads) if _placed_runs == 0 else None
+            worth_it = macs >= PLACE_MIN_MACS_PER_THREAD * threads and _placed_runs == 0
+            cpus = placement(threads) if worth_it else None
             _placed_runs += cpus is not None
         cpus = cpus or [None] * threads
 
@@ -257,6 +266,7 @@ def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, ou
 
     steps = [(chunk, len(chunk_jobs), i == len(chunk_jobs) - 1, args)
              for chunk, chunk_jobs in zip(chunks, jobs) for i, args in enumerate(chunk_jobs)]
-    run_jobs([step[3] for step in steps], job, threads, lambda i: report(*steps[i][:3]))
+    macs = sum(min(n_co, cout_g - step[3][5]) for step in steps) * n_phase * cin_g * kp * plane
+    run_jobs([step[3] for step in steps], job, threads, lambda i: report(*steps[i][:3]), macs)
     if progress and done < out_stop:
         progress(n_batch * (out_stop - done))

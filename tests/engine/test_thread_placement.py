@@ -1,10 +1,11 @@
 """Where the BLAS paths' threads run (``threads.placement``, ``threads.kept_on``,
 ``engine/_gemm.run_jobs``).
 
-A run that takes every CPU the process may use keeps each of its threads on its own CPU
-for the run, the calling thread on the CPU it was on, and gives every thread its own set
-of CPUs back after. A run with fewer threads, or where the system cannot say which CPU a
-thread is on, leaves placement to the system. Results never depend on it.
+A run of enough multiply-adds that takes every CPU the process may use keeps each of its
+threads on its own CPU for the run, the calling thread on the CPU it was on, and gives
+every thread its own set of CPUs back after. A shorter run, a run with fewer threads, or
+one where the system cannot say which CPU a thread is on, leaves placement to the
+system. Results never depend on it.
 """
 
 import os
@@ -110,8 +111,9 @@ def test_kept_on_without_a_usable_cpu_changes_nothing(cpu):
     assert _allowed() == allowed
 
 
-def _masks_seen(n_threads, n_jobs=12):
-    """Run ``n_jobs`` jobs on ``n_threads`` threads; each job records its thread's CPUs."""
+def _masks_seen(n_threads, n_jobs=12, macs=1e12):
+    """Run ``n_jobs`` jobs of ``macs`` multiply-adds in all on ``n_threads`` threads; each
+    job records its thread's CPUs."""
     seen = []
     lock = threading.Lock()
     started = threading.Barrier(min(n_threads, n_jobs), timeout=10)
@@ -126,7 +128,7 @@ def _masks_seen(n_threads, n_jobs=12):
         with lock:
             seen.append((threading.get_ident(), mask))
 
-    _gemm.run_jobs([(i,) for i in range(n_jobs)], job, n_threads, lambda i: None)
+    _gemm.run_jobs([(i,) for i in range(n_jobs)], job, n_threads, lambda i: None, macs)
     return seen
 
 
@@ -160,6 +162,17 @@ def test_a_blas_run_with_fewer_threads_than_cpus_is_not_placed():
 
 
 @linux
+def test_a_short_run_is_not_placed():
+    """Below PLACE_MIN_MACS_PER_THREAD a kept thread could wait out Numba's spinning workers."""
+    allowed = _allowed()
+    if not 2 <= len(allowed) <= 16 or threads.current_cpu() is None:
+        pytest.skip("needs 2 to 16 usable CPUs and sched_getcpu")
+    short = _gemm.PLACE_MIN_MACS_PER_THREAD * len(allowed) - 1
+    assert {mask for _, mask in _masks_seen(len(allowed), macs=short)} == {frozenset(allowed)}
+    assert all(len(mask) == 1 for _, mask in _masks_seen(len(allowed), macs=short + 1))
+
+
+@linux
 def test_a_run_beside_a_placed_one_is_not_placed(monkeypatch):
     """Two runs at once in one process (a Dask worker's threads) would each keep their
     calling thread where it is, perhaps on the same CPU: the second is left to the system."""
@@ -182,13 +195,14 @@ def test_the_count_of_placed_runs_comes_back_to_zero_after_a_failed_job():
             raise ValueError("bad job")
 
     with pytest.raises(ValueError, match="bad job"):
-        _gemm.run_jobs([(i,) for i in range(8)], job, len(allowed), lambda i: None)
+        _gemm.run_jobs([(i,) for i in range(8)], job, len(allowed), lambda i: None, 1e12)
     assert _gemm._placed_runs == 0
     assert _allowed() == allowed
 
 
 @pytest.mark.parametrize("path", ["gemm", "col2im"])
 def test_placement_never_changes_a_result(monkeypatch, path):
+    monkeypatch.setattr(_gemm, "PLACE_MIN_MACS_PER_THREAD", 0)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 24, 6, 5, 7)).astype(np.float32)
     w = rng.standard_normal((24, 16, 2, 2, 2)).astype(np.float32)

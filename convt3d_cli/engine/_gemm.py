@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -125,6 +126,31 @@ def _workers(threads):
         return _pools[threads]
 
 
+@contextmanager
+def _placed(threads, macs):
+    """The CPU of each of a run's ``threads`` threads (None: left to the system), held
+    for the block.
+
+    One CPU per thread when the run takes them all and is long enough
+    (:func:`convt3d_cli.threads.placement`, :data:`PLACE_MIN_MACS_PER_THREAD`): a helper
+    woken onto the caller's CPU would run its BLAS products at half speed or less. Runs
+    side by side in one process (a Dask worker's threads) are left to the system: each
+    would place its own calling thread without knowing of the others.
+    """
+    global _placed_runs
+    with _pool_lock:
+        cpus = None
+        if macs >= PLACE_MIN_MACS_PER_THREAD * threads and _placed_runs == 0:
+            cpus = placement(threads)
+        _placed_runs += cpus is not None
+    try:
+        yield cpus or [None] * threads
+    finally:
+        if cpus is not None:
+            with _pool_lock:
+                _placed_runs -= 1
+
+
 def run_jobs(jobs, job, threads, done, macs=0):
     """Run ``job(*args)`` for every ``args`` in ``jobs`` on ``threads`` threads, with BLAS
     limited to one thread, and call ``done(i)`` (on the calling thread) once job ``i`` and
@@ -174,31 +200,18 @@ def run_jobs(jobs, job, threads, done, macs=0):
                 done(reported)
                 reported += 1
 
-        # One CPU per thread when the run takes them all (threads.placement): a helper
-        # woken onto the caller's CPU would run its BLAS products at half speed or less.
-        # Runs side by side in one process (a Dask worker's threads) are left to the
-        # system: each would place its own calling thread without knowing of the others.
-        global _placed_runs
-        with _pool_lock:
-            worth_it = macs >= PLACE_MIN_MACS_PER_THREAD * threads and _placed_runs == 0
-            cpus = placement(threads) if worth_it else None
-            _placed_runs += cpus is not None
-        cpus = cpus or [None] * threads
-
         def help_on(cpu):
             with kept_on(cpu):
                 work(lambda: None)
 
-        helpers = [_workers(threads - 1).submit(help_on, cpus[k + 1]) for k in range(min(threads, n_jobs) - 1)]
-        try:
-            with kept_on(cpus[0]):
-                work(report_finished)
-        finally:
-            for helper in helpers:
-                helper.result()
-            if cpus[0] is not None:
-                with _pool_lock:
-                    _placed_runs -= 1
+        with _placed(threads, macs) as cpus:
+            helpers = [_workers(threads - 1).submit(help_on, cpus[k + 1]) for k in range(min(threads, n_jobs) - 1)]
+            try:
+                with kept_on(cpus[0]):
+                    work(report_finished)
+            finally:
+                for helper in helpers:
+                    helper.result()
         if state["error"] is not None:
             raise state["error"]
         for i in range(reported, n_jobs):

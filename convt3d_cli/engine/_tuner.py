@@ -208,7 +208,10 @@ def measure(layer, candidates):
                     layer.run_slab(x, i0, o0, o1, out)
                     runs[path].append(time.perf_counter() - start)
             times = {path: prepare[path] + float(np.median(runs[path])) * n_out / planes for path in candidates}
-            fastest = min(times.values())
+            # Against the fastest still timed: a dropped candidate's estimate is from an
+            # earlier round, and a burst that slows this round's runs more than
+            # PROBE_DROP-fold would otherwise drop them all.
+            fastest = min(times[path] for path in timed)
             timed = [path for path in timed if times[path] <= fastest * PROBE_DROP]
             close = sorted(times[path] for path in timed)
             if round_ + 1 >= PROBE_ROUNDS and (len(close) < 2 or close[1] > close[0] * (1 + PROBE_CLOSE)):

@@ -66,6 +66,29 @@ def test_a_tuned_layer_is_exact_and_streams_bitwise(store):
         assert np.array_equal(out[:, :, 0], whole[:, :, o])
 
 
+def test_a_burst_after_a_candidate_was_dropped_still_ends_in_a_choice(monkeypatch):
+    """Round 1 drops "fir" (4x slower); then "blocked" runs 100x slower (a host burst), past
+    PROBE_DROP times fir's old estimate. The still-timed candidate is kept, not dropped too."""
+    x, w, b, kwargs = layer_data()
+    layer = PreparedLayer(x.shape, w, b, path="blocked", **kwargs)
+    clock = [0.0]
+    rounds = {"blocked": 0}
+
+    def fake_run(x_slab, in_start, out_start, out_stop, out, progress=None):
+        if layer.path == "fir":
+            clock[0] += 4.0
+        else:
+            rounds["blocked"] += 1
+            clock[0] += 1.0 if rounds["blocked"] <= 3 else 100.0   # the untimed run, then round 1
+
+    monkeypatch.setattr(layer, "run_slab", fake_run)
+    monkeypatch.setattr(layer, "prepare", lambda path, again=False: None)
+    monkeypatch.setattr(_tuner.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_tuner, "PROBE_SETTLE", 0)
+    times = _tuner.measure(layer, ["blocked", "fir"])
+    assert set(times) == {"blocked", "fir"} and rounds["blocked"] > 3 + _tuner.PROBE_RUNS
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"version": 999, "machines": {}}', "\\x00" * 10])
 def test_a_corrupt_or_stale_file_is_ignored_and_rewritten(store, content):
     store.write_text(content)

@@ -89,6 +89,28 @@ def sgemm_gflops(threads):
     return 2 * n ** 3 / best / 1e9
 
 
+# Output columns of the BLAS-shape product (its rate needs no more to settle).
+SHAPE_OUTPUT_CAP = 256 * 2 ** 20
+
+
+def shape_gflops(cout, kernel_volume, cin, columns, dtype):
+    """GFLOP/s of NumPy's matmul on a layer's GEMM shape (see the module's notes)."""
+    rng = np.random.default_rng(1)
+    m = cout * kernel_volume
+    columns = max(1, min(columns, SHAPE_OUTPUT_CAP // (m * np.dtype(dtype).itemsize)))
+    a = rng.standard_normal((m, cin)).astype(dtype)
+    b = rng.standard_normal((cin, columns)).astype(dtype)
+    np.matmul(a, b)
+    best = math.inf
+    for _ in range(3):
+        time.sleep(IDLE_PAUSE)
+        t = time.perf_counter()
+        c = np.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+        del c
+    return 2.0 * m * cin * columns / best / 1e9
+
+
 def make_floor():
     from numba import njit, prange
 
@@ -145,7 +167,7 @@ def main():
           f"{torch.__version__ if torch else 'not installed'}; numba {numba.__version__}; "
           f"{args.repeat} repeats")
     header = (f"{'case':40s} {'engine ms':>10s} {'torch ms':>10s} {'speed-up':>8s} {'best x':>7s} {'GFLOP/s':>8s} "
-              f"{'%sgemm':>7s} {'floor ms':>9s} {'x floor':>7s} {'peak/out':>8s}  path")
+              f"{'%sgemm':>7s} {'BLAS GF/s':>9s} {'x BLAS':>6s} {'floor ms':>9s} {'x floor':>7s} {'peak/out':>8s}  path")
     print(header)
     print("-" * len(header))
     ratios, best_ratios, rows = [], [], []
@@ -217,7 +239,12 @@ def main():
             line += f"{'-':>10s} {'-':>8s} {'-':>7s} "
         floor_t = float(np.median(floor_times))
         print(line + f"{gflops:8.1f}", flush=True)
-        rows.append((line, gflops, f" {floor_t * 1e3:9.1f} {float(np.median(floor_ratios)):6.2f}x "
+        if g == 1 and cin >= 8:
+            blas = shape_gflops(cout, int(np.prod(k3)), cin, n * int(np.prod(spatial)), dtype)
+            blas_cols = f" {blas:9.1f} {gflops / blas:5.2f}x"
+        else:
+            blas_cols = f" {'-':>9s} {'-':>6s}"
+        rows.append((line, gflops, f"{blas_cols} {floor_t * 1e3:9.1f} {float(np.median(floor_ratios)):6.2f}x "
                                    f"{peak / out_bytes:7.2f}x  {path_of(PreparedLayer(x.shape, w, b, dtype=dtype, **kwargs))}"))
     gemm_end = sgemm_gflops(args.threads)
     gemm_rate = max(gemm_start, gemm_end)

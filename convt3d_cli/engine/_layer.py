@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import geometry, threads
 from ..errors import ParameterError, ShapeError
-from . import _col2im, _columns, _cpu, _gemm, _plan
+from . import _col2im, _columns, _cpu, _gemm, _packed, _plan
 
 # Path selection (``choose_path`` tries paired rows, shuffle GEMM, sub-pixel, blocked, then
 # FIR). Each rule below says when a kernel is chosen and why; ``benchmarks/bench_paths.py``
@@ -702,8 +702,13 @@ class PreparedLayer:
                 position_block, self._block_bytes(None if path == "subpixel" else blocked_block_bytes()),
                 n_jobs_wanted=4 * _threads(), n_outer=self.input_shape[0] * self.groups,
                 row_blocks=path != "subpixel", whole_planes=path == "subpixel")
-            w_packed = np.empty(plan.w_shape, dtype=self.dtype)
-            kern.pack_weights(weight, w_packed, *plan.kernel_tables, channel_block)
+            def pack(weight=weight, plan=plan, channel_block=channel_block):
+                w_packed = np.empty(plan.w_shape, dtype=self.dtype)
+                kern.pack_weights(weight, w_packed, *plan.kernel_tables, channel_block)
+                return w_packed
+
+            layout = (plan.w_shape, channel_block) + tuple((t.shape, t.tobytes()) for t in plan.kernel_tables)
+            w_packed = _packed.packed(weight, layout, pack)
             n_cob = w_packed.shape[1]
             channel_bias = self.bias.reshape(self.groups, self.cout_g)
             if path == "subpixel":

@@ -63,8 +63,10 @@ FILE_NAME = "tuning.json"
 #: 4 since the idle pause (:data:`PROBE_SETTLE`): earlier choices, which could charge a BLAS
 #: path for the previous candidate's spinning workers, are measured again. 5 since the
 #: blocked kernel's input blocks follow the L2 cache's size (``_layer.blocked_block_bytes``).
-#: 6 since a candidate's median run counts, not its best.
-FORMAT_VERSION = 6
+#: 6 since a candidate's median run counts, not its best. 7 since packed weights are kept
+#: between calls with the same weights (``_packed``): a blocked path's preparation is
+#: charged as a later call pays it.
+FORMAT_VERSION = 7
 #: A larger file is ignored (and replaced on the next measurement): thousands of layers
 #: take a few MB.
 MAX_FILE_BYTES = 64 << 20
@@ -162,8 +164,9 @@ def save(store, path=None):
 
 
 def measure(layer, candidates):
-    """Estimated seconds of the whole layer for each candidate path: its preparation (packed
-    weights, tables: once per layer) plus its median run of the probe slab (see
+    """Estimated seconds of the whole layer for each candidate path: its preparation (tables,
+    and packed weights as a call with the same weights pays for them: a comparison with the
+    kept packing, see ``_packed``) plus its median run of the probe slab (see
     :data:`PROBE_ROUNDS`), scaled to all output planes."""
     n_out = layer.out_spatial[0]
     planes = max(PROBE_PLANES, 2 * layer.params.stride[0])

@@ -112,3 +112,20 @@ def test_results_with_a_kept_packing_match_the_reference(path):
     for _ in range(2):
         got = conv_transpose3d(x, w, stride=2, padding=1, path=path)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_threads_sharing_kept_packings_get_their_own_weights_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.random.default_rng(3).standard_normal(X_SHAPE).astype(np.float32)
+    weights = [_weights(seed) for seed in range(3)]
+    expected = [conv_transpose3d_ref(x, w, stride=2) for w in weights]
+
+    def call(i):
+        k = i % len(weights)
+        return k, conv_transpose3d(x, weights[k], stride=2, path="blocked-8x16", threads=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        for k, got in pool.map(call, range(24)):
+            np.testing.assert_allclose(got, expected[k], rtol=1e-4, atol=1e-4)
+    assert len(_packed._entries) == len(weights)

@@ -6,6 +6,9 @@ stays within its byte bound, least recently used out first. Results are the same
 and without a kept packing.
 """
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -129,3 +132,27 @@ def test_threads_sharing_kept_packings_get_their_own_weights_results():
         for k, got in pool.map(call, range(24)):
             np.testing.assert_allclose(got, expected[k], rtol=1e-4, atol=1e-4)
     assert len(_packed._entries) == len(weights)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this system")
+def test_a_child_forked_while_the_lock_is_held_can_still_pack():
+    import time
+
+    w = _weights()
+    with _packed._lock:          # as if another thread were storing a packing at the fork
+        pid = os.fork()
+        if pid == 0:             # the child: must not wait for a lock no thread of its own holds
+            try:
+                _packed.packed(w, ("layout",), lambda: w * 2)
+            finally:
+                os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on the packing lock")

@@ -702,7 +702,8 @@ class PreparedLayer:
                 position_block, self._block_bytes(None if path == "subpixel" else blocked_block_bytes()),
                 n_jobs_wanted=4 * _threads(), n_outer=self.input_shape[0] * self.groups,
                 row_blocks=path != "subpixel", whole_planes=path == "subpixel")
-            def pack(weight=weight, plan=plan, channel_block=channel_block):
+
+            def pack():
                 w_packed = np.empty(plan.w_shape, dtype=self.dtype)
                 kern.pack_weights(weight, w_packed, *plan.kernel_tables, channel_block)
                 return w_packed

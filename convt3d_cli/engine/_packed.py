@@ -49,6 +49,14 @@ def _same_bytes(a, b):
     return np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
+def _match(entries, key, weight):
+    """The name and packing of the entry among ``entries`` made from ``weight`` for ``key``."""
+    for name, (source, done) in entries:
+        if name[0] == key and _same_bytes(source, weight):
+            return name, done
+    return None, None
+
+
 def packed(weight, layout, pack):
     """The packing of ``weight`` for ``layout``: kept from an earlier call, or ``pack()``.
 
@@ -72,20 +80,20 @@ def packed(weight, layout, pack):
         return pack()
     key = (weight.shape, weight.dtype.str) + tuple(layout)
     with _lock:
-        kept = [(name, entry) for name, entry in _entries.items() if name[0] == key]
-    for name, (source, done) in kept:
-        if _same_bytes(source, weight):
-            with _lock:
-                if name in _entries:
-                    _entries.move_to_end(name)
-            return done
+        kept = [item for item in _entries.items() if item[0][0] == key]
+    name, done = _match(kept, key, weight)   # compared outside the lock
+    if name is not None:
+        with _lock:
+            if name in _entries:
+                _entries.move_to_end(name)
+        return done
     result = pack()
     size = weight.nbytes + result.nbytes
     if size <= CACHE_BYTES:
         with _lock:
-            for name, (source, done) in _entries.items():
-                if name[0] == key and _same_bytes(source, weight):
-                    return done  # another thread packed the same weights meanwhile
+            name, done = _match(_entries.items(), key, weight)
+            if name is not None:
+                return done  # another thread packed the same weights meanwhile
             while _entries and _held + size > CACHE_BYTES:
                 _, (source, done) = _entries.popitem(last=False)
                 _held -= source.nbytes + done.nbytes

@@ -229,13 +229,15 @@ def run(gemm_plan, weight, bias, x_slab, in_start, n_id, out_start, out_stop, ou
     bias : ndarray, (G * Cout_g,)
     x_slab : ndarray, (N, G * Cin_g, d, H, W)
         Input planes ``[in_start, in_start + d)`` of the ``n_id`` of the layer.
-    out : ndarray, (N, G * Cout_g, out_stop - out_start, H', W')
+    out : ndarray, (N, G * Cout_g, out_stop - out_start, H', W'), C-contiguous
     threads : int
     scatter : callable
         ``_kernels.gemm_scatter``.
     progress : callable(int), optional
         Called with the number of output planes (N * D) finished since the last call.
     """
+    if not out.flags.c_contiguous:
+        raise ValueError("the gemm path writes a C-contiguous output only")
     groups, cin_g, cout_g = weight.shape[:3]
     stride = weight.shape[3:]
     s0 = stride[0]

@@ -999,19 +999,27 @@ def gemm_scatter(prod, bias, out, n, co_base, stride_d, stride_h, stride_w, chun
     ``dl_lo <= dl < dl_hi`` are stored where their outputs fall in ``out``, whose first plane
     is output plane ``out_start``; outputs past the H and W extent are dropped, and the rows
     and columns of ``out`` past the inputs' reach get the bias. One thread: the ``gemm``
-    path runs its products in parallel.
+    path runs its products in parallel. Both arrays must be C-contiguous.
+
+    Both are addressed as flat arrays, one offset per output row: a row is often a single
+    vector (16 outputs of 8 input columns at stride 2), and a view per row would cost more
+    than its store.
     """
-    n_od, n_oh, n_ow = out.shape[2], out.shape[3], out.shape[4]
+    n_c, n_od, n_oh, n_ow = out.shape[1], out.shape[2], out.shape[3], out.shape[4]
     n_phase = stride_d * stride_h * stride_w
     plane = n_ih * n_iw
+    n_cols = prod.shape[1]
     h_n = min(n_oh, n_ih * stride_h)
     w_n = min(n_ow, n_iw * stride_w)
     half = w_n // 2
+    pairs = PAIR_BYTES // (2 * out.itemsize)
+    flat = out.reshape(-1)
+    src_flat = prod.reshape(-1)
     # The product is read one phase row (a pair at stride_w == 2) at a time, front to
     # back, so the reads stream and only the stores hop between output rows.
     for co in range(prod.shape[0] // n_phase):
         value = bias[co_base + co]
-        out_c = out[n, co_base + co]
+        channel = (n * n_c + co_base + co) * n_od
         for kd in range(stride_d):
             for kh in range(stride_h):
                 r0 = ((co * stride_d + kd) * stride_h + kh) * stride_w
@@ -1020,19 +1028,27 @@ def gemm_scatter(prod, bias, out, n, co_base, stride_d, stride_h, stride_w, chun
                     if od < 0 or od >= n_od:
                         continue
                     for ih in range((h_n - kh + stride_h - 1) // stride_h):
-                        row = out_c[od, ih * stride_h + kh]
-                        base = dl * plane + ih * n_iw
+                        dst = ((channel + od) * n_oh + ih * stride_h + kh) * n_ow
+                        src = r0 * n_cols + dl * plane + ih * n_iw
                         if stride_w == 2:
-                            _interleave_plus(row, prod[r0, base:], prod[r0 + 1, base:], half, value)
+                            t = 0
+                            while t + pairs <= half:
+                                _store_pairs_plus(flat, dst + 2 * t, src_flat, src + t, src_flat, src + n_cols + t,
+                                                  value)
+                                t += pairs
+                            for u in range(t, half):
+                                flat[dst + 2 * u] = src_flat[src + u] + value
+                                flat[dst + 2 * u + 1] = src_flat[src + n_cols + u] + value
                             if w_n > 2 * half:
-                                row[2 * half] = prod[r0, base + half] + value
+                                flat[dst + 2 * half] = src_flat[src + half] + value
                         else:
                             for kw in range(stride_w):
                                 for iw in range((w_n - kw + stride_w - 1) // stride_w):
-                                    row[iw * stride_w + kw] = prod[r0 + kw, base + iw] + value
-                        if w_n < n_ow:
-                            row[w_n:] = value
+                                    flat[dst + iw * stride_w + kw] = src_flat[src + kw * n_cols + iw] + value
+                        for c in range(w_n, n_ow):
+                            flat[dst + c] = value
         if h_n < n_oh:
+            out_c = out[n, co_base + co]
             for dl in range(dl_lo, dl_hi):
                 for kd in range(stride_d):
                     od = (chunk_start + dl) * stride_d + kd - out_start

@@ -158,3 +158,52 @@ def test_default_chunks_keep_the_bits_on_blas_sized_products():
         out = np.empty(layer.output_shape[:2] + (o1 - o0,) + layer.output_shape[3:], np.float32)
         layer.run_slab(np.ascontiguousarray(x[:, :, i0:i1]), i0, o0, o1, out)
         assert np.array_equal(out, whole[:, :, o0:o1]), (o0, o1)
+
+
+def _scatter_reference(prod, bias, out, n, co_base, stride, chunk_start, dl_lo, dl_hi, n_ih, n_iw, out_start):
+    """What ``gemm_scatter`` writes, element by element."""
+    s_d, s_h, s_w = stride
+    n_od, n_oh, n_ow = out.shape[2:]
+    h_n, w_n = min(n_oh, n_ih * s_h), min(n_ow, n_iw * s_w)
+    for co in range(prod.shape[0] // (s_d * s_h * s_w)):
+        for dl in range(dl_lo, dl_hi):
+            for kd in range(s_d):
+                od = (chunk_start + dl) * s_d + kd - out_start
+                if not 0 <= od < n_od:
+                    continue
+                out[n, co_base + co, od] = bias[co_base + co]
+                for kh in range(s_h):
+                    for kw in range(s_w):
+                        row = ((co * s_d + kd) * s_h + kh) * s_w + kw
+                        cols = prod[row, dl * n_ih * n_iw:(dl + 1) * n_ih * n_iw].reshape(n_ih, n_iw)
+                        rows_h = len(range(kh, h_n, s_h))
+                        rows_w = len(range(kw, w_n, s_w))
+                        out[n, co_base + co, od, kh:h_n:s_h, kw:w_n:s_w] = (cols[:rows_h, :rows_w]
+                                                                              + bias[co_base + co])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride,n_iw,crop_w,crop_h", [
+    ((2, 2, 2), 8, 0, 0),      # one whole vector per output row
+    ((2, 2, 2), 20, 0, 0),     # vectors and an element tail
+    ((2, 2, 2), 17, 1, 1),     # an odd row (the last W input cut in half) and a cut H
+    ((2, 2, 2), 3, 3, 0),      # shorter than a vector, bias past the inputs' reach
+    ((1, 3, 3), 9, 2, 2),
+    ((2, 1, 1), 16, 0, 0)])
+def test_the_scatter_puts_every_product_element_in_its_place(dtype, stride, n_iw, crop_w, crop_h):
+    from convt3d_cli.engine._numba_env import kernels
+
+    rng = np.random.default_rng(13)
+    n_co, kp, n_ih, co_base, n_batch = 3, 2, 5, 2, 2
+    n_phase = int(np.prod(stride))
+    prod = rng.standard_normal((n_co * n_phase, kp * n_ih * n_iw)).astype(dtype)
+    bias = rng.standard_normal(8).astype(dtype)
+    out_shape = (n_batch, 8, 3, n_ih * stride[1] - crop_h + (1 if crop_h == 0 else 0), n_iw * stride[2] - crop_w)
+    got = np.full(out_shape, np.nan, dtype)
+    expected = got.copy()
+    # Output planes 1-3 of the layer: chunk 0 (input planes 0-1), plane 0 of it dropped.
+    args = (1, co_base, *stride, 0, 0, kp, n_ih, n_iw, 1)
+    kernels().gemm_scatter(prod, bias, got, *args)
+    _scatter_reference(prod, bias, expected, 1, co_base, stride, 0, 0, kp, n_ih, n_iw, 1)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got[0]).all() and np.isnan(got[1, :co_base]).all()   # nothing else written

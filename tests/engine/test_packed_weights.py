@@ -156,3 +156,19 @@ def test_a_child_forked_while_the_lock_is_held_can_still_pack():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung on the packing lock")
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 13, 4099])
+def test_a_change_in_any_byte_is_seen(size):
+    # Compared as 8-byte words plus a byte tail: every position counts, the tail's too.
+    rng = np.random.default_rng(size)
+    a = rng.standard_normal(size).astype(np.float32)
+    assert _packed._same_bytes(a, a.copy())
+    for i in {0, size // 2, size - 1}:
+        b = a.copy()
+        b.view(np.uint8)[4 * i + 3] ^= 0x01
+        assert not _packed._same_bytes(a, b)
+    zeros = np.zeros(size, np.float32)
+    assert not _packed._same_bytes(zeros, -zeros)            # equal values, other bytes
+    nan = np.full(size, np.nan, np.float32)
+    assert _packed._same_bytes(nan, nan.copy())              # NaN == NaN byte for byte

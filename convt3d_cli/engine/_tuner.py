@@ -59,14 +59,20 @@ PROBE_MAX_ROUNDS = 6
 #: A candidate this many times slower than the fastest after a round is not timed again:
 #: the bursts seen on shared VMs slowed runs down by up to about 2x.
 PROBE_DROP = 3.0
+#: Timed preparations per candidate, after the one its first run makes; the median counts.
+#: The first one again after that run finds cold caches and a fresh temporary, and took
+#: ten times what a later call pays (2.0-2.6 ms against 0.2-0.5 for the 320->256 layer's
+#: kept packing), enough to lose that layer its fastest path.
+PREPARE_RUNS = 3
 FILE_NAME = "tuning.json"
 #: 4 since the idle pause (:data:`PROBE_SETTLE`): earlier choices, which could charge a BLAS
 #: path for the previous candidate's spinning workers, are measured again. 5 since the
 #: blocked kernel's input blocks follow the L2 cache's size (``_layer.blocked_block_bytes``).
 #: 6 since a candidate's median run counts, not its best. 7 since packed weights are kept
 #: between calls with the same weights (``_packed``): a blocked path's preparation is
-#: charged as a later call pays it.
-FORMAT_VERSION = 7
+#: charged as a later call pays it. 8 since that charge is the median of several
+#: preparations, not the first one after a run (:data:`PREPARE_RUNS`).
+FORMAT_VERSION = 8
 #: A larger file is ignored (and replaced on the next measurement): thousands of layers
 #: take a few MB.
 MAX_FILE_BYTES = 64 << 20
@@ -166,8 +172,8 @@ def save(store, path=None):
 def measure(layer, candidates):
     """Estimated seconds of the whole layer for each candidate path: its preparation (tables,
     and packed weights as a call with the same weights pays for them: a comparison with the
-    kept packing, see ``_packed``) plus its median run of the probe slab (see
-    :data:`PROBE_ROUNDS`), scaled to all output planes."""
+    kept packing, see ``_packed``; the median of :data:`PREPARE_RUNS`) plus its median run
+    of the probe slab (see :data:`PROBE_ROUNDS`), scaled to all output planes."""
     n_out = layer.out_spatial[0]
     planes = max(PROBE_PLANES, 2 * layer.params.stride[0])
     quantum = layer.params.stride[0]   # the probe starts on a whole stride: whole D positions
@@ -197,9 +203,12 @@ def measure(layer, candidates):
         for path in candidates:
             layer.path = path
             layer.run_slab(x, i0, o0, o1, out)           # compiles, warms the caches
-            start = time.perf_counter()
-            layer.prepare(path, again=True)
-            prepare[path] = time.perf_counter() - start
+            spent = []
+            for _ in range(PREPARE_RUNS):
+                start = time.perf_counter()
+                layer.prepare(path, again=True)
+                spent.append(time.perf_counter() - start)
+            prepare[path] = float(np.median(spent))
         timed = list(candidates)
         for round_ in range(PROBE_MAX_ROUNDS):
             turn = round_ % len(timed)

@@ -3,12 +3,24 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The engine's measured path choice (engine/_tuner.py) would time several kernels on
 # large layers and remember the winner on disk; tests run the rules (or force paths)
 # so that they do not depend on timings. tests/engine/test_tuner.py turns it back on.
 os.environ.setdefault("CONVT3D_TUNE", "0")
+
+
+@pytest.fixture(autouse=True)
+def _layers_decided_afresh():
+    """Tests change the rules, the CPU features seen and the tuning file: each test's
+    layers are decided anew, not taken from an earlier test's (``_layer.forget_decisions``)."""
+    from convt3d_cli.engine import _layer
+
+    _layer.forget_decisions()
+    yield
 
 
 

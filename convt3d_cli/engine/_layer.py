@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -86,6 +87,35 @@ COLUMNS_MAX_MACS = 5e6
 # ``benchmarks/bench_startup.py``: equal near 4.5e8).
 COLUMNS_MAX_MACS_ONE_LAYER = 3e8
 _columns_limit = None  # set by the two blocks below; None: COLUMNS_MAX_MACS
+# A layer's register block and path follow from its shapes and settings alone (the
+# ``col2im`` path also needs finite weights, checked on every layer), and working them out
+# again (the phase tables, the rules, the tuner's key and store) took 0.5-0.6 ms of Python
+# after a kernel had filled the caches, a tenth of a 5 ms call. ``conv_transpose3d`` builds
+# a layer per call, so the decisions of recent layers are kept, by shapes and settings.
+DECISIONS_KEPT = 64
+_decisions = {}
+_decisions_lock = threading.Lock()
+
+
+def _tuner_stamp():
+    from . import _tuner
+
+    return _tuner.stamp()
+
+
+def _still_holds(layer, phases, block, path, source, store):
+    """Whether a kept decision is the one ``layer`` would make: the ``col2im`` path needs
+    finite weights, and a measured path the same tuning file (changed, removed or
+    corrupted, it is read and measured again)."""
+    if path == "col2im" and not layer._fits("col2im"):
+        return False
+    return source != "measured" or _tuner_stamp() == store
+
+
+def forget_decisions():
+    """Decide every layer afresh (tests that change the rules; a new tuning file)."""
+    with _decisions_lock:
+        _decisions.clear()
 
 
 @contextmanager
@@ -414,12 +444,29 @@ class PreparedLayer:
         self._gemm_plan = None
         self._col2im_plan = None
         self._finite_weights = None
-        #: The register block of the ``blocked`` path (:func:`layer_register_block`).
-        self.block = layer_register_block(self.cout_g, self._phases()[2], self.dtype.itemsize)
         self._static = None
         pinned = path if path is not None else (os.environ.get("CONVT3D_PATH") or None)
         if pinned is not None and pinned not in PATHS:
             raise ParameterError("path", f"path must be one of {', '.join(PATHS)}, got {pinned!r:.80}")
+        key = (self.input_shape, canonical, self.params, self.dtype.str, pinned, _threads(), _columns_limit,
+               os.environ.get("CONVT3D_TUNE"), os.environ.get("NUMBA_CACHE_DIR"), _cpu.model_and_features())
+        known = _decisions.get(key)
+        if known is not None and _still_holds(self, *known):
+            self._axis_phases, self.block, self.path, self.path_source = known[:4]
+            return
+        self._decide(pinned)
+        if self._finite_weights is False:
+            return  # decided by these weights' values: not for the next layer's
+        store = _tuner_stamp() if self.path_source == "measured" else None
+        with _decisions_lock:
+            _decisions[key] = (self._axis_phases, self.block, self.path, self.path_source, store)
+            while len(_decisions) > DECISIONS_KEPT:
+                _decisions.pop(next(iter(_decisions)))
+
+    def _decide(self, pinned):
+        """The register block of the ``blocked`` path (:func:`layer_register_block`) and the
+        path: ``pinned``, the rules' or the tuner's."""
+        self.block = layer_register_block(self.cout_g, self._phases()[2], self.dtype.itemsize)
         if pinned is not None:
             self.path = pinned
         else:

@@ -127,6 +127,15 @@ def _path():
     return os.path.join(folder, FILE_NAME)
 
 
+def stamp(path=None):
+    """What tells one version of the tuning file from another (None when there is none)."""
+    try:
+        stat = os.stat(path or _path())
+    except (OSError, ValueError):
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 def load(path=None):
     """The stored choices, or an empty store when the file is missing, corrupt or of another version.
 

@@ -408,6 +408,7 @@ def test_a_choice_made_by_other_kernel_code_is_measured_again(store, monkeypatch
     PreparedLayer(x.shape, w, b, **kwargs)
     assert not measured                                  # same code: the stored choice
     monkeypatch.setattr(_tuner, "code_digest", lambda: "0123456789ab")
+    _layer.forget_decisions()                            # other code runs in a new process
     PreparedLayer(x.shape, w, b, **kwargs)
     assert measured == [1]                               # other code: measured again
     assert len(json.loads(store.read_text())["machines"]) == 2

@@ -1,0 +1,103 @@
+"""Decisions kept between layers of the same shapes (``_layer._decisions``).
+
+``conv_transpose3d`` builds a layer per call; the register block and path of a layer
+with the shapes and settings of a recent one are taken from it, never from its weights'
+values, except the ``col2im`` path's need for finite weights.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from convt3d_cli.engine import PreparedLayer, _layer, _tuner, conv_transpose3d
+from reference import conv_transpose3d_ref
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How often the rules are consulted."""
+    calls = []
+    real = _layer.choose_path
+
+    def choose(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_layer, "choose_path", choose)
+    monkeypatch.setattr(_layer, "COLUMNS_MAX_MACS", 0)
+    return calls
+
+
+def _data(seed=0, cin=6, cout=5):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((1, cin, 5, 6, 7)).astype(np.float32),
+            rng.standard_normal((cin, cout, 3, 3, 3)).astype(np.float32))
+
+
+def test_a_layer_of_known_shapes_takes_the_kept_decision(counted):
+    x, w = _data()
+    first = PreparedLayer(x.shape, w, None, 2, 1)
+    second = PreparedLayer(x.shape, w * 3, None, 2, 1)       # other weights, same shapes
+    assert len(counted) == 1
+    assert (second.path, second.block, second.path_source) == (first.path, first.block, first.path_source)
+    out = conv_transpose3d(x, w * 3, None, 2, 1)
+    np.testing.assert_allclose(out, conv_transpose3d_ref(x, w * 3, None, stride=2, padding=1), rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("change", ["input", "stride", "dtype", "threads", "pinned", "environment"])
+def test_other_shapes_or_settings_are_decided_again(counted, monkeypatch, change):
+    x, w = _data()
+    PreparedLayer(x.shape, w, None, 2, 1)
+    args, kwargs = [x.shape, w, None, 2, 1], {}
+    if change == "input":
+        args[0] = (2,) + x.shape[1:]
+    elif change == "stride":
+        args[3] = 1
+    elif change == "dtype":
+        kwargs["dtype"] = np.float64
+    elif change == "threads":
+        from convt3d_cli import threads
+
+        monkeypatch.setattr(_layer, "_threads", lambda: threads.current() + 1)
+    elif change == "pinned":
+        kwargs["path"] = "fir"
+    else:
+        monkeypatch.setenv("CONVT3D_PATH", "fir")
+    layer = PreparedLayer(*args, **kwargs)
+    assert len(counted) == 2 or layer.path_source == "pinned"
+    if change in ("pinned", "environment"):
+        assert layer.path == "fir"
+
+
+def test_col2im_is_not_kept_for_weights_that_are_not_finite():
+    x, w = _data(1, cin=16, cout=4)
+    assert PreparedLayer(x.shape, w, None, 2, 1, path="col2im").path == "col2im"
+    w[0, 0, 0, 0, 0] = np.nan
+    layer = PreparedLayer(x.shape, w, None, 2, 1, path="col2im")
+    assert layer.path == "blocked"                           # BLAS would spread the NaN
+    assert PreparedLayer(x.shape, np.ones_like(w), None, 2, 1, path="col2im").path == "col2im"
+
+
+def test_a_changed_tuning_file_is_read_again(tmp_path, monkeypatch):
+    store = tmp_path / _tuner.FILE_NAME
+    monkeypatch.setattr(_tuner, "_path", lambda: str(store))
+    monkeypatch.delenv("CONVT3D_PATH", raising=False)
+    monkeypatch.delenv("CONVT3D_TUNE", raising=False)
+    monkeypatch.setattr(_tuner, "TUNE_MIN_MACS", 0)
+    monkeypatch.setattr(_layer, "COLUMNS_MAX_MACS", 0)
+    x, w = _data(2)
+    layer = PreparedLayer(x.shape, w, None, 2, 1)
+    assert layer.path_source == "measured" and store.exists()
+    store.write_text("{corrupt")                             # ignored, measured and written again
+    again = PreparedLayer(x.shape, w, None, 2, 1)
+    assert again.path_source == "measured"
+    assert json.loads(store.read_text())["version"] == _tuner.FORMAT_VERSION
+    saved = json.loads(store.read_text())
+    [machine] = saved["machines"].values()
+    [entry] = machine.values()
+    other = "fir" if entry["path"] != "fir" else "blocked"
+    entry["path"] = other                                    # a choice stored by another process
+    store.write_text(json.dumps(saved))
+    assert PreparedLayer(x.shape, w, None, 2, 1).path == other

@@ -5,12 +5,10 @@ with the shapes and settings of a recent one are taken from it, never from its w
 values, except the ``col2im`` path's need for finite weights.
 """
 
-import json
-
 import numpy as np
 import pytest
 
-from convt3d_cli.engine import PreparedLayer, _layer, _tuner, conv_transpose3d
+from convt3d_cli.engine import PreparedLayer, _layer, conv_transpose3d
 from reference import conv_transpose3d_ref
 
 
@@ -78,26 +76,3 @@ def test_col2im_is_not_kept_for_weights_that_are_not_finite():
     layer = PreparedLayer(x.shape, w, None, 2, 1, path="col2im")
     assert layer.path == "blocked"                           # BLAS would spread the NaN
     assert PreparedLayer(x.shape, np.ones_like(w), None, 2, 1, path="col2im").path == "col2im"
-
-
-def test_a_changed_tuning_file_is_read_again(tmp_path, monkeypatch):
-    store = tmp_path / _tuner.FILE_NAME
-    monkeypatch.setattr(_tuner, "_path", lambda: str(store))
-    monkeypatch.delenv("CONVT3D_PATH", raising=False)
-    monkeypatch.delenv("CONVT3D_TUNE", raising=False)
-    monkeypatch.setattr(_tuner, "TUNE_MIN_MACS", 0)
-    monkeypatch.setattr(_layer, "COLUMNS_MAX_MACS", 0)
-    x, w = _data(2)
-    layer = PreparedLayer(x.shape, w, None, 2, 1)
-    assert layer.path_source == "measured" and store.exists()
-    store.write_text("{corrupt")                             # ignored, measured and written again
-    again = PreparedLayer(x.shape, w, None, 2, 1)
-    assert again.path_source == "measured"
-    assert json.loads(store.read_text())["version"] == _tuner.FORMAT_VERSION
-    saved = json.loads(store.read_text())
-    [machine] = saved["machines"].values()
-    [entry] = machine.values()
-    other = "fir" if entry["path"] != "fir" else "blocked"
-    entry["path"] = other                                    # a choice stored by another process
-    store.write_text(json.dumps(saved))
-    assert PreparedLayer(x.shape, w, None, 2, 1).path == other

@@ -418,3 +418,20 @@ def test_the_code_digest_follows_the_kernel_sources():
     digest = _tuner.code_digest()
     assert len(digest) == 12 and digest != "unknown"
     assert f"kernels {digest}" in _tuner.machine_key(2)
+
+
+def test_a_kept_decision_follows_a_changed_tuning_file(store):
+    # conv_transpose3d keeps a measured path only while the tuning file stays the same.
+    x, w, b, kwargs = layer_data(3)
+    layer = PreparedLayer(x.shape, w, b, **kwargs)
+    assert layer.path_source == "measured" and store.exists()
+    store.write_text("{corrupt")                             # ignored, measured and written again
+    assert PreparedLayer(x.shape, w, b, **kwargs).path_source == "measured"
+    saved = json.loads(store.read_text())
+    assert saved["version"] == _tuner.FORMAT_VERSION
+    [machine] = saved["machines"].values()
+    [entry] = machine.values()
+    other = "fir" if entry["path"] != "fir" else "blocked"
+    entry["path"] = other                                    # a choice stored by another process
+    store.write_text(json.dumps(saved))
+    assert PreparedLayer(x.shape, w, b, **kwargs).path == other

@@ -50,3 +50,21 @@ def run_in_slabs(layer, x, cuts, dtype):
         layer.run_slab(slab, i0, o0, o1, out)
         pieces.append(out)
     return np.concatenate(pieces, axis=2)
+
+
+def child_finishes(pid, seconds=30):
+    """Whether forked child ``pid`` exits with status 0 within ``seconds``; one that is
+    still running then (hung on a lock it inherited) is killed."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False

@@ -118,6 +118,16 @@ def forget_decisions():
         _decisions.clear()
 
 
+def _decisions_after_fork():
+    """A forked child may inherit the lock held by a thread it does not have."""
+    global _decisions_lock
+    _decisions_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_decisions_after_fork)
+
+
 @contextmanager
 def _limit(value, unless_set=False):
     global _columns_limit

@@ -5,10 +5,13 @@ with the shapes and settings of a recent one are taken from it, never from its w
 values, except the ``col2im`` path's need for finite weights.
 """
 
+import os
+
 import numpy as np
 import pytest
 
 from convt3d_cli.engine import PreparedLayer, _layer, conv_transpose3d
+from helpers import child_finishes
 from reference import conv_transpose3d_ref
 
 
@@ -76,3 +79,28 @@ def test_col2im_is_not_kept_for_weights_that_are_not_finite():
     layer = PreparedLayer(x.shape, w, None, 2, 1, path="col2im")
     assert layer.path == "blocked"                           # BLAS would spread the NaN
     assert PreparedLayer(x.shape, np.ones_like(w), None, 2, 1, path="col2im").path == "col2im"
+
+
+def test_threads_deciding_the_same_layers_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    shapes = [_data(seed, cin=4 + seed % 3) for seed in range(6)]
+    expected = [PreparedLayer(x.shape, w, None, 2, 1).path for x, w in shapes]
+    _layer.forget_decisions()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda k: PreparedLayer(shapes[k % 6][0].shape, shapes[k % 6][1], None, 2, 1).path,
+                            range(48)))
+    assert got == [expected[k % 6] for k in range(48)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this system")
+def test_a_child_forked_while_the_lock_is_held_can_still_decide():
+    x, w = _data()
+    with _layer._decisions_lock:     # as if another thread were storing a decision at the fork
+        pid = os.fork()
+        if pid == 0:                 # the child: must not wait for a lock no thread of its own holds
+            try:
+                PreparedLayer(x.shape, w, None, 2, 1)
+            finally:
+                os._exit(0)
+    assert child_finishes(pid), "the forked child hung on the decisions lock"

@@ -7,12 +7,12 @@ and without a kept packing.
 """
 
 import os
-import signal
 
 import numpy as np
 import pytest
 
 from convt3d_cli.engine import PreparedLayer, _packed, conv_transpose3d
+from helpers import child_finishes
 from reference import conv_transpose3d_ref
 
 X_SHAPE = (1, 48, 3, 4, 5)
@@ -136,8 +136,6 @@ def test_threads_sharing_kept_packings_get_their_own_weights_results():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this system")
 def test_a_child_forked_while_the_lock_is_held_can_still_pack():
-    import time
-
     w = _weights()
     with _packed._lock:          # as if another thread were storing a packing at the fork
         pid = os.fork()
@@ -146,16 +144,7 @@ def test_a_child_forked_while_the_lock_is_held_can_still_pack():
                 _packed.packed(w, ("layout",), lambda: w * 2)
             finally:
                 os._exit(0)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail("the forked child hung on the packing lock")
+    assert child_finishes(pid), "the forked child hung on the packing lock"
 
 
 @pytest.mark.parametrize("size", [1, 7, 8, 13, 4099])

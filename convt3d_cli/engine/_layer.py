@@ -88,10 +88,11 @@ COLUMNS_MAX_MACS = 5e6
 COLUMNS_MAX_MACS_ONE_LAYER = 3e8
 _columns_limit = None  # set by the two blocks below; None: COLUMNS_MAX_MACS
 # A layer's register block and path follow from its shapes and settings alone (the
-# ``col2im`` path also needs finite weights, checked on every layer), and working them out
-# again (the phase tables, the rules, the tuner's key and store) took 0.5-0.6 ms of Python
-# after a kernel had filled the caches, a tenth of a 5 ms call. ``conv_transpose3d`` builds
-# a layer per call, so the decisions of recent layers are kept, by shapes and settings.
+# ``col2im`` path also needs finite weights, checked on every layer). ``conv_transpose3d``
+# builds a layer per call, and working them out again (phase tables, rules, the tuner's key
+# and store) runs as the first Python after a kernel, from cold caches: on a small layer a
+# tenth of the call (benchmarks/README.md, "What a call costs besides its kernel"). So the
+# decisions of recent layers are kept, by shapes and settings.
 DECISIONS_KEPT = 64
 _decisions = {}
 _decisions_lock = threading.Lock()

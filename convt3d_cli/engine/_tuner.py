@@ -59,10 +59,10 @@ PROBE_MAX_ROUNDS = 6
 #: A candidate this many times slower than the fastest after a round is not timed again:
 #: the bursts seen on shared VMs slowed runs down by up to about 2x.
 PROBE_DROP = 3.0
-#: Timed preparations per candidate, after the one its first run makes; the median counts.
-#: The first one again after that run finds cold caches and a fresh temporary, and took
-#: ten times what a later call pays (2.0-2.6 ms against 0.2-0.5 for the 320->256 layer's
-#: kept packing), enough to lose that layer its fastest path.
+#: Timed preparations per candidate, after the one its first run makes; the median counts,
+#: as for the runs. The first one after that run finds cold caches and a fresh temporary
+#: and costs several times what a later call with the same weights pays, enough to lose a
+#: short layer its fastest path (benchmarks/README.md, "What a call costs besides its kernel").
 PREPARE_RUNS = 3
 FILE_NAME = "tuning.json"
 #: 4 since the idle pause (:data:`PROBE_SETTLE`): earlier choices, which could charge a BLAS

@@ -88,6 +88,7 @@ def packed(weight, layout, pack):
     key = (weight.shape, weight.dtype.str) + tuple(layout)
     with _lock:
         kept = [item for item in _entries.items() if item[0][0] == key]
+        searched = _serial
     name, done = _match(kept, key, weight)   # compared outside the lock
     if name is not None:
         with _lock:
@@ -98,7 +99,8 @@ def packed(weight, layout, pack):
     size = weight.nbytes + result.nbytes
     if size <= CACHE_BYTES:
         with _lock:
-            name, done = _match(_entries.items(), key, weight)
+            # Only what other threads stored meanwhile: the rest was compared above.
+            name, done = _match([item for item in _entries.items() if item[0][1] > searched], key, weight)
             if name is not None:
                 return done  # another thread packed the same weights meanwhile
             while _entries and _held + size > CACHE_BYTES:

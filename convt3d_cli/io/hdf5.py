@@ -58,18 +58,43 @@ def _read_attrs(attrs):
 
 
 def refuse_external(dataset, where):
-    """Refuse a dataset whose values live in external raw files (HDF5's ``H5Pset_external``).
+    """Refuse a dataset whose values live outside the HDF5 file: in external raw files
+    (HDF5's ``H5Pset_external``) or, for a virtual dataset, in other HDF5 files.
 
     HDF5 opens those files itself when the values are read, by names relative to the
-    working directory: a FIFO there would block forever, a link could lead anywhere,
-    and convt3d could not check them as it checks its inputs. Nothing that writes
-    volumes or weights (h5py defaults, Keras) stores values that way.
+    working directory or the file's folder: a FIFO there would block forever, a link
+    could lead anywhere, and convt3d could not check them as it checks its inputs
+    (external links are not followed for the same reason). Nothing that writes volumes
+    or weights (h5py defaults, Keras) stores values that way. A virtual dataset whose
+    sources are all in the same file (``"."``) is read, after the same check of them.
     """
-    external = dataset.external
-    if external:
-        names = ", ".join(repr(str(name)) for name, _offset, _size in external[:3])
-        raise FileFormatError(f"{where} keeps its values in external raw files ({names}); convt3d reads only "
-                              f"values stored inside the HDF5 file")
+    seen = set()
+    pending = [(dataset, where)]
+    while pending:
+        current, name = pending.pop()
+        external = current.external
+        if external:
+            names = ", ".join(repr(str(item)) for item, _offset, _size in external[:3])
+            raise FileFormatError(f"{name} keeps its values in external raw files ({names}); convt3d reads only "
+                                  f"values stored inside the HDF5 file")
+        if not current.is_virtual:
+            continue
+        sources = current.virtual_sources()
+        outside = sorted({str(source.file_name) for source in sources if source.file_name != "."})
+        if outside:
+            names = ", ".join(repr(item) for item in outside[:3])
+            raise FileFormatError(f"{name} is a virtual dataset made of other files ({names}); convt3d reads only "
+                                  f"values stored inside the HDF5 file")
+        for source in sources:
+            key = source.dset_name
+            if key in seen:
+                continue
+            seen.add(key)
+            target = current.file.get(key, getlink=True)
+            # A missing source reads as the fill value; a link to another file is not followed.
+            if target is None or type(target).__name__ != "HardLink":
+                continue
+            pending.append((current.file[key], f"{name} (source {key})"))
 
 
 def chunk_shape(shape, itemsize, target=CHUNK_BYTES):

@@ -701,6 +701,56 @@ def test_hdf5_external_raw_storage(new_case):
                                             "n.nii": "ok"})
 
 
+def _virtual(handle, name, source_file, source_name, shape, dtype="f4"):
+    import h5py
+
+    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+    layout[...] = h5py.VirtualSource(source_file, source_name, shape=shape)
+    handle.create_virtual_dataset(name, layout, fillvalue=0)
+
+
+def _same_file_chain(handle):
+    # A virtual dataset of this file whose source is itself virtual, made of a FIFO's "file".
+    _virtual(handle, "inner", "pipe.h5", "data", (4, 5, 6))
+    _virtual(handle, "volume", ".", "inner", (4, 5, 6))
+
+
+def _same_file(handle):
+    handle["data"] = VOL
+    _virtual(handle, "volume", ".", "data", VOL.shape)
+
+
+def test_hdf5_virtual_datasets(new_case):
+    """HDF5 virtual datasets, whose values HDF5 reads from the files their sources name: a FIFO
+    (would block forever), another HDF5 file, the same file through a second virtual dataset
+    made of a FIFO; as volumes and as weights. One made of its own file's datasets is read."""
+    files = {
+        "vfifo.h5": h5_bytes(lambda h: _virtual(h, "volume", "pipe.h5", "data", (4, 5, 6))),
+        "vother.h5": h5_bytes(lambda h: _virtual(h, "volume", "other.h5", "data", (4, 5, 6))),
+        "other.h5": h5_bytes(lambda h: h.create_dataset("data", data=VOL)),
+        "vchain.h5": h5_bytes(_same_file_chain),
+        "vsame.h5": h5_bytes(_same_file),
+        "wfifo.h5": h5_bytes(lambda h: _virtual(h, "weight", "pipe.h5", "data", (1, 1, 2, 2, 2))),
+        "n.nii": nifti_bytes(1, VOL, extension=False),
+    }
+    cases = []
+    for label, args, output, expect in [
+        ("weights made of a FIFO", ["run", "n.nii", "o.nii", "--weights", "wfifo.h5", "-q"], "o.nii", {1}),
+        ("volume made of a FIFO", ["run", "vfifo.h5", "o.nii", "--kernel", "nearest", "--stride", "2", "-q"],
+         "o.nii", {1}),
+        ("batch of virtual volumes",
+         ["batch", "vfifo.h5", "vother.h5", "vchain.h5", "vsame.h5", "--out-dir", "b", "--kernel", "nearest",
+          "--stride", "2", "-q", "--json"], "b", {1}),
+    ]:
+        folder = _put(new_case(f"virtual-{label}"), files)
+        os.mkfifo(os.path.join(folder, "pipe.h5"))
+        cases.append(Case(f"HDF5 virtual dataset: {label}", args, folder, output=output, expect=expect,
+                          timeout=8.0, retry=False))
+    outcomes = assert_promise(cases)
+    assert_statuses(cases[2], outcomes[2], {"vfifo.h5": "failed", "vother.h5": "failed", "vchain.h5": "failed",
+                                            "vsame.h5": "ok"})
+
+
 # --------------------------------------------------------------------------- --threads, batch --jobs
 
 def test_threads_and_jobs(new_case, monkeypatch):

@@ -132,6 +132,32 @@ def test_big_endian_hdf5(tmp_path):
     np.testing.assert_array_equal(volume.data[0, 0], array)
 
 
+def test_hdf5_virtual_datasets(tmp_path, rng):
+    """A virtual dataset made of its own file's datasets is read; one made of another
+    file is refused, even through a second virtual dataset."""
+    data = rng.standard_normal((2, 4, 5, 6)).astype(np.float32)
+    path = tmp_path / "v.h5"
+    with h5py.File(path, "w") as handle:
+        handle["a"], handle["b"] = data[0], data[1]
+        layout = h5py.VirtualLayout(shape=data.shape, dtype="f4")
+        layout[0] = h5py.VirtualSource(".", "a", shape=data.shape[1:])
+        layout[1] = h5py.VirtualSource(".", "b", shape=data.shape[1:])
+        handle.create_virtual_dataset("volume", layout)
+    assert np.array_equal(io.read_volume(f"{path}:/volume").data[0], data)
+    with h5py.File(tmp_path / "other.h5", "w") as handle:
+        handle["a"] = data[0]
+    with h5py.File(tmp_path / "w.h5", "w") as handle:
+        outside = h5py.VirtualLayout(shape=data.shape[1:], dtype="f4")
+        outside[...] = h5py.VirtualSource("other.h5", "a", shape=data.shape[1:])
+        handle.create_virtual_dataset("inner", outside)
+        chain = h5py.VirtualLayout(shape=data.shape[1:], dtype="f4")
+        chain[...] = h5py.VirtualSource(".", "inner", shape=data.shape[1:])
+        handle.create_virtual_dataset("volume", chain)
+    for key in ("/inner", "/volume"):
+        with pytest.raises(FileFormatError, match="virtual dataset made of other files"):
+            io.read_volume(f"{tmp_path / 'w.h5'}:{key}")
+
+
 def test_hdf5_attrs_are_returned(tmp_path):
     with h5py.File(tmp_path / "a.h5", "w") as handle:
         handle["v"] = np.zeros((2, 2, 2))

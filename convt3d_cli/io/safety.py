@@ -89,17 +89,102 @@ def check_payload(path, offset, nbytes, shape, dtype):
             f"({human_bytes(nbytes)} from byte {offset}) but the file has only {size} bytes")
 
 
-def available_memory(meminfo="/proc/meminfo"):
-    """``MemAvailable`` in bytes, or ``None`` where the kernel does not tell."""
+#: Limits at or above this are "no limit" (cgroup v1 reports one as about 2**63).
+_NO_LIMIT = 1 << 60
+
+
+def _read_text(path, limit=1 << 16):
     try:
-        with open(meminfo, encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    fields = line.split()
-                    return int(fields[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        with open(path, encoding="ascii", errors="replace") as handle:
+            return handle.read(limit)
+    except OSError:
         return None
+
+
+def _meminfo_available(meminfo):
+    text = _read_text(meminfo)
+    for line in (text or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            fields = line.split()
+            try:
+                return int(fields[1]) * 1024
+            except (ValueError, IndexError):
+                return None
     return None
+
+
+def _stat_field(text, name):
+    for line in (text or "").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == name and fields[1].isdigit():
+            return int(fields[1])
+    return 0
+
+
+def cgroup_available(root="/sys/fs/cgroup", self_cgroup="/proc/self/cgroup"):
+    """Bytes this process's memory cgroup can still take before the kernel's OOM killer
+    acts, or ``None`` without a limit (or a readable cgroup).
+
+    Containers and batch schedulers (Slurm, Kubernetes) limit a job's memory with a cgroup
+    while ``MemAvailable`` describes the whole machine. Used memory is counted as the
+    kernel's usage less the inactive page cache, which it reclaims before killing
+    (Kubernetes' "working set"). cgroup v2 (``memory.max``) and v1
+    (``memory.limit_in_bytes``) are read at the process's own cgroup and each one above
+    it (inside a cgroup namespace the process's is the root).
+    """
+    text = _read_text(self_cgroup)
+    if text is None:
+        return None
+    folders = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            base, version = root, 2
+        elif "memory" in parts[1].split(","):
+            base, version = os.path.join(root, "memory"), 1
+        else:
+            continue
+        # The process's own cgroup and every one above it: a parent's limit binds too.
+        relative = [part for part in parts[2].strip().split("/") if part and part not in (".", "..")]
+        folders += [(os.path.join(base, *relative[:depth]), version) for depth in range(len(relative), -1, -1)]
+    names = {2: ("memory.max", "memory.current", "inactive_file"),
+             1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+    found = []
+    for folder, version in folders:
+        limit_name, usage_name, inactive_name = names[version]
+        limit = (_read_text(os.path.join(folder, limit_name)) or "").strip()
+        if not limit.isdigit() or int(limit) >= _NO_LIMIT:
+            continue
+        usage = (_read_text(os.path.join(folder, usage_name)) or "").strip()
+        usage = int(usage) if usage.isdigit() else 0
+        inactive = _stat_field(_read_text(os.path.join(folder, "memory.stat")), inactive_name)
+        found.append(max(0, int(limit) - max(0, usage - inactive)))
+    return min(found) if found else None
+
+
+def address_space_available(status="/proc/self/status"):
+    """Bytes of address space left under ``ulimit -v`` (``RLIMIT_AS``), or ``None``
+    without such a limit: an allocation beyond it fails however much memory is free."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a POSIX system
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    size = _stat_field((_read_text(status) or "").replace("kB", "").replace(":", " "), "VmSize")
+    return max(0, soft - size * 1024)
+
+
+def available_memory(meminfo="/proc/meminfo", cgroup_root="/sys/fs/cgroup", self_cgroup="/proc/self/cgroup"):
+    """Bytes of memory a new allocation can take: the least of ``MemAvailable``, what the
+    process's memory cgroup allows (:func:`cgroup_available`) and the address space left
+    under ``ulimit -v``; ``None`` where none of them is known."""
+    known = [value for value in (_meminfo_available(meminfo), cgroup_available(cgroup_root, self_cgroup),
+                                 address_space_available()) if value is not None]
+    return min(known) if known else None
 
 
 def check_memory(needed, path, max_bytes=None):

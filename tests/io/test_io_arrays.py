@@ -380,13 +380,66 @@ def test_huge_declared_dataset_is_refused_before_allocating(tmp_path):
     assert io.probe_volume(str(path)).engine_shape == (1, 1, 8192, 8192, 8192)
 
 
-def test_available_memory_parsing(tmp_path):
+def test_available_memory_parsing(tmp_path, monkeypatch):
+    monkeypatch.setattr(safety, "address_space_available", lambda: None)
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  100 kB\nMemFree:  10 kB\nMemAvailable:   2048 kB\n")
-    assert safety.available_memory(str(meminfo)) == 2048 * 1024
+    no_cgroup = dict(cgroup_root=str(tmp_path / "none"), self_cgroup=str(tmp_path / "none"))
+    assert safety.available_memory(str(meminfo), **no_cgroup) == 2048 * 1024
     meminfo.write_text("MemTotal:  100 kB\n")
-    assert safety.available_memory(str(meminfo)) is None
-    assert safety.available_memory(str(tmp_path / "missing")) is None
+    assert safety.available_memory(str(meminfo), **no_cgroup) is None
+    assert safety.available_memory(str(tmp_path / "missing"), **no_cgroup) is None
+
+
+def _cgroup_files(folder, files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_cgroup_memory_limits(tmp_path, monkeypatch):
+    """A job's cgroup limit (v2 and v1, the tightest of its own and its parents'), less
+    what it uses apart from reclaimable page cache, bounds the available memory."""
+    monkeypatch.setattr(safety, "address_space_available", lambda: None)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   20000000 kB\n")
+    own = tmp_path / "own"
+    own.write_text("0::/slurm/job_7/step_0\n")
+    root = tmp_path / "v2"
+    _cgroup_files(root / "slurm", {"memory.max": "max\n", "memory.current": "5\n"})
+    _cgroup_files(root / "slurm" / "job_7", {"memory.max": "4294967296\n", "memory.current": "1073741824\n",
+                                            "memory.stat": "anon 800000000\ninactive_file 73741824\n"})
+    _cgroup_files(root / "slurm" / "job_7" / "step_0", {"memory.max": "max\n", "memory.current": "10\n"})
+    assert safety.cgroup_available(str(root), str(own)) == 4294967296 - 1000000000
+    assert safety.available_memory(str(meminfo), str(root), str(own)) == 4294967296 - 1000000000
+    # No limit anywhere (or unreadable values): the machine's memory counts.
+    (root / "slurm" / "job_7" / "memory.max").write_text("max\n")
+    assert safety.cgroup_available(str(root), str(own)) is None
+    (root / "slurm" / "job_7" / "memory.max").write_text("garbage\n")
+    assert safety.available_memory(str(meminfo), str(root), str(own)) == 20000000 * 1024
+    # cgroup v1 as Docker mounts it: the container's own group at the hierarchy's root,
+    # /proc/self/cgroup naming the host's path; usage beyond the limit leaves nothing.
+    own.write_text("12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    root = tmp_path / "v1"
+    _cgroup_files(root / "memory", {"memory.limit_in_bytes": "2147483648\n", "memory.usage_in_bytes": "3000000000\n",
+                                    "memory.stat": "cache 1\ntotal_inactive_file 100\n"})
+    assert safety.cgroup_available(str(root), str(own)) == 0
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert safety.cgroup_available(str(root), str(own)) is None
+
+
+def test_address_space_limit(tmp_path, monkeypatch):
+    """``ulimit -v``: the limit less the address space the process already has."""
+    import resource
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t  999 kB\nVmSize:\t  1000 kB\n")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert safety.address_space_available(str(status)) is None
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (8 << 20, resource.RLIM_INFINITY))
+    assert safety.address_space_available(str(status)) == (8 << 20) - 1000 * 1024
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (512 << 10, resource.RLIM_INFINITY))
+    assert safety.address_space_available(str(status)) == 0
 
 
 # --------------------------------------------------------------------------- writing

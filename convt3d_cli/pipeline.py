@@ -199,7 +199,11 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
     p = plan.params
     layer, pad = slabs.oriented_layer(
         info.engine_shape, None if loaded is None else loaded.weight,
-        None if loaded is None else loaded.bias, p, compute, transposed, kernel=kernel)
+        None if loaded is None else loaded.bias, p, compute, transposed, kernel=kernel, tune=False)
+    if not blockwise:
+        # What the shapes alone need, before measuring the paths compiles and runs kernels.
+        slabs.plan_slabs(layer, pad, max_memory, resident=io.resident_bytes(info), transposed=transposed, scratch=0)
+    layer.tune()
     if info.fourth_axis == "volumes" and plan.output_shape[0] > 1:
         echo(f"volumes: {plan.output_shape[0]} along the 4th axis, each upsampled on its own")
     shown = dtype if stored == compute else f"{stored.name} (computed in {dtype})"

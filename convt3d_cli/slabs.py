@@ -103,7 +103,7 @@ def check_feasible(plan, dtype, transposed, max_memory=None, available=None):
 
 # --------------------------------------------------------------------------- layer
 
-def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=None, path=None):
+def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=None, path=None, tune=True):
     """The engine layer for the (possibly transposed, possibly edge-padded) problem.
 
     Parameters
@@ -117,6 +117,8 @@ def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=
     kernel : {"nearest", "linear"}, optional
     path : str, optional
         Pin the engine path (a worker of a block-wise run uses the client's choice).
+    tune : bool
+        False: the layer measures its path only when its ``tune()`` is called.
 
     Returns
     -------
@@ -147,7 +149,7 @@ def oriented_layer(input_shape, weight, bias, params, dtype, transposed, kernel=
         weight = weight.transpose(0, 1, 2, 5, 4, 3)
         shape = geometry.oriented(shape, True)
     layer = PreparedLayer(shape, weight, bias, stride, padding, output_padding, dilation, params.groups, dtype,
-                          path=path)
+                          path=path, tune=tune)
     return layer, pad
 
 
@@ -182,7 +184,7 @@ def default_budget():
     return None if free is None else int(free * DEFAULT_SHARE)
 
 
-def plan_slabs(layer, pad, max_memory=None, resident=0, transposed=False, available=None):
+def plan_slabs(layer, pad, max_memory=None, resident=0, transposed=False, available=None, scratch=None):
     """Choose the slabs for a layer under a memory budget.
 
     Parameters
@@ -193,6 +195,9 @@ def plan_slabs(layer, pad, max_memory=None, resident=0, transposed=False, availa
         ``--max-memory``; default: about SOFT_BUDGET, at most half of the available memory.
     resident : int
         Bytes held for the whole run outside the slabs (an input loaded whole).
+    scratch : int, optional
+        The engine's own buffers (default: the layer's path's); 0 checks what the shapes
+        alone need, before the path is measured.
 
     Raises
     ------
@@ -203,7 +208,7 @@ def plan_slabs(layer, pad, max_memory=None, resident=0, transposed=False, availa
     itemsize = layer.dtype.itemsize
     out_plane = n * layer.out_channels * layer.output_shape[3] * layer.output_shape[4] * itemsize
     in_plane = n * layer.input_shape[1] * layer.input_shape[3] * layer.input_shape[4] * itemsize
-    fixed = FIXED_BYTES + layer.scratch_bytes() + resident
+    fixed = FIXED_BYTES + (layer.scratch_bytes() if scratch is None else scratch) + resident
     axis = "Z (NIfTI, engine W)" if transposed else "D"
     if available is None:
         available = available_memory()

@@ -421,10 +421,15 @@ class PreparedLayer:
         As for :func:`conv_transpose3d`.
     dtype : numpy dtype
         Compute dtype (float32 or float64).
+    path : str, optional
+        Pin a compute path (see :func:`conv_transpose3d`).
+    tune : bool
+        False: keep the rules' path for now and measure later, with :meth:`tune` (a caller
+        that first checks what the layer's shapes need: measuring compiles and runs kernels).
     """
 
     def __init__(self, input_shape, weight, bias=None, stride=1, padding=0, output_padding=0,
-                 dilation=1, groups=1, dtype=np.float32, path=None):
+                 dilation=1, groups=1, dtype=np.float32, path=None, tune=True):
         self.input_shape, self.batched = geometry.check_input_shape(input_shape)
         self.dtype = np.dtype(dtype)
         weight = np.asarray(weight)
@@ -461,11 +466,25 @@ class PreparedLayer:
             raise ParameterError("path", f"path must be one of {', '.join(PATHS)}, got {pinned!r:.80}")
         key = (self.input_shape, canonical, self.params, self.dtype.str, pinned, _threads(), _columns_limit,
                os.environ.get("CONVT3D_TUNE"), os.environ.get("NUMBA_CACHE_DIR"), _cpu.model_and_features())
+        self._untuned = None
         known = _decisions.get(key)
         if known is not None and _still_holds(self, *known):
             self._axis_phases, self.block, self.path, self.path_source = known[:4]
             return
-        self._decide(pinned)
+        self._decide(pinned, tune)
+        if not tune and pinned is None and self.path != "columns":
+            self._untuned = key  # measured and kept by tune()
+            return
+        self._keep_decision(key)
+
+    def tune(self):
+        """Measure the path now if the layer was made with ``tune=False`` (else nothing)."""
+        key, self._untuned = self._untuned, None
+        if key is not None:
+            self._tune()
+            self._keep_decision(key)
+
+    def _keep_decision(self, key):
         if self._finite_weights is False:
             return  # decided by these weights' values: not for the next layer's
         store = _tuner_stamp() if self.path_source == "measured" else None
@@ -474,9 +493,9 @@ class PreparedLayer:
             while len(_decisions) > DECISIONS_KEPT:
                 _decisions.pop(next(iter(_decisions)))
 
-    def _decide(self, pinned):
+    def _decide(self, pinned, tune=True):
         """The register block of the ``blocked`` path (:func:`layer_register_block`) and the
-        path: ``pinned``, the rules' or the tuner's."""
+        path: ``pinned``, the rules' or (``tune``) the tuner's."""
         self.block = layer_register_block(self.cout_g, self._phases()[2], self.dtype.itemsize)
         if pinned is not None:
             self.path = pinned
@@ -489,7 +508,7 @@ class PreparedLayer:
             self.path = "fir"
         if self.path in ("shuffle", "gemm", "col2im") and not self._fits(self.path):
             self.path = "blocked"
-        if pinned is None and self.path != "columns":
+        if pinned is None and self.path != "columns" and tune:
             self._tune()
 
     def candidate_paths(self):

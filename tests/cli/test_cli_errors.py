@@ -111,6 +111,32 @@ def test_max_memory_too_small_names_the_option(convt3d):
     convt3d.fails(*RUN, *NEAREST, "--max-memory", "1K", code=1, match="--max-memory")
 
 
+def test_memory_refusal_comes_before_measuring_paths(convt3d, monkeypatch):
+    """Measuring a layer's paths compiles and runs kernels (minutes on a fresh install);
+    a run that cannot fit is refused before, and a run that fits is still measured."""
+    from convt3d_cli.engine import _layer, _tuner
+
+    monkeypatch.setattr(_tuner, "enabled", lambda: True)
+    monkeypatch.setattr(_tuner, "TUNE_MIN_MACS", 0)
+    monkeypatch.setattr(_layer, "COLUMNS_MAX_MACS_ONE_LAYER", 0)   # a compiled path, which is measured
+    measured = []
+
+    def refuse(layer, candidates, threads):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(_tuner, "tuned_path", refuse)
+    # One output plane fits 1 MiB (checked before the layer is built); the slab's fixed buffers do not.
+    convt3d.fails(*RUN, "--kernel", "linear", "--stride", "2", "--max-memory", "1M", code=1, match="--max-memory")
+
+    def first(layer, candidates, threads):
+        measured.append(candidates)
+        return candidates[0]
+
+    monkeypatch.setattr(_tuner, "tuned_path", first)
+    convt3d.ok(*RUN, "--kernel", "linear", "--stride", "2", "-q")
+    assert measured
+
+
 def test_max_memory_counts_the_kernels_own_buffers(convt3d):
     """A wide kernel needs large per-thread coefficient rows (about 100 MB here for k=128
     on a 6^3 volume) whatever the slab: the budget must see them and refuse up front, not

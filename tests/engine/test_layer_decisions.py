@@ -104,3 +104,31 @@ def test_a_child_forked_while_the_lock_is_held_can_still_decide():
             finally:
                 os._exit(0)
     assert child_finishes(pid), "the forked child hung on the decisions lock"
+
+
+def test_a_layer_made_untuned_measures_when_asked(counted, monkeypatch):
+    """``tune=False`` keeps the rules' path (and keeps nothing for other layers) until
+    ``tune()``, which measures once and keeps the measured decision."""
+    from convt3d_cli.engine import _tuner
+
+    measured = []
+
+    def tuned(layer, candidates, threads):
+        measured.append(candidates)
+        return candidates[-1]
+
+    monkeypatch.setattr(_tuner, "enabled", lambda: True)
+    monkeypatch.setattr(_tuner, "TUNE_MIN_MACS", 0)
+    monkeypatch.setattr(_tuner, "tuned_path", tuned)
+    x, w = _data()
+    layer = PreparedLayer(x.shape, w, None, 2, 1, tune=False)
+    assert layer.path_source == "rule" and not measured and not _layer._decisions
+    layer.tune()
+    assert layer.path_source == "measured" and len(measured) == 1
+    assert layer.path == measured[0][-1]
+    layer.tune()                                   # once only
+    again = PreparedLayer(x.shape, w, None, 2, 1)   # the kept, measured decision
+    assert len(measured) == 1 and (again.path, again.path_source) == (layer.path, "measured")
+    out = np.empty(layer.output_shape, np.float32)
+    layer.run_slab(x, 0, 0, layer.output_shape[2], out)
+    np.testing.assert_allclose(out, conv_transpose3d_ref(x, w, None, stride=2, padding=1), rtol=1e-4, atol=1e-4)

@@ -96,18 +96,6 @@ def engine_view(raw, shape):
     return view.reshape(shape)
 
 
-def stored_slope(path, image):
-    """The ``scl_slope`` the file stores, as nibabel read it.
-
-    nibabel leaves an infinite slope unapplied (the voxels are read unscaled) and
-    sets the loaded header's slope to NaN, so the value is read from the file again.
-    """
-    nib = _nib()
-    with nib.openers.ImageOpener(path) as handle:
-        raw = type(image.header).from_fileobj(handle, check=False)
-    return float(raw["scl_slope"])
-
-
 def scaling(image):
     """``(slope, inter)`` when they change the values, else ``None``.
 
@@ -199,9 +187,6 @@ def _check_placement(path, facts):
         problems.append("a non-finite affine")
     if facts["scale"] is not None and not np.all(np.isfinite(facts["scale"])):
         problems.append(f"a non-finite scaling (scl_slope, scl_inter = {facts['scale']})")
-    elif math.isinf(facts["stored_slope"]):
-        # NaN and 0 mean "no scaling" (nibabel writes NaN); an infinite slope means nothing.
-        problems.append(f"an infinite scaling (scl_slope = {facts['stored_slope']})")
     if problems:
         raise FileFormatError(f"{path} has {' and '.join(problems)}; fix the header first (convt3d "
                               f"cannot place or scale the output without guessing)")
@@ -257,7 +242,6 @@ class NiftiFormat(Format):
                 "stored": np.dtype(proxy.dtype),
                 "offset": int(proxy.offset),
                 "scale": scaling(image),
-                "stored_slope": stored_slope(path, image),
                 "affine": np.array(image.affine, dtype=np.float64),
                 "zooms": tuple(float(z) for z in header.get_zooms()),
             }

@@ -101,19 +101,16 @@ def test_scaling_is_applied(tmp_path, make_nifti, affine, version):
 
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-def test_slope_nan_or_zero_means_unscaled_and_infinite_is_refused(tmp_path, make_nifti, affine, version, suffix):
-    """NIfTI's and nibabel's rule: scl_slope 0 or NaN means no scaling. An infinite slope
-    means nothing (nibabel would read the voxels unscaled): the file is refused, in
-    ``info`` as a note."""
+def test_slope_zero_nan_or_infinite_means_unscaled(tmp_path, make_nifti, affine, version, suffix):
+    """nibabel's rule (the NIfTI standard's for 0): such a slope is not applied, nor the
+    intercept with it, and the stored type is kept."""
     raw = np.arange(60, dtype=np.int16).reshape(5, 4, 3)
-    for slope in (0.0, np.nan):
-        path = make_nifti(tmp_path / f"s{slope}{suffix}", raw, affine, slope=slope, inter=5.0, version=version)
-        np.testing.assert_array_equal(io.read_volume(path).data[0, 0], raw)
-    for slope in (np.inf, -np.inf):
-        path = make_nifti(tmp_path / f"i{slope}{suffix}", raw, affine, slope=slope, version=version)
-        with pytest.raises(FileFormatError, match="infinite scaling"):
-            io.read_volume(path)
-        assert "infinite scaling" in io.describe(path)["note"]
+    for number, slope in enumerate((0.0, np.nan, np.inf, -np.inf)):
+        path = make_nifti(tmp_path / f"s{number}{suffix}", raw, affine, slope=slope, inter=5.0, version=version)
+        volume = io.read_volume(path)
+        assert volume.data.dtype == np.int16
+        np.testing.assert_array_equal(volume.data[0, 0], raw)
+        assert io.probe_volume(path).scaling is None
 
 
 def test_scaled_int32_becomes_float64(tmp_path, make_nifti, affine):

@@ -492,9 +492,24 @@ def _datasets(h5):
     return found
 
 
+def _get(group, path):
+    """The object at ``path`` under ``group`` reached through hard links only, else None.
+
+    ``Group.get`` follows external links (HDF5 then opens the named file itself: a FIFO
+    there blocks forever) and soft links (which may pass through one); Keras writes neither.
+    """
+    h5py = _h5py()
+    current = group.file if path.startswith("/") else group
+    for part in (p for p in path.split("/") if p):
+        if not isinstance(current, h5py.Group) or not isinstance(current.get(part, getlink=True), h5py.HardLink):
+            return None
+        current = current[part]
+    return current
+
+
 def _dataset(h5, name):
     h5py = _h5py()
-    obj = h5.get(name)
+    obj = _get(h5, name)
     return obj if isinstance(obj, h5py.Dataset) else None
 
 
@@ -558,7 +573,7 @@ class _Finder:
             candidates.append(legacy)  # tf.keras 2.13
         group = None
         for candidate in candidates:
-            obj = self.h5.get(_join(candidate, "vars"))
+            obj = _get(self.h5, _join(candidate, "vars"))
             if isinstance(obj, h5py.Group):
                 group = obj
                 break
@@ -604,15 +619,15 @@ class _Finder:
         return self._tags
 
     def _weights_group(self):
-        group = self.h5.get("model_weights")
-        return group if group is not None else self.h5
+        group = _get(self.h5, "model_weights")
+        return group if isinstance(group, _h5py().Group) else self.h5
 
     def _legacy_variables(self, name, chain, use_bias):
         """Kernel and bias of a layer of a legacy ``.h5`` model, from ``weight_names``."""
         h5py = _h5py()
         top = chain[0] if chain else name
         root = self._weights_group()
-        group = root.get(top)
+        group = _get(root, top)
         if not isinstance(group, h5py.Group):
             raise self._missing(name, f"no group {_join(root.name, top)}")
         names = _text_list(group.attrs, "weight_names")
@@ -678,7 +693,7 @@ class _Finder:
             elif (len(parts) >= 3 and parts[-1] == "0" and parts[-2] == "vars"
                   and re.fullmatch(r"conv3d_transpose(_\d+)?", parts[-3])):
                 bias = self.entries.get("/".join(parts[:-1] + ["1"]))
-                tag = self.h5["/".join(parts[:-1])].attrs.get("name")
+                tag = _get(self.h5, "/".join(parts[:-1])).attrs.get("name")
                 if isinstance(tag, (bytes, np.bytes_)):
                     tag = bytes(tag).decode("utf-8", "replace")
                 layer = tag if isinstance(tag, str) and tag else "/".join(parts[:-2])
@@ -710,14 +725,14 @@ def is_keras_h5(path):
             if any(key in attrs for key in ("keras_version", "model_config", "layer_names",
                                             "layer_names0")):
                 return True
-            weights = h5.get("model_weights")
+            weights = _get(h5, "model_weights")
             if isinstance(weights, h5py.Group) and ("layer_names" in weights.attrs
                                                     or "layer_names0" in weights.attrs):
                 return True
             for top in ("layers", "_layer_checkpoint_dependencies"):
-                group = h5.get(top)
+                group = _get(h5, top)
                 if isinstance(group, h5py.Group):
-                    for child in group.values():
+                    for child in (_get(group, key) for key in group):
                         if isinstance(child, h5py.Group) and ("vars" in child or "layers" in child):
                             return True
     except Exception:  # noqa: BLE001 - any failure means "not recognisably Keras"

@@ -751,6 +751,44 @@ def test_hdf5_virtual_datasets(new_case):
                                             "vsame.h5": "ok"})
 
 
+def _keras_link_to_fifo(handle):
+    import h5py
+
+    handle.attrs["keras_version"] = "2.13.1"
+    handle.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": {"name": "s", "layers": [
+        {"class_name": "Conv3DTranspose", "config": {"name": "up", "filters": 1, "kernel_size": [2, 2, 2],
+                                                     "strides": [2, 2, 2], "padding": "valid",
+                                                     "data_format": "channels_last", "use_bias": True}}]}})
+    weights = handle.create_group("model_weights")
+    weights.attrs["layer_names"] = [b"up"]
+    weights["up"] = h5py.ExternalLink("pipe.h5", "/")
+
+
+def test_hdf5_external_links_to_a_fifo(new_case):
+    """External links are not followed, also where a file is checked for being Keras's
+    (any ``.h5`` given as weights or to ``info``) and in a Keras model's weight groups."""
+    import h5py
+
+    def layers_link(handle):
+        handle.create_group("layers")
+        handle["layers/conv3d_transpose"] = h5py.ExternalLink("pipe.h5", "/")
+
+    files = {"a.h5": h5_bytes(layers_link), "b.h5": h5_bytes(_keras_link_to_fifo),
+             "n.nii": nifti_bytes(1, VOL, extension=False)}
+    cases = []
+    for label, args, output, expect in [
+        ("info of a file whose layers group links out", ["info", "a.h5"], None, {0}),
+        ("weights whose layers group links out", ["run", "n.nii", "o.nii", "--weights", "a.h5", "-q"], "o.nii", {1}),
+        ("info of a Keras model whose weights link out", ["info", "b.h5"], None, {1}),
+        ("a Keras model whose weights link out", ["run", "n.nii", "o.nii", "--weights", "b.h5", "-q"], "o.nii", {1}),
+    ]:
+        folder = _put(new_case(f"extlink-{label}"), files)
+        os.mkfifo(os.path.join(folder, "pipe.h5"))
+        cases.append(Case(f"HDF5 external link to a FIFO: {label}", args, folder, output=output, expect=expect,
+                          timeout=8.0, retry=False))
+    assert_promise(cases)
+
+
 # --------------------------------------------------------------------------- --threads, batch --jobs
 
 def test_threads_and_jobs(new_case, monkeypatch):

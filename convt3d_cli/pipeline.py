@@ -176,14 +176,15 @@ def _run(input, output, weights, bias, no_bias, kernel, layer_options, dtype, ma
     if output_dtype is None and kernel == "nearest":
         output_dtype = "same"      # a label map stays a label map, exactly
     stored = resolve_output_dtype(output_dtype, info.read_dtype, compute)
-    io.check_output(output, plan.output_shape, inputs=[input, weights, bias, like], overwrite=overwrite,
+    read = [input, weights, bias, like] + ([] if loaded is None else list(loaded.files))
+    io.check_output(output, plan.output_shape, inputs=read, overwrite=overwrite,
                     dtype=compute, why=geometry.growth_cause(plan.input_shape[-3:], plan.params),
                     output_dtype=stored)
     sidecar_in = sidecars.input_sidecar(input) if sidecar else None
     if sidecar_in is not None:
         sidecar_fields = sidecars.read_sidecar(sidecar_in)
         sidecar_out = sidecars.output_sidecar(output)
-        _check_sidecar_target(sidecar_out, [input, weights, bias, like, sidecar_in], overwrite)
+        _check_sidecar_target(sidecar_out, read + [sidecar_in], overwrite)
     from . import slabs
     from .io.safety import human_bytes
 

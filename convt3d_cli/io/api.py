@@ -446,9 +446,10 @@ def read_weights(spec, bias_spec=None, *, no_bias=False, layout=None):
     weight = to_engine(_load_checked(fmt, path, layer.weight), chosen, where)
     options = _layer_options(layer, where)
 
-    bias, bias_source = None, None
+    bias, bias_source, files = None, None, _data_files(layer.weight)
     if bias_spec is not None:
-        bias, bias_source = _read_bias(bias_spec)
+        bias, bias_source, bias_files = _read_bias(bias_spec)
+        files += bias_files
     elif not no_bias:
         if entries is None:
             bias_entry = layer.bias
@@ -457,8 +458,16 @@ def read_weights(spec, bias_spec=None, *, no_bias=False, layout=None):
         if bias_entry is not None:
             bias = _load_checked(fmt, path, bias_entry)
             bias_source = entry_source(path, bias_entry)
+            files += _data_files(bias_entry)
     return Weights(weight=weight, bias=bias, options=options, source=where, bias_source=bias_source,
-                   layout=chosen, layout_source=why, stored_shape=tuple(layer.weight.shape))
+                   layout=chosen, layout_source=why, stored_shape=tuple(layer.weight.shape),
+                   files=tuple(dict.fromkeys(files)))
+
+
+def _data_files(entry):
+    """The files besides its own that an entry's values are read from (ONNX external data)."""
+    found = entry.attrs.get("file") if entry is not None else None
+    return (found,) if isinstance(found, str) else ()
 
 
 def _read_bias(spec):
@@ -468,7 +477,7 @@ def _read_bias(spec):
         entry = choose_entry(tensors, key, BIAS, path)
     else:
         entry = choose_entry(fmt.entries(path), key, BIAS, path)
-    return _load_checked(fmt, path, entry), entry_source(path, entry)
+    return _load_checked(fmt, path, entry), entry_source(path, entry), _data_files(entry)
 
 
 # --------------------------------------------------------------------------- writing

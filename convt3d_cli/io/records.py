@@ -177,6 +177,9 @@ class Weights:
         what in the file says so, ``"--weight-layout"`` or ``"assumed"``.
     stored_shape : tuple of int
         The weight's shape as stored.
+    files : tuple of str
+        Other files the values were read from (ONNX external data): inputs of the run
+        too, which an output must not replace.
     """
 
     weight: np.ndarray
@@ -187,6 +190,7 @@ class Weights:
     layout: str = "torch"
     layout_source: str = "assumed"
     stored_shape: tuple | None = None
+    files: tuple = ()
 
 
 @dataclass

@@ -591,6 +591,29 @@ def test_external_data_in_a_subfolder(tmp_path):
 
 
 @needs_onnx
+def test_external_data_is_an_input_no_output_replaces(tmp_path, monkeypatch):
+    """The external data file is read like the model: ``read_weights`` names it, and an
+    output (or its sidecar) at its path is refused even with --overwrite."""
+    from click.testing import CliRunner
+
+    from convt3d_cli.cli import cli
+
+    path = _external_model(tmp_path)
+    assert io.read_weights(path).files == (str(tmp_path / "w.bin"),)
+    np.save(tmp_path / "v.npy", np.ones((4, 4, 4), np.float32))
+    before = (tmp_path / "w.bin").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for output in ("w.bin", "w.npy"):
+        if output == "w.npy":
+            os.replace(tmp_path / "w.bin", tmp_path / "w.npy")
+            path = _external_model(tmp_path, "w.npy")
+            os.remove(tmp_path / "w.bin")
+        result = CliRunner().invoke(cli, ["run", "v.npy", output, "--weights", "m.onnx", "--overwrite"])
+        assert result.exit_code == 1 and "never replaces an input" in result.stderr, result.stderr
+        assert (tmp_path / output).read_bytes() == before
+
+
+@needs_onnx
 def test_external_data_missing_or_short(tmp_path):
     path = _external_model(tmp_path)
     data = (tmp_path / "w.bin").read_bytes()

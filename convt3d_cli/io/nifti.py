@@ -482,7 +482,13 @@ def header_bytes(array_shape, dtype, like, params, value_range=None):
 
     dtype = np.dtype(dtype)
     stand_in = np.broadcast_to(np.zeros((), dtype=dtype), tuple(array_shape))
-    image = _output_image(stand_in, like, params, value_range)
+    try:
+        image = _output_image(stand_in, like, params, value_range)
+    except (np.linalg.LinAlgError, _nib().spatialimages.HeaderDataError) as exc:
+        # e.g. voxel sizes of 1e-320 from another format: finite, positive and unusable.
+        raise OutputError(f"the output's voxel-to-world affine cannot be stored in a NIfTI header "
+                          f"({reason(exc).splitlines()[0]}); the input's voxel sizes or orientation are "
+                          f"unusable: write .npy, .h5 or .ome.zarr instead") from None
     image.get_data_dtype(finalize=True)
     image.update_header()
     header = image.header

@@ -1052,6 +1052,14 @@ class ZarrFormat(Format):
     def require(self, path):
         require_store(path)
 
+    def stored_dtype(self, dtype, data_dtype=None):
+        """``dtype`` (or the data's); extended precision, which Zarr has no type for, is refused."""
+        stored = native(dtype if dtype is not None else data_dtype)
+        if stored.kind == "f" and stored.itemsize > 8:
+            raise OutputError(f"a Zarr store cannot hold {stored.name}; add --output-dtype float64 "
+                              f"(output_dtype=numpy.float64 in Python), or write .npy or .h5 to keep {stored.name}")
+        return stored
+
     def probe(self, path, key):
         image = _image(path, key)
         where = _describe_where(path, image.key)

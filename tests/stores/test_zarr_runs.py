@@ -325,3 +325,32 @@ def test_an_output_inside_the_input_store_or_around_it_is_refused(tmp_path, rng)
     assert result.exit_code == 1 and "one inside the other" in result.output, result.output
     assert (tmp_path / "outer.zarr" / "in.ome.zarr" / "0").is_dir()
     assert tree_digest(tmp_path / "in.ome.zarr") == before
+
+
+def _v2_image(folder, dtype="<f4", scale=(1.0, 1.0, 1.0)):
+    """A hand-written Zarr v2 OME-Zarr image of 8^3 (no chunks: the fill value) with any dtype string."""
+    os.makedirs(folder / "0")
+    (folder / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (folder / ".zattrs").write_text(json.dumps({"multiscales": [{"version": "0.4", "axes": ["z", "y", "x"], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(scale)}]}]}]}))
+    (folder / "0" / ".zarray").write_text(json.dumps({
+        "zarr_format": 2, "shape": [8, 8, 8], "chunks": [8, 8, 8], "dtype": dtype, "compressor": None,
+        "fill_value": 0, "order": "C", "filters": None}))
+
+
+@pytest.mark.parametrize("case, output, match", [
+    ("float128", "out.ome.zarr", "a Zarr store cannot hold float128"),
+    ("tiny scale", "out.nii", "cannot be stored in a NIfTI header"),
+])
+def test_outputs_a_format_cannot_hold_are_refused_cleanly(tmp_path, case, output, match):
+    """Extended-precision data kept as it is ('same' for nearest) in a Zarr output, and
+    voxel sizes of 1e-320 (finite and positive) in a NIfTI output: one Error line, no
+    traceback, nothing written."""
+    if case == "float128" and np.dtype(np.longdouble).itemsize != 16:
+        pytest.skip("no 16-byte long double here")
+    _v2_image(tmp_path / "in.ome.zarr", "<f16" if case == "float128" else "<f4",
+              (1e-320, 1.0, 1.0) if case == "tiny scale" else (1.0, 1.0, 1.0))
+    result = invoke_in(tmp_path, "run", "in.ome.zarr", output, "--kernel", "nearest", "--stride", "2")
+    assert result.exit_code == 1, (result.stderr, result.exception)
+    assert match in result.stderr and "Traceback" not in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.ome.zarr"]

@@ -33,14 +33,17 @@ zarr-python 3 is an optional dependency (``pip install "convt3d[zarr]"``, Python
 
 from __future__ import annotations
 
+import bz2
 import itertools
 import json
 import logging
+import lzma
 import math
 import os
 import shutil
 import stat
 import warnings
+import zlib
 
 import numpy as np
 
@@ -608,14 +611,93 @@ def _outer_codec(image):
                                                 "numcodecs.fletcher32")]
         name = names[-1] if names else None
     name = name[len("numcodecs."):] if isinstance(name, str) and name.startswith("numcodecs.") else name
-    return name if name in ("zstd", "blosc") else None
+    return name if name in ("zstd", "blosc") + tuple(_STREAMS) else None
+
+
+#: Codecs whose output size only decompressing tells, and their decompressors (a chunk
+#: file may hold several streams one after another, as gzip's and bzip2's tools write).
+_STREAMS = {"gzip": lambda: zlib.decompressobj(47), "zlib": lambda: zlib.decompressobj(15),
+            "bz2": lambda: bz2.BZ2Decompressor(), "lzma": lambda: lzma.LZMADecompressor()}
+
+
+def _inflates_beyond(data, codec, cap):
+    """Whether ``data`` (a chunk file of a gzip, zlib, bz2 or lzma codec) decompresses to more
+    than ``cap`` bytes; found by decompressing at most ``cap + 1`` bytes, never the rest.
+    A stream that does not decode is left for zarr-python to report."""
+    total = 0
+    while data:
+        decoder = _STREAMS[codec]()
+        streaming_input = codec in ("gzip", "zlib")   # zlib keeps unread input in unconsumed_tail
+        try:
+            total += len(decoder.decompress(data, cap + 1 - total))
+            while total <= cap and not decoder.eof:
+                if streaming_input:
+                    if not decoder.unconsumed_tail:
+                        break
+                    more = decoder.decompress(decoder.unconsumed_tail, cap + 1 - total)
+                else:
+                    if decoder.needs_input:
+                        break
+                    more = decoder.decompress(b"", cap + 1 - total)
+                total += len(more)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError):
+            return False
+        if total > cap:
+            return True
+        if not decoder.eof:
+            return False
+        data = decoder.unused_data
+    return False
+
+
+def _zstd_bound(data):
+    """The most bytes the zstd frames of ``data`` can decompress to, from their headers
+    (a frame's declared size, else its blocks': raw and RLE blocks say theirs, a
+    compressed block makes at most 128 KiB); ``None`` if the frames do not parse."""
+    total, at = 0, 0
+    while at < len(data):
+        magic = int.from_bytes(data[at:at + 4], "little")
+        if 0x184D2A50 <= magic <= 0x184D2A5F and at + 8 <= len(data):   # skippable frame
+            at += 8 + int.from_bytes(data[at + 4:at + 8], "little")
+            continue
+        if magic != 0xFD2FB528 or at + 5 > len(data):
+            return None
+        descriptor = data[at + 4]
+        single = (descriptor >> 5) & 1
+        size_bytes = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+        header = 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + size_bytes
+        declared = _declared_size(data[at:at + header], "zstd")
+        at += header
+        frame = 0
+        while True:
+            if at + 3 > len(data):
+                return None
+            word = int.from_bytes(data[at:at + 3], "little")
+            last, kind, size = word & 1, (word >> 1) & 3, word >> 3
+            at += 3
+            if kind == 0:          # raw: size bytes follow
+                frame, at = frame + size, at + size
+            elif kind == 1:        # RLE: one byte, repeated size times
+                frame, at = frame + size, at + 1
+            elif kind == 2:        # compressed: size bytes make at most one block
+                frame, at = frame + (128 << 10), at + size
+            else:
+                return None
+            if last:
+                break
+        at += 4 if descriptor & 4 else 0   # content checksum
+        total += declared if declared is not None else frame
+    return total if at == len(data) else None
 
 
 def check_chunk_files(image, index):
     """Refuse, before zarr-python reads them, chunk files of ``index`` (slices in the array's axes)
     that no writer makes: folders, pipes and devices (which would hang or never end), empty
-    files, files larger than a chunk's data can compress to, and zstd or Blosc chunks that claim
-    to hold more than a chunk (a decompression bomb). A missing chunk is the fill value."""
+    files, files larger than a chunk's data can compress to, and chunks that decompress to more
+    than a chunk (a decompression bomb): zstd and Blosc by the sizes their headers declare (an
+    undeclared zstd frame by its blocks'), gzip, zlib, bz2 and lzma by decompressing up to one
+    byte past a chunk. A missing chunk is the fill value. Sharded arrays are checked for
+    their shard files only."""
     ranges = []
     for piece, n, c in zip(index, image.shape, image.chunks):
         start, stop, _ = piece.indices(n)
@@ -646,12 +728,19 @@ def check_chunk_files(image, index):
         if codec is not None:
             try:
                 with open(path, "rb") as handle:
-                    head = handle.read(18)
+                    # The size check above bounds what is read whole.
+                    data = handle.read() if codec != "blosc" else handle.read(18)
             except OSError as exc:
                 raise FileFormatError(f"{where}: chunk {key} cannot be read ({exc.strerror or exc})") from None
-            claimed = _declared_size(head, codec)
-            if claimed is not None and claimed > raw:
-                raise FileFormatError(f"{where}: chunk {key} claims to decompress to {claimed} bytes, more than a "
+            if codec in _STREAMS:
+                claimed = f"more than {raw}" if _inflates_beyond(data, codec, raw) else None
+            else:
+                claimed = _declared_size(data[:18], codec)
+                if claimed is None and codec == "zstd":
+                    claimed = _zstd_bound(data)
+                claimed = claimed if claimed is not None and claimed > raw else None
+            if claimed is not None:
+                raise FileFormatError(f"{where}: chunk {key} decompresses to {claimed} bytes, more than a "
                                       f"chunk holds ({raw}); the store is damaged")
 
 

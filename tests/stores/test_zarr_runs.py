@@ -327,15 +327,54 @@ def test_an_output_inside_the_input_store_or_around_it_is_refused(tmp_path, rng)
     assert tree_digest(tmp_path / "in.ome.zarr") == before
 
 
-def _v2_image(folder, dtype="<f4", scale=(1.0, 1.0, 1.0)):
-    """A hand-written Zarr v2 OME-Zarr image of 8^3 (no chunks: the fill value) with any dtype string."""
+def _v2_image(folder, dtype="<f4", scale=(1.0, 1.0, 1.0), compressor=None, chunk=None):
+    """A hand-written Zarr v2 OME-Zarr image of 8^3 with any dtype string and compressor; its
+    one chunk file holds ``chunk`` (none: the fill value)."""
     os.makedirs(folder / "0")
     (folder / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
     (folder / ".zattrs").write_text(json.dumps({"multiscales": [{"version": "0.4", "axes": ["z", "y", "x"], "datasets": [
         {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(scale)}]}]}]}))
     (folder / "0" / ".zarray").write_text(json.dumps({
-        "zarr_format": 2, "shape": [8, 8, 8], "chunks": [8, 8, 8], "dtype": dtype, "compressor": None,
+        "zarr_format": 2, "shape": [8, 8, 8], "chunks": [8, 8, 8], "dtype": dtype, "compressor": compressor,
         "fill_value": 0, "order": "C", "filters": None}))
+    if chunk is not None:
+        (folder / "0" / "0.0.0").write_bytes(chunk)
+
+
+def _zstd_frame_without_size(blocks):
+    """A zstd frame that declares no content size: ``blocks`` RLE blocks of 128 KiB of zeros."""
+    frame = bytearray(b"\x28\xb5\x2f\xfd\x00\x38")         # no size field, window 2**(10+7)
+    for number in range(blocks):
+        frame += ((number == blocks - 1) | (1 << 1) | ((128 << 10) << 3)).to_bytes(3, "little") + b"\0"
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zlib", "bz2", "lzma", "zstd"])
+def test_chunks_that_decompress_beyond_a_chunk_are_refused(tmp_path, codec):
+    """Decompression bombs in codecs whose headers do not say their output size (64 MiB from a
+    few KiB, where a chunk holds 2 KiB): refused before zarr-python decodes them. An honest
+    chunk of the same codec is read."""
+    import bz2
+    import gzip
+    import lzma
+    import zlib
+
+    encode = {"gzip": gzip.compress, "zlib": zlib.compress, "bz2": bz2.compress, "lzma": lzma.compress}
+    values = np.random.default_rng(5).standard_normal((8, 8, 8)).astype("<f4")
+    if codec == "zstd":
+        numcodecs = pytest.importorskip("numcodecs")
+        honest, bomb = numcodecs.Zstd(level=1).encode(values.tobytes()), _zstd_frame_without_size(512)
+    else:
+        honest, bomb = encode[codec](values.tobytes()), encode[codec](bytes(64 << 20))
+    compressor = {"id": codec, "level": 1} if codec != "lzma" else {"id": "lzma", "format": 1, "check": -1,
+                                                                      "preset": None, "filters": None}
+    _v2_image(tmp_path / "bomb.ome.zarr", compressor=compressor, chunk=bytes(bomb))
+    result = invoke_in(tmp_path, "run", "bomb.ome.zarr", "out.npy", "--kernel", "nearest", "--stride", "1")
+    assert result.exit_code == 1 and "more than a chunk holds" in result.stderr, (result.stderr, result.exception)
+    _v2_image(tmp_path / "ok.ome.zarr", compressor=compressor, chunk=bytes(honest))
+    result = invoke_in(tmp_path, "run", "ok.ome.zarr", "out.npy", "--kernel", "nearest", "--stride", "1", "-q")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert np.array_equal(np.load(tmp_path / "out.npy").reshape(8, 8, 8), values)
 
 
 @pytest.mark.parametrize("case, output, match", [

@@ -245,6 +245,11 @@ def plan_slabs(layer, pad, max_memory=None, resident=0, transposed=False, availa
             budget, size = cost(1), 1
     if not size:
         smallest = cost(1)
+        if resident > budget:
+            raise MemoryLimitError(
+                f"reading the input takes {human_bytes(resident)} at once (an input that is read whole, or "
+                f"the decoded size of its Zarr chunks) but only {human_bytes(budget)} of memory can be used"
+                f"{' (--max-memory)' if max_memory is not None and max_memory <= budget else ''}")
         if max_memory is not None and (available is None or max_memory <= available):
             raise MemoryLimitError(
                 f"--max-memory {human_bytes(max_memory)} is below the smallest slab this run can "

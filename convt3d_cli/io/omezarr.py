@@ -1141,6 +1141,14 @@ class ZarrFormat(Format):
     def require(self, path):
         require_store(path)
 
+    def resident_bytes(self, info):
+        # zarr-python decodes whole chunks (a shard's inner chunks) however little of one a
+        # slab needs: one decoded chunk and its copy, whatever the metadata makes them.
+        image = getattr(info, "image", None)
+        if image is None:
+            return 0
+        return 2 * math.prod(int(c) for c in image.read_chunks) * image.dtype.itemsize
+
     def stored_dtype(self, dtype, data_dtype=None):
         """``dtype`` (or the data's); extended precision, which Zarr has no type for, is refused."""
         stored = native(dtype if dtype is not None else data_dtype)

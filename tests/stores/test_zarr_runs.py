@@ -393,3 +393,17 @@ def test_outputs_a_format_cannot_hold_are_refused_cleanly(tmp_path, case, output
     assert result.exit_code == 1, (result.stderr, result.exception)
     assert match in result.stderr and "Traceback" not in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.ome.zarr"]
+
+
+def test_input_chunks_count_in_the_memory_budget(tmp_path):
+    """zarr-python decodes whole chunks: chunks declared far larger than the array (8 x 8 x 2**20
+    over 8^3, 256 MiB each) are refused under --max-memory before any is read."""
+    _v2_image(tmp_path / "in.ome.zarr")
+    meta = tmp_path / "in.ome.zarr" / "0" / ".zarray"
+    meta.write_text(meta.read_text().replace('"chunks": [8, 8, 8]', '"chunks": [8, 8, 1048576]'))
+    result = invoke_in(tmp_path, "run", "in.ome.zarr", "out.npy", "--kernel", "nearest", "--stride", "1",
+                       "--max-memory", "256M")
+    assert result.exit_code == 1 and "decoded size of its Zarr chunks" in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.ome.zarr"]
+    assert invoke_in(tmp_path, "run", "in.ome.zarr", "out.npy", "--kernel", "nearest", "--stride", "1",
+                     "--max-memory", "1G").exit_code == 0

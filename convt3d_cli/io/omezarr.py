@@ -693,7 +693,8 @@ def _zstd_bound(data):
 def check_chunk_files(image, index):
     """Refuse, before zarr-python reads them, chunk files of ``index`` (slices in the array's axes)
     that no writer makes: folders, pipes and devices (which would hang or never end), empty
-    files, files larger than a chunk's data can compress to, and chunks that decompress to more
+    files, files reached through a link that leaves the store, files larger than a chunk's data
+    can compress to, and chunks that decompress to more
     than a chunk (a decompression bomb): zstd and Blosc by the sizes their headers declare (an
     undeclared zstd frame by its blocks'), gzip, zlib, bz2 and lzma by decompressing up to one
     byte past a chunk. A missing chunk is the fill value. Sharded arrays are checked for
@@ -710,6 +711,7 @@ def check_chunk_files(image, index):
     limit = raw + raw // 4 + (64 << 10) + 16 * inner
     codec = _outer_codec(image)
     where = _describe_where(image.store, image.key)
+    root = os.path.join(os.path.realpath(image.store), "")
     for grid in itertools.product(*ranges):
         key = _chunk_key(image, grid, outer=True)
         path = os.path.join(image.store, *key.split("/"))
@@ -719,6 +721,10 @@ def check_chunk_files(image, index):
             continue
         except OSError as exc:
             raise FileFormatError(f"{where}: chunk {key} cannot be read ({exc.strerror or exc})") from None
+        if not os.path.realpath(path).startswith(root):
+            # As for ONNX external data: the store names what is read, a link cannot widen that.
+            raise FileFormatError(f"{where}: chunk {key} is a link to a file outside the store; convt3d reads "
+                                  f"only the store's own files")
         if not stat.S_ISREG(info.st_mode):
             raise FileFormatError(f"{where}: chunk {key} is not a regular file (a folder, pipe or device); "
                                   f"the store is damaged")

@@ -407,3 +407,20 @@ def test_input_chunks_count_in_the_memory_budget(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["in.ome.zarr"]
     assert invoke_in(tmp_path, "run", "in.ome.zarr", "out.npy", "--kernel", "nearest", "--stride", "1",
                      "--max-memory", "1G").exit_code == 0
+
+
+def test_chunks_linked_from_outside_the_store_are_refused(tmp_path):
+    """A chunk file, or its folder, that is a link to a file outside the store is not read
+    (a link inside the store is)."""
+    values = np.arange(512, dtype="<f4").reshape(8, 8, 8)
+    (tmp_path / "outside.bin").write_bytes(values.tobytes())
+    _v2_image(tmp_path / "in.ome.zarr")
+    os.symlink(tmp_path / "outside.bin", tmp_path / "in.ome.zarr" / "0" / "0.0.0")
+    result = invoke_in(tmp_path, "run", "in.ome.zarr", "o.npy", "--kernel", "nearest", "--stride", "1")
+    assert result.exit_code == 1 and "outside the store" in result.stderr, result.stderr
+    assert not (tmp_path / "o.npy").exists()
+    os.remove(tmp_path / "in.ome.zarr" / "0" / "0.0.0")
+    os.replace(tmp_path / "outside.bin", tmp_path / "in.ome.zarr" / "kept.bin")
+    os.symlink(os.path.join("..", "kept.bin"), tmp_path / "in.ome.zarr" / "0" / "0.0.0")
+    assert invoke_in(tmp_path, "run", "in.ome.zarr", "o.npy", "--kernel", "nearest", "--stride", "1").exit_code == 0
+    assert np.array_equal(np.load(tmp_path / "o.npy").reshape(8, 8, 8), values)

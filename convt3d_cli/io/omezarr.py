@@ -604,14 +604,29 @@ def _outer_codec(image):
         return None
     if image.fmt == 2:
         compressor = image.meta.get("compressor")
-        name = compressor.get("id") if isinstance(compressor, dict) else None
-    else:
-        names = [c.get("name") if isinstance(c, dict) else c for c in image.meta.get("codecs") or []]
-        names = [n for n in names if n not in ("crc32c", "numcodecs.crc32", "numcodecs.adler32",
-                                                "numcodecs.fletcher32")]
-        name = names[-1] if names else None
+        return _bounded_name(compressor.get("id") if isinstance(compressor, dict) else None)
+    return _last_codec(image.meta.get("codecs") or [])
+
+
+def _last_codec(codecs):
+    """The last codec of a v3 list, checksums aside, if its output size can be bounded."""
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs]
+    names = [n for n in names if n not in ("crc32c", "numcodecs.crc32", "numcodecs.adler32",
+                                            "numcodecs.fletcher32")]
+    return _bounded_name(names[-1] if names else None)
+
+
+def _bounded_name(name):
     name = name[len("numcodecs."):] if isinstance(name, str) and name.startswith("numcodecs.") else name
     return name if name in ("zstd", "blosc") + tuple(_STREAMS) else None
+
+
+def _sharding(image):
+    """The configuration of a v3 array's sharding codec."""
+    for codec in image.meta.get("codecs") or []:
+        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+            return codec.get("configuration") or {}
+    return {}
 
 
 #: Codecs whose output size only decompressing tells, and their decompressors (a chunk
@@ -697,8 +712,7 @@ def check_chunk_files(image, index):
     can compress to, and chunks that decompress to more
     than a chunk (a decompression bomb): zstd and Blosc by the sizes their headers declare (an
     undeclared zstd frame by its blocks'), gzip, zlib, bz2 and lzma by decompressing up to one
-    byte past a chunk. A missing chunk is the fill value. Sharded arrays are checked for
-    their shard files only."""
+    byte past a chunk; the inner chunks of a shard each). A missing chunk is the fill value."""
     ranges = []
     for piece, n, c in zip(index, image.shape, image.chunks):
         start, stop, _ = piece.indices(n)
@@ -710,6 +724,9 @@ def check_chunk_files(image, index):
     inner = math.prod(-(-o // i) for o, i in zip(*shards)) if shards else 0
     limit = raw + raw // 4 + (64 << 10) + 16 * inner
     codec = _outer_codec(image)
+    sharding = _sharding(image) if shards else None
+    inner_codec = _last_codec(sharding.get("codecs") or []) if sharding else None
+    inner_raw = math.prod(shards[1]) * image.dtype.itemsize if shards else 0
     where = _describe_where(image.store, image.key)
     root = os.path.join(os.path.realpath(image.store), "")
     for grid in itertools.product(*ranges):
@@ -731,23 +748,50 @@ def check_chunk_files(image, index):
         if info.st_size == 0 or info.st_size > limit:
             raise FileFormatError(f"{where}: chunk {key} is {info.st_size} bytes, which no chunk of this array "
                                   f"({raw} bytes of data) can be; the store is damaged")
-        if codec is not None:
+        pieces = []
+        if codec is not None or inner_codec is not None:
             try:
                 with open(path, "rb") as handle:
                     # The size check above bounds what is read whole.
-                    data = handle.read() if codec != "blosc" else handle.read(18)
+                    data = handle.read() if codec != "blosc" or shards else handle.read(18)
             except OSError as exc:
                 raise FileFormatError(f"{where}: chunk {key} cannot be read ({exc.strerror or exc})") from None
-            if codec in _STREAMS:
-                claimed = f"more than {raw}" if _inflates_beyond(data, codec, raw) else None
-            else:
-                claimed = _declared_size(data[:18], codec)
-                if claimed is None and codec == "zstd":
-                    claimed = _zstd_bound(data)
-                claimed = claimed if claimed is not None and claimed > raw else None
+            pieces = [(key, data, codec, raw)] if codec is not None else \
+                [(f"{key} (inner chunk {number})", piece, inner_codec, inner_raw)
+                 for number, piece in enumerate(_shard_pieces(data, inner, sharding))]
+        for name, data, kind, cap in pieces:
+            claimed = _inflated_beyond(data, kind, cap)
             if claimed is not None:
-                raise FileFormatError(f"{where}: chunk {key} decompresses to {claimed} bytes, more than a "
-                                      f"chunk holds ({raw}); the store is damaged")
+                raise FileFormatError(f"{where}: chunk {name} decompresses to {claimed} bytes, more than a "
+                                      f"chunk holds ({cap}); the store is damaged")
+
+
+def _inflated_beyond(data, codec, cap):
+    """What a compressed chunk ``data`` of ``codec`` decompresses to when that is more
+    than ``cap`` bytes (a number, or "more than cap"), else None."""
+    if codec in _STREAMS:
+        return f"more than {cap}" if _inflates_beyond(data, codec, cap) else None
+    claimed = _declared_size(data[:18], codec)
+    if claimed is None and codec == "zstd":
+        claimed = _zstd_bound(data)
+    return claimed if claimed is not None and claimed > cap else None
+
+
+def _shard_pieces(data, count, sharding):
+    """The inner chunks' bytes of a shard file (its index at the end or start: ``count``
+    little-endian (offset, length) pairs, then a CRC32C when the index codecs have one;
+    all-ones pairs are empty chunks). Nothing when the index does not parse: zarr-python
+    reports that."""
+    index_codecs = sharding.get("index_codecs") or [{"name": "bytes"}, {"name": "crc32c"}]
+    checksum = 4 if any((c.get("name") if isinstance(c, dict) else c) == "crc32c" for c in index_codecs) else 0
+    size = 16 * count + checksum
+    if len(data) < size:
+        return []
+    index = data[-size:] if sharding.get("index_location", "end") != "start" else data[:size]
+    pairs = np.frombuffer(index[:16 * count], dtype="<u8").reshape(count, 2)
+    empty = np.iinfo(np.uint64).max
+    return [data[int(o):int(o) + int(n)] for o, n in pairs
+            if not (o == empty and n == empty) and int(o) + int(n) <= len(data)]
 
 
 def _chunk_key(image, grid, outer=False):

@@ -424,3 +424,30 @@ def test_chunks_linked_from_outside_the_store_are_refused(tmp_path):
     os.symlink(os.path.join("..", "kept.bin"), tmp_path / "in.ome.zarr" / "0" / "0.0.0")
     assert invoke_in(tmp_path, "run", "in.ome.zarr", "o.npy", "--kernel", "nearest", "--stride", "1").exit_code == 0
     assert np.array_equal(np.load(tmp_path / "o.npy").reshape(8, 8, 8), values)
+
+
+def test_inner_chunks_of_a_shard_are_checked_for_bombs(tmp_path):
+    """A sharded Zarr v3 array (8^3 shards of 4^3 zstd chunks) is read; the same shard with
+    one inner chunk replaced by a size-less zstd frame of 64 MiB is refused before decoding."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+    from zarr.storage import LocalStore
+
+    values = np.random.default_rng(9).standard_normal((8, 8, 8)).astype("<f4")
+    group = zarr.open_group(LocalStore(str(tmp_path / "in.ome.zarr")), mode="w", zarr_format=3)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [
+        {"name": a, "type": "space"} for a in "zyx"], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]}
+    array = group.create_array("0", shape=(8, 8, 8), chunks=(4, 4, 4), shards=(8, 8, 8), dtype="<f4",
+                               compressors=ZstdCodec(level=1))
+    array[...] = values
+    assert invoke_in(tmp_path, "run", "in.ome.zarr", "o.npy", "--kernel", "nearest", "--stride", "1",
+                     "-q").exit_code == 0
+    assert np.array_equal(np.load(tmp_path / "o.npy").reshape(8, 8, 8), values)
+    shard = tmp_path / "in.ome.zarr" / "0" / "c" / "0" / "0" / "0"
+    bomb = _zstd_frame_without_size(512)
+    index = np.full((8, 2), np.iinfo(np.uint64).max, dtype="<u8")
+    index[0] = (0, len(bomb))
+    shard.write_bytes(bomb + index.tobytes() + b"\0\0\0\0")     # the index's CRC32C is never reached
+    result = invoke_in(tmp_path, "run", "in.ome.zarr", "o2.npy", "--kernel", "nearest", "--stride", "1")
+    assert result.exit_code == 1 and "(inner chunk 0)" in result.stderr, (result.stderr, result.exception)

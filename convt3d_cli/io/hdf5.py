@@ -92,7 +92,7 @@ def refuse_external(dataset, where):
             seen.add(key)
             target = current.file.get(key, getlink=True)
             # A missing source reads as the fill value; a link to another file is not followed.
-            if target is None or type(target).__name__ != "HardLink":
+            if not isinstance(target, _h5py().HardLink):
                 continue
             pending.append((current.file[key], f"{name} (source {key})"))
 

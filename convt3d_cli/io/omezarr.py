@@ -752,8 +752,11 @@ def check_chunk_files(image, index):
         if codec is not None or inner_codec is not None:
             try:
                 with open(path, "rb") as handle:
-                    # The size check above bounds what is read whole.
-                    data = handle.read() if codec != "blosc" or shards else handle.read(18)
+                    # A header that declares the size is enough; else the whole file, which the
+                    # size check above bounds.
+                    data = handle.read(18)
+                    if shards or codec in _STREAMS or (codec == "zstd" and _declared_size(data, codec) is None):
+                        data += handle.read()
             except OSError as exc:
                 raise FileFormatError(f"{where}: chunk {key} cannot be read ({exc.strerror or exc})") from None
             pieces = [(key, data, codec, raw)] if codec is not None else \
